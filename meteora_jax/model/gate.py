@@ -1,0 +1,47 @@
+"""Per-token routing: gate logits -> (expert ids, weights), in either of MeteoRA's two orders.
+
+``topk_then_softmax``: softmax over the k largest logits / T (MeteoRA's inference path).
+``softmax_then_topk``: softmax over all logits / T, keep the top k, renormalise (its training path).
+With k = 1 both give weight 1, so the gate then learns only from the gate loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions:
+    """Run-time routing knobs; hashable so that jit can treat them as static.
+
+    ``force_expert`` (an index) sends every token to that expert with weight 1 and skips the gate.
+    """
+
+    top_k: int = 2
+    temperature: float = 1.0
+    mode: str = "topk_then_softmax"
+    force_expert: int | None = None
+
+
+def route(
+    logits_te: Float[Array, "T E"], *, top_k: int, temperature: float, mode: str
+) -> tuple[Int[Array, "T K"], Float[Array, "T K"]]:
+    logits_te = logits_te.astype(jnp.float32) / temperature
+    if mode == "topk_then_softmax":
+        vals_tk, ids_tk = jax.lax.top_k(logits_te, top_k)
+        weights_tk = jax.nn.softmax(vals_tk, axis=-1)
+    elif mode == "softmax_then_topk":
+        probs_te = jax.nn.softmax(logits_te, axis=-1)
+        vals_tk, ids_tk = jax.lax.top_k(probs_te, top_k)
+        weights_tk = vals_tk / jnp.sum(vals_tk, axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"unknown routing mode {mode!r}")
+    return ids_tk.astype(jnp.int32), weights_tk
+
+
+def forced(num_tokens: int, expert: int) -> tuple[Int[Array, "T 1"], Float[Array, "T 1"]]:
+    return jnp.full((num_tokens, 1), expert, jnp.int32), jnp.ones((num_tokens, 1), jnp.float32)

@@ -1,0 +1,327 @@
+"""A LLaMA-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM2) in Flax NNX, every projection a MoE-LoRA layer.
+
+Numerics follow transformers: RMSNorm and attention softmax in float32, RoPE in the HF ``rotate_half`` layout,
+GQA by grouping query heads per KV head. The same forward serves three callers:
+
+* ``model(input_ids)`` -> logits, routed by the gates (the public contract);
+* training, which asks for every gate's logits (``return_routing=True``);
+* the sampler, which passes a ``KVCache`` and gets the updated cache back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from meteora_jax.config import ModelConfig, MoEConfig
+from meteora_jax.model.gate import RoutingOptions
+from meteora_jax.model.kv_cache import KVCache, LayerCache
+from meteora_jax.model.moe_lora import MoELoRALinear
+from meteora_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.eps = eps
+        self.scale_d = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+
+    def __call__(self, x_btd: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        x32 = x_btd.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale_d[...] * x32.astype(x_btd.dtype)
+
+
+def _projection(
+    name: str, cfg: ModelConfig, moe: MoEConfig, dtype: jnp.dtype, rngs: nnx.Rngs
+) -> MoELoRALinear:
+    d_in, d_out = cfg.projection_shape(name)
+    return MoELoRALinear(
+        name,
+        d_in,
+        d_out,
+        use_bias=cfg.projection_has_bias(name),
+        num_experts=moe.num_experts if name in moe.target_modules else 0,
+        rank=moe.rank,
+        dtype=dtype,
+        implementation=moe.implementation,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = _projection("q_proj", cfg, moe, dtype, rngs)
+        self.k_proj = _projection("k_proj", cfg, moe, dtype, rngs)
+        self.v_proj = _projection("v_proj", cfg, moe, dtype, rngs)
+        self.o_proj = _projection("o_proj", cfg, moe, dtype, rngs)
+
+    def __call__(
+        self,
+        x_btd: Float[Array, "B T D"],
+        cos_btd: Float[Array, "B T Dh"],
+        sin_btd: Float[Array, "B T Dh"],
+        mask_bts: Bool[Array, "B T S"],
+        routing: RoutingOptions,
+        aux: list | None,
+        cache: LayerCache | None,
+        cache_index: Int[Array, ""] | None,
+    ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
+        b, t, _ = x_btd.shape
+        q_btnh = self.q_proj(x_btd, routing, aux).reshape(b, t, self.num_heads, self.head_dim)
+        k_btkh = self.k_proj(x_btd, routing, aux).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_btkh = self.v_proj(x_btd, routing, aux).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_btnh = apply_rope(q_btnh, cos_btd, sin_btd)
+        k_btkh = apply_rope(k_btkh, cos_btd, sin_btd)
+        if cache is not None:
+            # Left-padded batches share one write slot per step, so a single dynamic_update_slice suffices.
+            k_full = jax.lax.dynamic_update_slice(
+                cache.k, k_btkh.astype(cache.k.dtype), (0, cache_index, 0, 0)
+            )
+            v_full = jax.lax.dynamic_update_slice(
+                cache.v, v_btkh.astype(cache.v.dtype), (0, cache_index, 0, 0)
+            )
+            cache = LayerCache(k=k_full, v=v_full)
+            k_bskh, v_bskh = k_full.astype(x_btd.dtype), v_full.astype(x_btd.dtype)
+        else:
+            k_bskh, v_bskh = k_btkh, v_btkh
+        out_btnh = attention(q_btnh, k_bskh, v_bskh, mask_bts)
+        out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out_btd, routing, aux), cache
+
+
+def attention(
+    q_btnh: Float[Array, "B T N H"],
+    k_bskh: Float[Array, "B S K H"],
+    v_bskh: Float[Array, "B S K H"],
+    mask_bts: Bool[Array, "B T S"],
+) -> Float[Array, "B T N H"]:
+    """Grouped-query attention; scores and softmax in float32 as transformers does."""
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    return out.astype(q_btnh.dtype).reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.gate_proj = _projection("gate_proj", cfg, moe, dtype, rngs)
+        self.up_proj = _projection("up_proj", cfg, moe, dtype, rngs)
+        self.down_proj = _projection("down_proj", cfg, moe, dtype, rngs)
+
+    def __call__(self, x_btd: Float[Array, "B T D"], routing: RoutingOptions, aux: list | None) -> jax.Array:
+        h_btm = jax.nn.silu(self.gate_proj(x_btd, routing, aux)) * self.up_proj(x_btd, routing, aux)
+        return self.down_proj(h_btm, routing, aux)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, moe, dtype, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, moe, dtype, rngs)
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, routing, aux, cache, cache_index):  # noqa: ANN001, ANN204
+        h_btd, cache = self.attn(
+            self.input_norm(x_btd), cos_btd, sin_btd, mask_bts, routing, aux, cache, cache_index
+        )
+        x_btd = x_btd + h_btd
+        x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd), routing, aux)
+        return x_btd, cache
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """``routing``: one entry per MoE projection call, in forward order, each a dict with ``layer``, ``name``,
+    ``gate_logits`` [B*T, E] (None when an expert is forced) and ``expert_ids`` [B*T, k]."""
+
+    logits: Float[Array, "B T V"]
+    cache: KVCache | None = None
+    routing: list[dict] | None = None
+
+
+class MeteoraLlama(nnx.Module):
+    """The whole model. ``expert_names`` lists experts in gate order."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        moe: MoEConfig | None = None,
+        *,
+        dtype: str | jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        moe = moe if moe is not None else MoEConfig(expert_names=())
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        dtype = jnp.dtype(dtype)
+        self.config, self.moe_config, self.dtype = cfg, moe, dtype
+        self.embed_vd = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype),
+            logical_axes=("vocab", "embed"),
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, moe, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.tie_word_embeddings:
+            self.unembed_vd = None
+        else:
+            self.unembed_vd = nnx.Param(
+                nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype),
+                logical_axes=("vocab", "embed"),
+            )
+        self.inv_freq = nnx.Variable(
+            jnp.asarray(inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)), logical_axes=(None,)
+        )
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.moe_config.expert_names)
+
+    def routing_options(
+        self,
+        *,
+        force_expert: str | int | None = None,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        mode: str | None = None,
+    ) -> RoutingOptions:
+        """Run-time routing knobs with the config's values as defaults; validates names and ranges."""
+        from meteora_jax.errors import MeteoraInputError
+
+        names = self.expert_names
+        idx = None
+        if force_expert is not None:
+            if isinstance(force_expert, str):
+                if force_expert not in names:
+                    raise MeteoraInputError(
+                        f"force_expert={force_expert!r} is not an expert; experts: {names}."
+                    )
+                idx = names.index(force_expert)
+            else:
+                idx = int(force_expert)
+                if not 0 <= idx < len(names):
+                    raise MeteoraInputError(
+                        f"force_expert={idx} out of range: the model has {len(names)} experts."
+                    )
+        k = self.moe_config.top_k if top_k is None else int(top_k)
+        if names and not 1 <= k <= len(names):
+            raise MeteoraInputError(f"top_k={k} must be between 1 and the number of experts ({len(names)}).")
+        temp = self.moe_config.temperature if temperature is None else float(temperature)
+        if temp <= 0:
+            raise MeteoraInputError(f"temperature must be > 0, got {temp}.")
+        return RoutingOptions(
+            top_k=min(k, max(len(names), 1)),
+            temperature=temp,
+            mode=mode or self.moe_config.routing,
+            force_expert=idx,
+        )
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "B T"],
+        *,
+        force_expert: str | int | None = None,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        attention_mask: Int[Array, "B T"] | None = None,
+    ) -> Float[Array, "B T V"]:
+        routing = self.routing_options(force_expert=force_expert, top_k=top_k, temperature=temperature)
+        return self.forward(input_ids, routing=routing, attention_mask=attention_mask).logits
+
+    def forward(
+        self,
+        input_ids: Int[Array, "B T"],
+        *,
+        routing: RoutingOptions | None = None,
+        attention_mask: Int[Array, "B S"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+        return_routing: bool = False,
+    ) -> ModelOutput:
+        """The full forward.
+
+        Without a cache, ``attention_mask`` [B, T] (1 = real token) masks padding and sets positions
+        (cumulative count, as transformers' ``generate`` does with left padding). With a cache,
+        ``attention_mask`` covers all ``cache.max_len`` slots, the new tokens are written at
+        ``cache.index`` and ``positions`` must be given.
+        """
+        routing = routing if routing is not None else self.routing_options()
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        if cache is None:
+            valid_bs = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+            if positions is None:
+                positions = (
+                    jnp.broadcast_to(jnp.arange(t), (b, t))
+                    if attention_mask is None
+                    else jnp.maximum(jnp.cumsum(valid_bs, axis=1) - 1, 0)
+                )
+            q_slot_t = jnp.arange(t)
+            k_slot_s = jnp.arange(t)
+            cache_index = None
+        else:
+            if attention_mask is None or positions is None:
+                raise ValueError("a cached forward needs attention_mask over the cache slots and positions")
+            valid_bs = jnp.asarray(attention_mask) > 0
+            q_slot_t = cache.index + jnp.arange(t)
+            k_slot_s = jnp.arange(cache.max_len)
+            cache_index = cache.index
+        causal_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+        if self.config.sliding_window is not None:
+            causal_ts &= k_slot_s[None, :] > q_slot_t[:, None] - self.config.sliding_window
+        mask_bts = causal_ts[None] & valid_bs[:, None, :]
+        cos_btd, sin_btd = rope_cos_sin(positions, self.inv_freq[...])
+
+        x_btd = jnp.take(self.embed_vd[...], input_ids, axis=0)
+        aux: list | None = [] if return_routing else None
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_aux: list | None = [] if return_routing else None
+            layer_cache = cache.layers[i] if cache is not None else None
+            x_btd, layer_cache = layer(
+                x_btd, cos_btd, sin_btd, mask_bts, routing, layer_aux, layer_cache, cache_index
+            )
+            new_layers.append(layer_cache)
+            if aux is not None:
+                aux.extend({"layer": i, **entry} for entry in layer_aux)
+        x_btd = self.final_norm(x_btd)
+        unembed_vd = self.embed_vd[...] if self.unembed_vd is None else self.unembed_vd[...]
+        logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd, preferred_element_type=jnp.float32)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(layers=tuple(new_layers), index=cache.index + t)
+        return ModelOutput(logits=logits, cache=new_cache, routing=aux)
+
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+        return KVCache.zeros(
+            num_layers=self.config.num_hidden_layers,
+            batch=batch,
+            max_len=max_len,
+            num_kv_heads=self.config.num_key_value_heads,
+            head_dim=self.config.head_dim,
+            dtype=dtype or self.dtype,
+        )
+
+
+def projection_paths(cfg: ModelConfig) -> Sequence[tuple[int, str, str]]:
+    """(layer, block, projection) for every projection, in forward order."""
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out.append((i, "attn", p))
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            out.append((i, "mlp", p))
+    return out

@@ -1,0 +1,112 @@
+"""The MoE-LoRA linear layer: a frozen base projection plus token-routed LoRA experts.
+
+    y = x @ W (+ b) + sum_j w[t, j] * s[e] * (x @ A[e]) @ B[e],   e = expert_ids[t, j]
+
+Experts are stacked (``lora_a_edr`` [E, d_in, r_max], ``lora_b_ero`` [E, r_max, d_out]); an adapter of lower
+rank is zero-padded, and an adapter that does not target this projection has zero A/B and scaling 0, so it
+contributes nothing. One bias-free gate ``gate_de`` [d_in, E] per projection routes each token (MeteoRA).
+The expert contribution is computed by ``pallas_kernels.grouped_lora_fused``; this layer never picks kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from meteora_jax.model.gate import RoutingOptions, forced, route
+from meteora_jax.params import ExpertParam, GateParam
+from pallas_kernels import grouped_lora_fused
+
+# logical axes of each projection's (d_in, d_out)
+PROJECTION_AXES = {
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+
+class MoELoRALinear(nnx.Module):
+    """A projection ``d_in -> d_out``; with ``num_experts > 0`` it also carries experts and a gate."""
+
+    def __init__(
+        self,
+        name: str,
+        d_in: int,
+        d_out: int,
+        *,
+        use_bias: bool,
+        num_experts: int,
+        rank: int,
+        dtype: jnp.dtype,
+        implementation: str | None,
+        rngs: nnx.Rngs,
+    ):
+        self.name = name
+        self.d_in, self.d_out = d_in, d_out
+        self.num_experts = num_experts
+        self.implementation = implementation
+        ax_in, ax_out = PROJECTION_AXES[name]
+        init = nnx.initializers.lecun_normal()
+        self.kernel_io = nnx.Param(init(rngs.params(), (d_in, d_out), dtype), logical_axes=(ax_in, ax_out))
+        self.bias_o = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=(ax_out,)) if use_bias else None
+        if num_experts > 0:
+            # Random experts (not zeros): a fresh layer must exercise every path; loaders overwrite them.
+            small = nnx.initializers.normal(0.02)
+            self.lora_a_edr = ExpertParam(
+                small(rngs.params(), (num_experts, d_in, rank), dtype),
+                logical_axes=("expert", ax_in, "lora_rank"),
+            )
+            self.lora_b_ero = ExpertParam(
+                small(rngs.params(), (num_experts, rank, d_out), dtype),
+                logical_axes=("expert", "lora_rank", ax_out),
+            )
+            self.scaling_e = ExpertParam(jnp.ones((num_experts,), jnp.float32), logical_axes=("expert",))
+            self.gate_de = GateParam(
+                small(rngs.params(), (d_in, num_experts), jnp.float32), logical_axes=(ax_in, "expert")
+            )
+        else:
+            self.lora_a_edr = self.lora_b_ero = self.scaling_e = self.gate_de = None
+
+    def __call__(
+        self,
+        x_btd: Float[Array, "B T D"],
+        routing: RoutingOptions,
+        aux: list | None = None,
+    ) -> Float[Array, "B T O"]:
+        b, t, _ = x_btd.shape
+        x_td = x_btd.reshape(b * t, self.d_in)
+        if self.num_experts == 0:
+            y_to = jnp.dot(x_td, self.kernel_io[...], preferred_element_type=jnp.float32).astype(x_td.dtype)
+        else:
+            if routing.force_expert is not None:
+                ids_tk, weights_tk = forced(b * t, routing.force_expert)
+                logits_te = None
+            else:
+                # Gate in float32: routing decisions should not flip with the activation dtype.
+                logits_te = jnp.dot(
+                    x_td.astype(jnp.float32), self.gate_de[...], precision=jax.lax.Precision.HIGHEST
+                )
+                ids_tk, weights_tk = route(
+                    logits_te, top_k=routing.top_k, temperature=routing.temperature, mode=routing.mode
+                )
+            y_to = grouped_lora_fused(
+                x_td,
+                self.kernel_io[...],
+                self.lora_a_edr[...],
+                self.lora_b_ero[...],
+                ids_tk,
+                weights_tk,
+                scaling=self.scaling_e[...],
+                implementation=self.implementation,
+            )
+            if aux is not None:
+                aux.append({"name": self.name, "gate_logits": logits_te, "expert_ids": ids_tk})
+        if self.bias_o is not None:
+            y_to = y_to + self.bias_o[...]
+        return y_to.reshape(b, t, self.d_out)
