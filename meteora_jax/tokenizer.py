@@ -13,7 +13,8 @@ from meteora_jax.errors import MeteoraInputError
 def load_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 (a transformers tokenizer)
     model_dir = os.fspath(model_dir)
     has_files = any(
-        os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")
+        os.path.isfile(os.path.join(model_dir, n))
+        for n in ("tokenizer.json", "tokenizer.model", "vocab.json")
     )
     if not has_files:
         raise MeteoraInputError(
