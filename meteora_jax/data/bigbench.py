@@ -97,9 +97,9 @@ SDIST_URL = (
 )
 # The largest task.json we need (vitaminc_fact_verification) is ~40 MB; anything far larger is not a task.
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
-# <top>/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json, names from a conservative alphabet only.
+# bigbench-<version>/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json, from a conservative alphabet only.
 _MEMBER_RE = re.compile(
-    r"^[A-Za-z0-9._-]+/bigbench/benchmark_tasks/([a-z0-9_]+)/(?:([A-Za-z0-9_]+)/)?task\.json$"
+    r"^bigbench-[0-9][A-Za-z0-9.]*/bigbench/benchmark_tasks/([a-z0-9_]+)/(?:([A-Za-z0-9_]+)/)?task\.json$"
 )
 _TASK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
 MANIFEST = "bigbench_manifest.json"
