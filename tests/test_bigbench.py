@@ -126,6 +126,7 @@ def test_build_layout_formats_and_split(tmp_path, sdist):
 
     manifest = json.loads((out / B.MANIFEST).read_text())
     assert manifest["tasks"] == summary["tasks"] and manifest["seed"] == 0
+    assert manifest["sdist_sha256"] == B.sha256_of(sdist) and not manifest["sdist_is_pinned_release"]
 
 
 def test_deterministic_by_seed(tmp_path, sdist):
@@ -254,6 +255,7 @@ def test_real_sdist(tmp_path):
     summary = B.build_bigbench(
         tmp_path / "bb", sdist=REAL_SDIST, tasks=["logical_deduction", "strategyqa"], progress=False
     )
+    assert summary["sdist_is_pinned_release"]
     ld, sq = summary["tasks"]["logical_deduction"], summary["tasks"]["strategyqa"]
     assert ld["subtasks"] == ["five_objects", "seven_objects", "three_objects"]
     assert (ld["train"], ld["test"]) == (1200, 300)  # 300 + 500 + 700 examples, 20% each held out

@@ -85,6 +85,16 @@ def test_bad_line_names_file_and_line(tmp_path, lines, line_no, needle):
     assert f"{path}, line {line_no}" in msg and needle in msg
 
 
+def test_not_utf8_and_bom(tmp_path):
+    path = tmp_path / "D" / "task" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\xef\xbb\xbf" + _row().encode() + b"\r\n" + b'{"prompt": "\xff", "response": "r"}\n')
+    with pytest.raises(MeteoraInputError, match=f"{path}, line 2 is not UTF-8"):
+        T.read_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf" + _row().encode() + b"\r\n")
+    assert T.read_jsonl(path)[0].prompt == "p"
+
+
 def test_empty_file(tmp_path):
     path = _write(tmp_path / "D" / "task" / "train.jsonl", ["", "  "])
     with pytest.raises(MeteoraInputError, match=f"{path} is empty"):

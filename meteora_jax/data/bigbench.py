@@ -147,6 +147,15 @@ def ensure_sdist(cache: str | os.PathLike[str] | None = None, *, url: str = SDIS
     return path
 
 
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm  # lazy: keep `import meteora_jax.data` light
 
@@ -350,13 +359,17 @@ def build_bigbench(
     num_test_examples(100, test_size)  # validates test_size early
     sdist_path = Path(sdist) if sdist is not None else ensure_sdist()
     task_jsons = read_task_jsons(sdist_path, tasks, progress=progress)
+    # Provenance: a user-supplied file of another version would silently give other data.
+    sha = sha256_of(sdist_path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     summary: dict[str, Any] = {
         "source": SDIST_NAME,
-        "sdist_sha256": SDIST_SHA256,
+        "sdist": str(sdist_path),
+        "sdist_sha256": sha,
+        "sdist_is_pinned_release": sha == SDIST_SHA256,
         "seed": seed,
         "test_size": test_size,
         "min_test": min_test,

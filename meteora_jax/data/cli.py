@@ -104,5 +104,9 @@ def _run_bigbench(args: argparse.Namespace) -> int:
         print(
             f"{task:<{width}}  train {info['train']:>6}  test {info['test']:>6}  subtasks {len(info['subtasks'])}"
         )
+    if not summary["sdist_is_pinned_release"]:
+        print(
+            f"warning: {summary['sdist']} is not the bigbench 1.0.0 release (sha256 differs); see the manifest."
+        )
     print(json.dumps({"out": summary["out"], "tasks": len(summary["tasks"])}))
     return 0

@@ -127,17 +127,20 @@ def read_jsonl(path: str | os.PathLike[str], task: str | None = None) -> list[Ex
     if not path.is_file():
         raise MeteoraInputError(f"{path} does not exist (or is not a file). {_FIX_LAYOUT}")
     examples = []
-    # utf-8-sig: a byte-order mark written by some Windows editors is not part of the first JSON object.
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    examples.append(_parse_line(path, lineno, line, task))
-        except UnicodeDecodeError as e:
-            raise MeteoraInputError(
-                f"{path}, line {len(examples) + 1} or later, is not UTF-8 ({e.reason}). Re-save the file as "
-                "UTF-8."
-            ) from None
+    # Binary lines, decoded one by one, so that a bad byte is reported with its line number.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark written by some Windows editors is not JSON
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MeteoraInputError(
+                    f"{path}, line {lineno} is not UTF-8 ({e.reason} at byte {e.start}). Re-save the file as "
+                    "UTF-8."
+                ) from None
+            if line.strip():
+                examples.append(_parse_line(path, lineno, line, task))
     if not examples:
         raise MeteoraInputError(
             f"{path} is empty (no JSON lines). Put at least one "
