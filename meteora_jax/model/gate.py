@@ -19,12 +19,14 @@ class RoutingOptions:
     """Run-time routing knobs; hashable so that jit can treat them as static.
 
     ``force_expert`` (an index) sends every token to that expert with weight 1 and skips the gate.
+    ``no_experts`` turns every expert contribution (and gate) off: the plain base model, for baselines.
     """
 
     top_k: int = 2
     temperature: float = 1.0
     mode: str = "topk_then_softmax"
     force_expert: int | None = None
+    no_experts: bool = False
 
 
 def route(

@@ -60,6 +60,7 @@ class Attention(nnx.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.sliding_window = cfg.sliding_window
+        self.attention_impl = "einsum"  # a static attribute: see MeteoraLlama.set_attention_implementation
         self.q_proj = _projection("q_proj", cfg, moe, dtype, rngs)
         self.k_proj = _projection("k_proj", cfg, moe, dtype, rngs)
         self.v_proj = _projection("v_proj", cfg, moe, dtype, rngs)
@@ -94,9 +95,12 @@ class Attention(nnx.Module):
             k_bskh, v_bskh = k_full.astype(x_btd.dtype), v_full.astype(x_btd.dtype)
         else:
             k_bskh, v_bskh = k_btkh, v_btkh
-        out_btnh = attention(q_btnh, k_bskh, v_bskh, mask_bts)
+        out_btnh = attention(q_btnh, k_bskh, v_bskh, mask_bts, implementation=self.attention_impl)
         out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out_btd, routing, aux), cache
+
+
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 
 def attention(
@@ -104,8 +108,17 @@ def attention(
     k_bskh: Float[Array, "B S K H"],
     v_bskh: Float[Array, "B S K H"],
     mask_bts: Bool[Array, "B T S"],
+    implementation: str = "einsum",
 ) -> Float[Array, "B T N H"]:
-    """Grouped-query attention; scores and softmax in float32 as transformers does."""
+    """Grouped-query attention; scores and softmax in float32 as transformers does.
+
+    ``einsum``: the reference below. ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that
+    implementation (cuDNN's fused flash attention on GPU; bf16/fp16 only).
+    """
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None, :, :], implementation=implementation
+        )
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
@@ -197,6 +210,7 @@ class MeteoraLlama(nnx.Module):
         top_k: int | None = None,
         temperature: float | None = None,
         mode: str | None = None,
+        no_experts: bool = False,
     ) -> RoutingOptions:
         """Run-time routing knobs with the config's values as defaults; validates names and ranges."""
         from meteora_jax.errors import MeteoraInputError
@@ -227,6 +241,7 @@ class MeteoraLlama(nnx.Module):
             temperature=temp,
             mode=mode or self.moe_config.routing,
             force_expert=idx,
+            no_experts=no_experts,
         )
 
     def __call__(
@@ -304,6 +319,16 @@ class MeteoraLlama(nnx.Module):
         if cache is not None:
             new_cache = KVCache(layers=tuple(new_layers), index=cache.index + t)
         return ModelOutput(logits=logits, cache=new_cache, routing=aux)
+
+    def set_attention_implementation(self, name: str) -> None:
+        """Selects the attention backend at run time (one of ``ATTENTION_IMPLEMENTATIONS``).
+
+        It is a static attribute of each ``Attention`` module, so jitted callers recompile once per choice.
+        """
+        if name not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {name!r}; one of {ATTENTION_IMPLEMENTATIONS}")
+        for layer in self.layers:
+            layer.attn.attention_impl = name
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
         return KVCache.zeros(

@@ -81,7 +81,7 @@ class MoELoRALinear(nnx.Module):
     ) -> Float[Array, "B T O"]:
         b, t, _ = x_btd.shape
         x_td = x_btd.reshape(b * t, self.d_in)
-        if self.num_experts == 0:
+        if self.num_experts == 0 or routing.no_experts:
             y_to = jnp.dot(x_td, self.kernel_io[...], preferred_element_type=jnp.float32).astype(x_td.dtype)
         else:
             if routing.force_expert is not None:
