@@ -1,7 +1,15 @@
-"""The one public entry point for grouped MoE-LoRA.
+"""The one public entry point for grouped MoE-LoRA, and the choice of backend.
 
-``implementation=None`` picks the fastest backend that works on the current platform; a name picks one.
+``implementation`` is ``None`` (the fastest that works here), one name from ``IMPLEMENTATIONS``, or a
+sequence of names tried in order; a backend that cannot serve a call (wrong platform, unsupported
+shape) raises ``NotImplementedError`` and the next one is tried. A name with the suffix
+``_interpret`` runs a Pallas backend in interpret mode (CPU tests).
+
+Every backend except ``reference`` goes through the same ``custom_vjp`` (``vjp.py``); ``reference`` is
+plain JAX and differentiated by JAX itself, which makes it an independent check of that VJP.
 """
+
+from __future__ import annotations
 
 from collections.abc import Sequence
 
@@ -9,9 +17,75 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.grouped_lora import xla
 from pallas_kernels.grouped_lora.reference import grouped_lora_reference
+from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 
-IMPLEMENTATIONS = ("reference",)
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla", "xla_ragged", "xla_dense", "reference")
+_AUTO = {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla"), "cpu": ("xla",)}
+
+
+def resolve_implementation(name_or_none: str | None = None) -> str:
+    """The backend name that ``implementation=name_or_none`` starts from on this platform.
+
+    Meant for recording in a model config: ``None`` resolves to the platform's first choice.
+    """
+    if name_or_none is None:
+        return _AUTO.get(jax.default_backend(), ("xla",))[0]
+    base = name_or_none.removesuffix("_interpret")
+    if base not in IMPLEMENTATIONS or (name_or_none != base and not base.startswith("pallas")):
+        raise ValueError(
+            f"unknown grouped_lora implementation {name_or_none!r}; expected one of {IMPLEMENTATIONS}"
+        )
+    return name_or_none
+
+
+def _candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
+    if implementation is None:
+        return _AUTO.get(jax.default_backend(), ("xla",))
+    if isinstance(implementation, str):
+        return (resolve_implementation(implementation),)
+    return tuple(resolve_implementation(n) for n in implementation)
+
+
+def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
+    """The backend's ops object, or NotImplementedError if it cannot run here."""
+    interpret = name.endswith("_interpret")
+    base = name.removesuffix("_interpret")
+    if base == "xla":
+        dense = num_experts * rank <= xla.DENSE_MAX_EXPERT_COLUMNS
+        return xla.DenseOps() if dense else xla.RaggedOps()
+    if base == "xla_ragged":
+        return xla.RaggedOps()
+    if base == "xla_dense":
+        return xla.DenseOps()
+    if base == "pallas_gpu":
+        from pallas_kernels.grouped_lora import pallas_gpu
+
+        return pallas_gpu.make_ops(interpret=interpret)
+    if base == "pallas_tpu":
+        from pallas_kernels.grouped_lora import pallas_tpu
+
+        return pallas_tpu.make_ops(interpret=interpret)
+    raise NotImplementedError(name)
+
+
+def _dispatch(x, w, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation):  # noqa: ANN001, ANN202
+    scaling = jnp.broadcast_to(jnp.asarray(scaling, jnp.float32), (lora_a.shape[0],))
+    errors = []
+    for name in _candidates(implementation):
+        if name == "reference":
+            y = grouped_lora_reference(x, lora_a, lora_b, expert_ids, expert_weights, scaling_e=scaling)
+            if w is None:
+                return y
+            base = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+            return (base + y.astype(jnp.float32)).astype(x.dtype)
+        try:
+            ops = _ops(name, lora_a.shape[0], lora_a.shape[2])
+            return grouped_lora_vjp(ops, x, w, lora_a, lora_b, expert_ids, expert_weights, scaling)
+        except NotImplementedError as e:  # fall through to the next candidate
+            errors.append(f"{name}: {e}")
+    raise NotImplementedError("no grouped_lora implementation could run: " + "; ".join(errors))
 
 
 def grouped_lora(
@@ -25,8 +99,7 @@ def grouped_lora(
     implementation: str | Sequence[str] | None = None,
 ) -> Float[Array, "T O"]:
     """LoRA contribution of each token's top-k experts: sum_j w[t,j] * s[e] * x[t] @ A[e] @ B[e]."""
-    del implementation  # Only the reference exists so far.
-    return grouped_lora_reference(x, lora_a, lora_b, expert_ids, expert_weights, scaling_e=scaling)
+    return _dispatch(x, None, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation)
 
 
 def grouped_lora_fused(
@@ -40,12 +113,5 @@ def grouped_lora_fused(
     scaling: Float[Array, " E"],
     implementation: str | Sequence[str] | None = None,
 ) -> Float[Array, "T O"]:
-    """``x @ w`` plus the grouped LoRA contribution."""
-    base = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    lora = grouped_lora(
-        x, lora_a, lora_b, expert_ids, expert_weights, scaling=scaling, implementation=implementation
-    )
-    return (base + lora.astype(jnp.float32)).astype(x.dtype)
-
-
-del jax
+    """``x @ w`` plus the grouped LoRA contribution; backends with a fused kernel do both in one GEMM."""
+    return _dispatch(x, w, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation)
