@@ -8,6 +8,7 @@ logits = model(input_ids, force_expert="name")  # one adapter alone, weight 1
 
 from meteora_jax.config import ModelConfig, MoEConfig
 from meteora_jax.errors import MeteoraInputError
+from meteora_jax.generate import generate
 from meteora_jax.io import load, save
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.model.llama import MeteoraLlama, ModelOutput
@@ -22,6 +23,7 @@ __all__ = [
     "ModelOutput",
     "MoEConfig",
     "RoutingOptions",
+    "generate",
     "load",
     "save",
 ]

@@ -1,0 +1,139 @@
+"""The sampler against an independent oracle (no cache, the whole sequence recomputed each step), plus its
+sampling rules, stopping rules, routing records and input errors. Tiny float32 models; compiled shapes are
+shared between tests (batch 2, prompt bucket 16, new-token bucket 16) to keep the suite fast."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_generate_fixtures import char_tokenizer, tiny_model
+
+import meteora_jax as mj
+from meteora_jax.generate import Sampler, SamplingParams
+from meteora_jax.generate.sampler import _prefill, bucket
+from meteora_jax.generate.sampling import filter_logits
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=1)
+
+
+def _greedy_without_cache(model, prompt, steps, **routing):
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model(jnp.asarray([ids]), **routing)
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt) :]
+
+
+def test_cached_decode_matches_full_recompute(model):
+    prompts = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51]]  # different lengths: left padding matters
+    result = mj.generate(model, prompts, max_new_tokens=8)
+    for prompt, got in zip(prompts, result.token_ids):
+        assert got == _greedy_without_cache(model, prompt, 8)
+    assert result.finish_reasons == ["length", "length"]
+
+
+def test_forced_expert_matches_full_recompute_and_records_routing(model):
+    prompts = [[1, 60, 61, 62], [1, 70]]
+    result = mj.generate(model, prompts, max_new_tokens=5, force_expert="beta", return_routing=True)
+    for prompt, got in zip(prompts, result.token_ids):
+        assert got == _greedy_without_cache(model, prompt, 5, force_expert="beta")
+    trace = result.routing
+    assert trace.projections == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ids = trace.expert_ids[1]  # [T, L, P, 1]: 2 prompt tokens + 5 generated, the last never fed back
+    assert ids.shape == (7, 2, 7, 1)
+    assert (ids[:-1] == 1).all() and (ids[-1] == -1).all()
+    assert trace.top1_layer_token(1).shape == (2, 7)
+
+
+def test_routed_prompt_routing_matches_forward(model):
+    prompt = [1, 33, 34, 35, 36]
+    result = mj.generate(model, [prompt], max_new_tokens=2, return_routing=True)
+    out = model.forward(jnp.asarray([prompt]), return_routing=True)
+    want_tlp = np.stack([np.asarray(e["expert_ids"]) for e in out.routing])  # [L*P, T, k]
+    got = result.routing.expert_ids[0][: len(prompt)]  # [T, L, P, k]
+    np.testing.assert_array_equal(got.reshape(len(prompt), -1, 2), np.transpose(want_tlp, (1, 0, 2)))
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95, top_k=40)
+    prompts = [[1, 40, 41], [1, 50, 51, 52]]
+    a = mj.generate(model, prompts, seed=7, **kw).token_ids
+    b = mj.generate(model, prompts, seed=7, **kw).token_ids
+    c = mj.generate(model, prompts, seed=8, **kw).token_ids
+    assert a == b
+    assert a != c
+
+
+def test_lengths_within_a_bucket_reuse_the_compiled_program(model):
+    mj.generate(model, [[1, 2, 3], [1, 4]], max_new_tokens=3)
+    before = _prefill._cache_size()
+    mj.generate(model, [[1, 2, 3, 4, 5, 6], [1, 7, 8, 9]], max_new_tokens=6)
+    assert _prefill._cache_size() == before
+    assert bucket(1) == 16 and bucket(17) == 32 and bucket(3, 1) == 4
+
+
+def test_eos_and_stop_strings(model):
+    tok = char_tokenizer()
+    sampler = Sampler(model, tok)
+    first = sampler.generate(["ab"], max_new_tokens=4)
+    assert first.finish_reasons == ["length"]
+    # Make the greedy continuation's second token an EOS: generation must end before it.
+    sampler.eos_ids = [first.token_ids[0][1]]
+    ended = sampler.generate(["ab"], max_new_tokens=4)
+    assert ended.token_ids[0] == first.token_ids[0][:1] and ended.finish_reasons == ["eos"]
+    # A stop string: the text is cut before it.
+    text = first.texts[0]
+    stop_at = next((j for j in range(1, len(text)) if text[j].strip()), None)
+    if stop_at is not None:
+        stopped = Sampler(model, tok).generate(["ab"], max_new_tokens=4, stop=[text[stop_at]])
+        assert stopped.texts[0] == text[: text.index(text[stop_at])] and stopped.finish_reasons == ["stop"]
+
+
+def test_streaming_reassembles_the_text(model):
+    tok = char_tokenizer()
+    pieces = []
+    res = Sampler(model, tok).generate(["xy"], max_new_tokens=6, stream=lambda i, s: pieces.append(s))
+    assert "".join(pieces) == res.texts[0]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept_k = np.isfinite(np.asarray(filter_logits(logits, SamplingParams(1.0, 1.0, 2)))) & (
+        np.asarray(filter_logits(logits, SamplingParams(1.0, 1.0, 2))) > -1e30
+    )
+    assert kept_k.tolist() == [[True, True, False, False, False]]
+    kept_p = np.asarray(filter_logits(logits, SamplingParams(1.0, 0.8, 0))) > -1e30
+    assert kept_p.tolist() == [[True, True, True, False, False]]  # 0.5 + 0.2 < 0.8: the third is needed
+    draws = jax.vmap(lambda k: jax.random.categorical(k, filter_logits(logits, SamplingParams(1.0, 0.6, 0))))(
+        jax.random.split(jax.random.key(0), 200)
+    )
+    assert set(np.asarray(draws).ravel().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(prompts=[""]), "empty"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[1] * 300]), "context"),
+        (dict(prompts=[[1, 2]], force_expert="nope"), "not an expert"),
+        (dict(prompts=[[1, 2]], routing_top_k=4), "top_k=4"),
+        (dict(prompts=[[1, 2]], temperature=-1.0), "temperature"),
+        (dict(prompts=[[1, 2]], top_p=0.0), "top_p"),
+        (dict(prompts=[[1, 999]]), "vocabulary"),
+    ],
+)
+def test_bad_inputs(model, kwargs, match):
+    prompts = kwargs.pop("prompts")
+    tokenizer = char_tokenizer() if any(isinstance(p, str) for p in prompts) else None
+    with pytest.raises(mj.MeteoraInputError, match=match):
+        mj.generate(model, prompts, max_new_tokens=2, tokenizer=tokenizer, **kwargs)
+
+
+def test_text_prompt_without_tokenizer_is_a_clear_error(model):
+    fresh = tiny_model(seed=2)
+    with pytest.raises(mj.MeteoraInputError, match="tokenizer"):
+        mj.generate(fresh, ["hello"], max_new_tokens=2)
