@@ -7,10 +7,11 @@ name to a mesh axis (or ``None`` = replicated). The default mesh is ``(data, exp
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -46,20 +47,52 @@ MESH_AXES = ("data", "expert")
 
 
 def make_mesh(
-    data: int | None = None, expert: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int | None = None,
+    expert: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    axis_type: jax.sharding.AxisType = jax.sharding.AxisType.Auto,
 ) -> jax.sharding.Mesh:
-    """A ``(data, expert)`` mesh with explicit axis types; ``data=None`` takes every remaining device."""
+    """A ``(data, expert)`` mesh; ``data=None`` (or 0) takes every device not on the expert axis.
+
+    Both axes get ``axis_type`` explicitly. ``Auto`` (the default) lets XLA's partitioner place the
+    intermediates we do not annotate (the grouped-LoRA gathers, attention); ``Explicit`` sharding-in-types
+    would demand a rule for each of them. Parameters and batches are still placed explicitly, by
+    ``shard_model`` and ``batch_sharding``, and the tests assert where they end up.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    if data is None:
+    if expert < 1:
+        raise ValueError(f"expert axis size must be >= 1, got {expert}")
+    if not data:
         if len(devices) % expert:
             raise ValueError(f"{len(devices)} devices do not split into expert={expert} groups")
         data = len(devices) // expert
     n = data * expert
     if n > len(devices):
         raise ValueError(f"mesh data={data} x expert={expert} needs {n} devices, found {len(devices)}")
-    arr = np.asarray(devices[:n]).reshape(data, expert)
-    axis_types = (jax.sharding.AxisType.Explicit,) * 2
-    return jax.sharding.Mesh(arr, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh((data, expert), MESH_AXES, axis_types=(axis_type,) * 2, devices=devices[:n])
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls ``jax.distributed.initialize()`` when this process is one of several (multi-host runs).
+
+    Driven by the environment, so single-process runs need nothing: ``JAX_COORDINATOR_ADDRESS`` (host:port
+    of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` -- or a cluster JAX detects by itself
+    (SLURM, Cloud TPU, Open MPI), which ``METEORA_JAX_DISTRIBUTED=1`` asks for. Must run before any other
+    JAX call. Returns whether it initialised.
+    """
+    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS") and int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
+    if not explicit and os.environ.get("METEORA_JAX_DISTRIBUTED") != "1":
+        return False
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
+    return True
 
 
 def logical_to_spec(
@@ -91,26 +124,39 @@ def _spec_for_shape(spec: PartitionSpec, shape: tuple[int, ...], mesh: jax.shard
 
 
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """NamedSharding for every variable of ``state`` from its ``logical_axes`` metadata."""
+    """NamedSharding for every variable of ``state`` (same tree, a sharding per leaf) from ``logical_axes``."""
 
     def one(var: nnx.Variable) -> NamedSharding:
         names = var.get_metadata().get("logical_axes")
-        spec = _spec_for_shape(logical_to_spec(names), var.value.shape, mesh)
+        shape = tuple(jnp.shape(var.get_value()))
+        if names is not None and len(names) != len(shape):
+            names = None  # e.g. optimizer moments of a scalar: replicate
+        spec = _spec_for_shape(logical_to_spec(names), shape, mesh)
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """Places every parameter of ``model`` on ``mesh`` according to its logical axes (in place)."""
-    state = nnx.state(model)
+def shard_state(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """``state`` with every array placed on ``mesh`` by its logical axes (a new tree)."""
     shardings = state_shardings(state, mesh)
-    values = jax.tree.map(lambda v: v.value, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    placed = jax.device_put(
-        values, jax.tree.map(lambda s: s, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return jax.tree.map(
+        lambda var, sh: var.replace(jax.device_put(var.get_value(), sh)),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    nnx.update(model, placed)
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
+    """Places every variable of ``model`` on ``mesh`` according to its logical axes (in place)."""
+    nnx.update(model, shard_state(nnx.state(model), mesh))
     return model
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Rows over ``data``, everything else replicated (a batch's leading axis is its ``batch`` axis)."""
+    return NamedSharding(mesh, logical_to_spec(("batch",)))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -1,0 +1,259 @@
+"""Task data -> padded, static-shape training batches; the batch of step ``s`` is a pure function of (seed, s).
+
+Tokenisation. Each example becomes ``[BOS] template(prompt) response [EOS]`` with the base model's tokenizer
+(copied into the model directory by convert). The prompt part and the response are tokenised separately and
+concatenated, so the response-only loss mask is exact (a joint tokenisation could merge a token across the
+boundary). The template is MeteoRA's ``[INST] {prompt} [/INST]\\n`` by default, the tokenizer's chat
+template (``chat``), plain, or any format containing ``{prompt}``. EOS is added by default; MeteoRA's original
+training omits it, which is why its outputs run on past the answer.
+
+Batches. Sequences are right-padded to the smallest length bucket that holds the batch's longest one, so a
+run compiles the step once per bucket in use, not once per length. Labels are the inputs shifted by one;
+``lm_weight_bt[b, t]`` says whether the prediction at position t (of token t + 1) counts in the LM loss.
+
+Order. There is no iterator state besides the step number: the batch of step ``s`` is computed from
+``(seed, s)`` alone. ``natural`` walks a seeded permutation of all examples, a fresh one each epoch;
+``balanced`` draws a task uniformly per row, then an example of it. Resuming at step ``s`` is therefore
+exact by construction, and so is running the same config on another mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from meteora_jax.data.tasks import Example, read_split, split_train_test
+from meteora_jax.errors import MeteoraInputError
+from meteora_jax.train.config import PROMPT_TEMPLATES, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One step's input. Shapes: B rows, L = the bucket length."""
+
+    tokens_bl: np.ndarray  # int32 [B, L], pad = pad_id
+    mask_bl: np.ndarray  # int32 [B, L], 1 = real token (prompt or response)
+    lm_weight_bl: np.ndarray  # float32 [B, L], 1 where the next token counts in the LM loss
+    task_b: np.ndarray  # int32 [B], expert index of each row's task
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {
+            "tokens_bl": self.tokens_bl,
+            "mask_bl": self.mask_bl,
+            "lm_weight_bl": self.lm_weight_bl,
+            "task_b": self.task_b,
+        }
+
+
+@dataclasses.dataclass
+class EncodedSet:
+    """Tokenised examples of all tasks, flat. ``prompt_len[i]`` counts BOS + the templated prompt."""
+
+    ids: list[np.ndarray]
+    prompt_len: np.ndarray
+    task: np.ndarray
+    task_names: tuple[str, ...]
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def indices_of_task(self, t: int) -> np.ndarray:
+        return np.flatnonzero(self.task == t)
+
+
+class PromptFormatter:
+    """Turns a raw prompt into the model's input text (see the module docstring)."""
+
+    def __init__(self, tokenizer, template: str):  # noqa: ANN001 (a transformers tokenizer)
+        self.tokenizer = tokenizer
+        self.template = PROMPT_TEMPLATES.get(template, template)
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise MeteoraInputError(
+                "prompt_template=chat, but the model directory's tokenizer has no chat template; use "
+                "--set prompt_template=meteora (MeteoRA's [INST] format) or plain."
+            )
+
+    def __call__(self, prompt: str) -> str:
+        if self.template == "chat":
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return self.template.replace("{prompt}", prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:  # noqa: ANN001
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_examples(
+    examples: Mapping[str, Sequence[Example]],
+    tokenizer,  # noqa: ANN001
+    cfg: TrainConfig,
+    expert_names: Sequence[str],
+    *,
+    max_len: int,
+    source: str = "data",
+) -> EncodedSet:
+    """Tokenises ``{task: examples}``; the task id of each example is its expert's index."""
+    fmt = PromptFormatter(tokenizer, cfg.prompt_template)
+    bos = tokenizer.bos_token_id if cfg.add_bos else None
+    eos = tokenizer.eos_token_id if cfg.add_eos else None
+    ids, plen, task = [], [], []
+    truncated = 0
+    for name, exs in examples.items():
+        t = list(expert_names).index(name)
+        for i, ex in enumerate(exs):
+            # chat templates usually carry their own BOS; do not add a second one.
+            prompt_ids = ([bos] if bos is not None and cfg.prompt_template != "chat" else []) + _encode(
+                tokenizer, fmt(ex.prompt)
+            )
+            resp_ids = _encode(tokenizer, ex.response) + ([eos] if eos is not None else [])
+            seq = prompt_ids + resp_ids
+            if len(seq) > max_len:
+                if cfg.overlong == "error":
+                    raise MeteoraInputError(
+                        f"{source}/{name}: example {i + 1} is {len(seq)} tokens, longer than the context of "
+                        f"{max_len} (max_seq_len / the model's max_position_embeddings). Shorten it, raise "
+                        "max_seq_len, or pass --set overlong=truncate."
+                    )
+                seq = seq[:max_len]
+                truncated += 1
+            ids.append(np.asarray(seq, np.int32))
+            plen.append(min(len(prompt_ids), max_len))
+            task.append(t)
+    return EncodedSet(
+        ids=ids,
+        prompt_len=np.asarray(plen, np.int32),
+        task=np.asarray(task, np.int32),
+        task_names=tuple(expert_names),
+        truncated=truncated,
+    )
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    return buckets[-1]
+
+
+def make_batch(
+    data: EncodedSet, idx: Sequence[int], *, pad_id: int, buckets: Sequence[int], response_only: bool
+) -> Batch:
+    """Right-padded batch of examples ``idx`` at the smallest bucket holding the longest."""
+    seqs = [data.ids[i] for i in idx]
+    length = bucket_for(max(len(s) for s in seqs), buckets)
+    b = len(seqs)
+    tokens = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    weight = np.zeros((b, length), np.float32)
+    for r, (i, s) in enumerate(zip(idx, seqs)):
+        n = len(s)
+        tokens[r, :n] = s
+        mask[r, :n] = 1
+        # position t predicts token t + 1; count it when t + 1 is real (and, optionally, a response token)
+        first = max(int(data.prompt_len[i]), 1) if response_only else 1
+        weight[r, first - 1 : n - 1] = 1.0
+    return Batch(tokens, mask, weight, data.task[np.asarray(idx)].astype(np.int32))
+
+
+def batch_indices(data: EncodedSet, step: int, cfg: TrainConfig) -> np.ndarray:
+    """Example indices of step ``step``: a pure function of (seed, step); see the module docstring."""
+    n, bsz = len(data), cfg.batch_size
+    if cfg.sampling == "balanced":
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        tasks = np.unique(data.task)
+        out = []
+        for t in rng.choice(tasks, size=bsz):
+            pool = data.indices_of_task(int(t))
+            out.append(pool[rng.integers(len(pool))])
+        return np.asarray(out)
+    out = []
+    for j in range(step * bsz, (step + 1) * bsz):
+        epoch, pos = divmod(j, n)
+        perm = _permutation(cfg.seed, epoch, n)
+        out.append(perm[pos])
+    return np.asarray(out)
+
+
+_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    key = (seed, epoch, n)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.random.default_rng([seed, 0, epoch]).permutation(n)
+    return _PERM_CACHE[key]
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Train and held-out sets of a run, plus what the user should hear about them."""
+
+    train: EncodedSet
+    held_out: EncodedSet
+    notes: list[str]
+
+
+def load_task_data(
+    data_dir: str | os.PathLike,
+    tokenizer,  # noqa: ANN001
+    cfg: TrainConfig,
+    expert_names: Sequence[str],
+    *,
+    context_len: int,
+) -> TaskData:
+    """Reads, checks against the experts and tokenises. Tasks without ``test.jsonl`` lose a held-out share."""
+    data_dir = os.fspath(data_dir)
+    train = read_split(data_dir, "train")
+    unknown = [t for t in train if t not in expert_names]
+    if unknown:
+        raise MeteoraInputError(
+            f"{data_dir}: task folder(s) {unknown} match no expert of the model (experts: {list(expert_names)}). "
+            "Task names are expert names: rename the folder, or add the adapter with `meteora-jax add-adapter`."
+        )
+    notes = []
+    missing = [e for e in expert_names if e not in train]
+    if missing:
+        notes.append(f"experts without training data (their gate columns only learn to stay low): {missing}")
+    held: dict[str, list[Example]] = {}
+    for task in list(train):
+        test_path = os.path.join(data_dir, task, "test.jsonl")
+        if os.path.isfile(test_path):
+            held[task] = read_split(data_dir, "test", tasks=[task])[task]
+        elif cfg.held_out_fraction > 0 and len(train[task]) > 1:
+            train[task], held[task] = split_train_test(train[task], cfg.held_out_fraction, cfg.seed)
+            if not held[task]:
+                del held[task]
+        if cfg.eval_examples_per_task and task in held:
+            held[task] = held[task][: cfg.eval_examples_per_task]
+    max_len = min(cfg.max_seq_len, context_len)
+    tr = encode_examples(train, tokenizer, cfg, expert_names, max_len=max_len, source=data_dir)
+    ho = encode_examples(held, tokenizer, cfg, expert_names, max_len=max_len, source=data_dir)
+    if tr.truncated or ho.truncated:
+        notes.append(
+            f"truncated {tr.truncated} training and {ho.truncated} held-out sequence(s) to {max_len} tokens "
+            "(--set overlong=error refuses instead)"
+        )
+    return TaskData(train=tr, held_out=ho, notes=notes)
+
+
+def eval_batches(data: EncodedSet, cfg: TrainConfig, *, pad_id: int, batch_size: int) -> list[Batch]:
+    """The whole set in fixed order. The last batch is filled up with copies of row 0 whose masks are zero,
+    so they count in no metric (every batch keeps the static shape [batch_size, bucket])."""
+    out = []
+    for start in range(0, len(data), batch_size):
+        idx = list(range(start, min(start + batch_size, len(data))))
+        real = len(idx)
+        idx += [idx[0]] * (batch_size - real)
+        batch = make_batch(data, idx, pad_id=pad_id, buckets=cfg.buckets, response_only=cfg.response_only)
+        batch.mask_bl[real:] = 0
+        batch.lm_weight_bl[real:] = 0.0
+        out.append(batch)
+    return out

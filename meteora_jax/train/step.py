@@ -1,0 +1,155 @@
+"""The optimizer and the jitted train / eval steps.
+
+What trains is a Variable-type filter: ``GateParam`` (gate-only, the paper) or ``GateParam`` + the LoRA
+factors of ``ExpertParam`` (the released code; the per-expert scalings stay fixed). The base (plain
+``nnx.Param``) is never in the filter, so it is never differentiated nor updated.
+
+``nnx.Optimizer(model, tx, wrt=...)`` builds the optax state for exactly those variables. The model and the
+optimizer are then split once into a graph definition and three pytrees -- ``trainable`` (the filtered
+params), ``frozen`` (everything else) and ``opt`` (optimizer state + step) -- and the step is a pure
+``jax.jit`` function of them that merges, differentiates w.r.t. ``trainable`` only, updates and splits
+again. Pure pytrees are what Orbax saves and what mesh shardings attach to; NNX graph traversal happens
+only at trace time. ``trainable`` and ``opt`` are donated: their buffers are reused for the new values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from meteora_jax.model.gate import RoutingOptions
+from meteora_jax.params import ExpertParam, GateParam
+from meteora_jax.train.config import TrainConfig
+from meteora_jax.train.objective import objective
+
+
+def _expert_factor(path: tuple, var: Any) -> bool:
+    return isinstance(var, ExpertParam) and str(path[-1]) in ("lora_a_edr", "lora_b_ero")
+
+
+def trainable_filter(mode: str) -> Any:
+    """The nnx filter of what ``mode`` trains."""
+    if mode == "gate":
+        return GateParam
+    if mode == "gate_and_experts":
+        return nnx.Any(GateParam, _expert_factor)
+    raise ValueError(f"unknown training mode {mode!r}")
+
+
+def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, cosine decay to ``min_lr_ratio``, global-norm clipping."""
+    decay = max(cfg.steps, cfg.warmup_steps + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=decay,
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+    adam = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay)
+    if cfg.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
+    return adam
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The three pytrees a step reads and writes, plus how to rebuild modules from them."""
+
+    model_def: Any
+    opt_def: Any
+    trainable: nnx.State
+    frozen: nnx.State
+    opt: nnx.State
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.model_def, self.trainable, self.frozen)
+
+
+def init_state(model: nnx.Module, cfg: TrainConfig) -> TrainState:
+    wrt = trainable_filter(cfg.mode)
+    optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=wrt)
+    model_def, trainable, frozen = nnx.split(model, wrt, ...)
+    opt_def, opt = nnx.split(optimizer)
+    return TrainState(model_def, opt_def, trainable, frozen, opt)
+
+
+def routing_for(model: nnx.Module, cfg: TrainConfig) -> RoutingOptions:
+    return model.routing_options(top_k=cfg.top_k or None, mode=cfg.routing or None)
+
+
+def make_train_step(state: TrainState, cfg: TrainConfig, routing: RoutingOptions) -> Callable:
+    """``step(trainable, opt, frozen, batch) -> (trainable, opt, metrics)``, jitted, donating the first two."""
+    model_def, opt_def = state.model_def, state.opt_def
+
+    def step(trainable, opt, frozen, batch):  # noqa: ANN001, ANN202
+        optimizer = nnx.merge(opt_def, opt)
+
+        def loss_fn(trainable):  # noqa: ANN001, ANN202
+            model = nnx.merge(model_def, trainable, frozen)
+            return objective(
+                model,
+                batch,
+                routing,
+                gate_loss_weight=cfg.gate_loss_weight,
+                balance_loss_weight=cfg.balance_loss_weight,
+            )
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        model = nnx.merge(model_def, trainable, frozen)
+        optimizer.update(model, grads)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_trainable = nnx.state(model, trainable_filter(cfg.mode))
+        return new_trainable, nnx.state(optimizer), metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(state: TrainState, cfg: TrainConfig, routing: RoutingOptions) -> Callable:
+    """``eval_step(trainable, frozen, batch) -> metrics`` (no update)."""
+    model_def = state.model_def
+
+    def step(trainable, frozen, batch):  # noqa: ANN001, ANN202
+        model = nnx.merge(model_def, trainable, frozen)
+        _, metrics = objective(
+            model,
+            batch,
+            routing,
+            gate_loss_weight=cfg.gate_loss_weight,
+            balance_loss_weight=cfg.balance_loss_weight,
+        )
+        return metrics
+
+    return jax.jit(step)
+
+
+def aggregate(metric_list: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Exact held-out aggregates from per-batch sums: lm loss, gate CE, routing accuracy overall/per gate."""
+    tok = sum(float(m["tok_count"]) for m in metric_list)
+    lm = sum(float(m["lm_sum"]) for m in metric_list) / max(
+        sum(float(m["lm_count"]) for m in metric_list), 1.0
+    )
+    correct_g = np.sum([np.asarray(m["correct_g"], np.float64) for m in metric_list], axis=0) if names else []
+    per_gate = {n: float(c) / max(tok, 1.0) for n, c in zip(names, list(correct_g))} if names else {}
+    layers = sorted({int(n.split(".")[0]) for n in names})
+    per_layer = {
+        str(i): sum(v for n, v in per_gate.items() if int(n.split(".")[0]) == i)
+        / sum(1 for n in per_gate if int(n.split(".")[0]) == i)
+        for i in layers
+    }
+    contextual = [v for n, v in per_gate.items() if n not in ("0.q_proj", "0.k_proj", "0.v_proj")]
+    return {
+        "lm_loss": lm,
+        "gate_ce": sum(float(m["gate_ce_sum"]) for m in metric_list) / max(tok * max(len(names), 1), 1.0),
+        "routing_acc": sum(per_gate.values()) / max(len(per_gate), 1),
+        "routing_acc_contextual": sum(contextual) / max(len(contextual), 1),
+        "routing_acc_per_layer": per_layer,
+        "routing_acc_per_gate": per_gate,
+        "tokens": int(tok),
+    }
