@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_lora import api, routing, shapes
+from pallas_kernels.grouped_lora import api, pallas_gpu, routing, shapes
+from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 from tests.grouped_lora_cases import (
     GRAD_ARGS,
     TOLERANCE,
@@ -153,4 +154,31 @@ class TestXlaRagged(GroupedLoraTestBase):
 
 class TestXlaDense(GroupedLoraTestBase):
     IMPLEMENTATION = "xla_dense"
-    CASE_NAMES = tuple(n for n in CASES if CASES[n].num_experts <= 128)
+    CASE_NAMES = ("skewed_t_not_block_multiple", "empty_experts", "one_expert_top2", "rank1", "bf16_uniform")
+
+
+class TestPallasGpuInterpret(GroupedLoraTestBase):
+    """The Triton kernels in interpret mode; cases chosen to cover every kernel path cheaply."""
+
+    IMPLEMENTATION = "pallas_gpu_interpret"
+    CASE_NAMES = ("empty_experts", "many_experts", "bf16_uniform", "rank64_top1", "rank1")
+    FUSED_CASE_NAMES = ("decode_one_token", "bf16_uniform")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 200])
+def test_pallas_gpu_lowers_for_cuda(num_tokens, request):
+    """The Triton kernels (forward and every gradient) lower for CUDA on a CPU-only host."""
+    case = shapes.Case("c", num_tokens, 512, 256, 28, 8, 2, dtype="bfloat16")
+    inp = inputs_for(case, request.node.name)
+
+    ops = pallas_gpu.PallasGpuOps(interpret=False)
+
+    def loss(x, w, a, b, ew):
+        y = grouped_lora_vjp(ops, x, w, a, b, inp["expert_ids"], ew, inp["scaling"])
+        return jnp.sum(y.astype(jnp.float32) * inp["dy"])
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))
+    args = (inp["x"], inp["w"], inp["lora_a"], inp["lora_b"], inp["expert_weights"])
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    for name in ("lora_fused_gemm", "lora_tgmm", "lora_gmm" if num_tokens > 16 else "lora_token_shrink"):
+        assert name in text, name

@@ -26,6 +26,7 @@ from jaxtyping import Array, Int
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=[
+        "expert_ids_tk",
         "expert_of_row",
         "token_of_row",
         "slot_of_row",
@@ -37,6 +38,7 @@ from jaxtyping import Array, Int
 )
 @dataclasses.dataclass(frozen=True)
 class RoutingPlan:
+    expert_ids_tk: Int[Array, "T K"]  # the routing as given: token-major kernels read it, no sort needed
     expert_of_row: Int[Array, " M"]
     token_of_row: Int[Array, " M"]
     slot_of_row: Int[Array, " M"]
@@ -62,6 +64,7 @@ def make_plan(expert_ids_tk: Int[Array, "T K"], num_experts: int) -> RoutingPlan
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[ids_m].add(1)
     group_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])
     return RoutingPlan(
+        expert_ids_tk=expert_ids_tk.astype(jnp.int32),
         expert_of_row=ids_m[slot_of_row],
         token_of_row=slot_of_row // top_k,
         slot_of_row=slot_of_row,

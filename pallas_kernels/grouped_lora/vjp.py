@@ -33,7 +33,7 @@ class KernelOps(Protocol):
     """What a backend provides; see ``xla.py`` for the contract of each op."""
 
     name: str
-    fused: object  # None, or fused(x_td, w_do, hc_tkr, b_ero, plan, out_dtype) -> [T, O]
+    fused: object  # None, or fused(x_td, w_do, hc_tkr, b_ero, plan, out_dtype) -> [T, O] | None
 
     def shrink(self, x_td: Array, w_ekn: Array, plan: RoutingPlan, *, transpose_w: bool = False) -> Array: ...
 
@@ -81,9 +81,10 @@ def _forward(ops: KernelOps, x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, 
     coef_tk = expert_weights_tk.astype(jnp.float32) * scaling_e.astype(jnp.float32)[expert_ids_tk]
     h_tkr = ops.shrink(x_td, lora_a_edr, plan)
     hc_tkr = (h_tkr * coef_tk[..., None]).astype(lora_b_ero.dtype)
-    if w_do is not None and ops.fused is not None:
+    y_to = None
+    if w_do is not None and ops.fused is not None:  # a backend may decline a shape by returning None
         y_to = ops.fused(x_td, w_do, hc_tkr, lora_b_ero, plan, x_td.dtype)
-    else:
+    if y_to is None:
         y_to = ops.expand(hc_tkr, lora_b_ero, plan, out_dtype=jnp.float32)
         if w_do is not None:
             y_to = y_to + jnp.dot(

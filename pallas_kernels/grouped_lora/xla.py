@@ -96,8 +96,7 @@ class DenseOps:
     name: str = "xla_dense"
 
     def _onehot(self, plan: RoutingPlan) -> Float[Array, "T k E"]:
-        ids_tk = plan.expert_of_row[plan.row_of_slot].reshape(plan.num_tokens, plan.top_k)
-        return jax.nn.one_hot(ids_tk, plan.num_experts, dtype=jnp.float32)
+        return jax.nn.one_hot(plan.expert_ids_tk, plan.num_experts, dtype=jnp.float32)
 
     def shrink(
         self, x_td: Float[Array, "T K"], w_ekn: Array, plan: RoutingPlan, *, transpose_w: bool = False
