@@ -182,3 +182,12 @@ def test_pallas_gpu_lowers_for_cuda(num_tokens, request):
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for name in ("lora_fused_gemm", "lora_tgmm", "lora_gmm" if num_tokens > 16 else "lora_token_shrink"):
         assert name in text, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+class TestPallasGpu(GroupedLoraTestBase):
+    """The same kernels compiled by Triton on a real GPU: every case, fused too."""
+
+    IMPLEMENTATION = "pallas_gpu"
+    FUSED_CASE_NAMES = ("skewed_t_not_block_multiple", "bf16_uniform", "decode_one_token")
