@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from test_generate_fixtures import char_tokenizer, tiny_model
 
 import meteora_jax as mj
@@ -19,11 +20,20 @@ def model():
     return tiny_model(seed=1)
 
 
-def _greedy_without_cache(model, prompt, steps, **routing):
+def _greedy_without_cache(model, prompt, steps, force_expert=None):
+    """The oracle: no cache, no left padding; the whole sequence (right-padded to a fixed 32 columns, which
+    causal attention never lets the real tokens see) is recomputed for every new token."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def next_logits(state, ids_bt, last):
+        logits = nnx.merge(graphdef, state)(ids_bt, force_expert=force_expert)
+        return logits[0, last]
+
     ids = list(prompt)
     for _ in range(steps):
-        logits = model(jnp.asarray([ids]), **routing)
-        ids.append(int(jnp.argmax(logits[0, -1])))
+        padded = jnp.asarray([ids + [0] * (32 - len(ids))])
+        ids.append(int(jnp.argmax(next_logits(state, padded, len(ids) - 1))))
     return ids[len(prompt) :]
 
 
@@ -51,8 +61,14 @@ def test_forced_expert_matches_full_recompute_and_records_routing(model):
 def test_routed_prompt_routing_matches_forward(model):
     prompt = [1, 33, 34, 35, 36]
     result = mj.generate(model, [prompt], max_new_tokens=2, return_routing=True)
-    out = model.forward(jnp.asarray([prompt]), return_routing=True)
-    want_tlp = np.stack([np.asarray(e["expert_ids"]) for e in out.routing])  # [L*P, T, k]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def routed_ids(state, ids_bt):
+        out = nnx.merge(graphdef, state).forward(ids_bt, return_routing=True)
+        return jnp.stack([e["expert_ids"] for e in out.routing])  # [L*P, T, k]
+
+    want_tlp = np.asarray(routed_ids(state, jnp.asarray([prompt])))
     got = result.routing.expert_ids[0][: len(prompt)]  # [T, L, P, k]
     np.testing.assert_array_equal(got.reshape(len(prompt), -1, 2), np.transpose(want_tlp, (1, 0, 2)))
 

@@ -38,7 +38,11 @@ def get_sampler(
 ) -> Sampler:
     """The cached sampler of ``model`` (rebuilt when the tokenizer or mesh changes)."""
     sampler = _SAMPLERS.get(model)
-    if sampler is None or (tokenizer is not None and sampler.tokenizer is not tokenizer) or sampler.mesh is not mesh:
+    if (
+        sampler is None
+        or (tokenizer is not None and sampler.tokenizer is not tokenizer)
+        or sampler.mesh is not mesh
+    ):
         sampler = Sampler(model, tokenizer, mesh=mesh)
         _SAMPLERS[model] = sampler
     return sampler

@@ -35,6 +35,7 @@ from meteora_jax.model.kv_cache import KVCache
 from meteora_jax.model.llama import MeteoraLlama
 
 Prompt = str | Sequence[int]
+GREEDY = SamplingParams()
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -153,9 +154,7 @@ def _decode(
         routing_bnlpk = c.routing_bnlpk
         if routing_bnlpk is not None:
             ids_b1lpk = _stack_routing(out.routing, num_layers, b, 1)
-            routing_bnlpk = jax.lax.dynamic_update_slice(
-                routing_bnlpk, ids_b1lpk, (0, c.step - 1, 0, 0, 0)
-            )
+            routing_bnlpk = jax.lax.dynamic_update_slice(routing_bnlpk, ids_b1lpk, (0, c.step - 1, 0, 0, 0))
         return DecodeState(
             cache=out.cache,
             mask_bs=mask_bs,
@@ -285,7 +284,7 @@ class Sampler:
         prompts: Sequence[Prompt],
         *,
         max_new_tokens: int = 128,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         routing: RoutingOptions | None = None,
         seed: int = 0,
         stop: Sequence[str] | None = None,

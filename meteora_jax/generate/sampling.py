@@ -55,9 +55,7 @@ def filter_logits(logits_bv: Float[Array, "B V"], params: SamplingParams) -> Flo
     return logits_bv
 
 
-def sample_next(
-    logits_bv: Float[Array, "B V"], key: jax.Array, params: SamplingParams
-) -> Int[Array, " B"]:
+def sample_next(logits_bv: Float[Array, "B V"], key: jax.Array, params: SamplingParams) -> Int[Array, " B"]:
     """One token per row: argmax when greedy, else a draw from the filtered distribution."""
     if params.greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
