@@ -26,12 +26,16 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meteora_jax.config import ModelConfig, MoEConfig
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.model.params_io import check_finite, expected_shapes
+
+if TYPE_CHECKING:
+    from meteora_jax.convert.base import BaseCheckpoint
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -219,9 +223,9 @@ def save_gguf_tokenizer(path: str) -> str:
     return out
 
 
-def load_gguf_base(path: str):  # noqa: ANN201 (a BaseCheckpoint; imported lazily to avoid a cycle)
+def load_gguf_base(path: str) -> BaseCheckpoint:
     """A ``.gguf`` file as a ``BaseCheckpoint`` (float32 params, tokenizer in a temp dir)."""
-    from meteora_jax.convert.base import BaseCheckpoint
+    from meteora_jax.convert.base import BaseCheckpoint  # base.py imports this module lazily too
 
     path = os.path.abspath(path)
     reader = _open(path)

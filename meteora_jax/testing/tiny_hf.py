@@ -14,6 +14,7 @@ text maps to tokens (256 byte symbols, no merges), so the demo can tokenise anyt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -177,3 +178,87 @@ def smollm2_gguf_path(*, download: bool = True) -> str | None:
             os.remove(tmp)
         return None
     return target
+
+
+# ---------------------------------------------------------------------------------------------- tiny GGUF
+_GGUF_NAMES = (  # HF suffix -> llama.cpp tensor name (per layer unless it starts with "model.norm"/...)
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+)
+
+
+def make_tiny_gguf(out_path: str | os.PathLike, hf_dir: str, *, arch: str = "llama") -> str:
+    """Writes the float32 Llama checkpoint in ``hf_dir`` as a GGUF file the way llama.cpp's converter does
+    (q/k rows permuted to its RoPE layout, byte-level tokenizer as a ``gpt2`` vocabulary); returns its path.
+    ``arch`` only changes the declared architecture (for refusal tests); llama3 rope scaling is written as
+    llama.cpp's ``rope_freqs.weight``."""
+    import gguf
+
+    from meteora_jax.convert.gguf import permute_rope_rows
+    from meteora_jax.convert.safetensors_io import read_file
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg["model_type"] != "llama":
+        raise ValueError("make_tiny_gguf writes Llama checkpoints only")
+    tensors = read_file(os.path.join(hf_dir, "model.safetensors"))
+    rope = cfg.get("rope_parameters") or {}
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(os.fspath(out_path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    tok = make_tokenizer()
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"<unused{i}>" for i in range(cfg["vocab_size"] - len(vocab))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<") and t.endswith(">") else 1 for t in tokens])
+    w.add_token_scores([0.0] * len(tokens))  # no merges: transformers then derives (none) from scores
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_pad_token_id(PAD_ID)
+    w.add_tensor("token_embd.weight", tensors["model.embed_tokens.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, name in _GGUF_NAMES:
+            t = tensors[f"model.layers.{i}.{hf}"]
+            if name == "attn_q.weight":
+                t = permute_rope_rows(t, heads)
+            elif name == "attn_k.weight":
+                t = permute_rope_rows(t, kv_heads)
+            w.add_tensor(f"blk.{i}.{name}", t)
+    w.add_tensor("output_norm.weight", tensors["model.norm.weight"])
+    if rope.get("rope_type", "default") != "default":
+        # llama.cpp stores llama3 scaling as per-frequency divisors of the unscaled inverse frequencies.
+        from meteora_jax.config import ModelConfig
+        from meteora_jax.model.rope import inv_frequencies
+
+        mc = ModelConfig.from_hf_dict(cfg)
+        plain = inv_frequencies(
+            mc.head_dim, mc.rope_theta, dataclasses.replace(mc.rope_scaling, rope_type="default")
+        )
+        w.add_tensor(
+            "rope_freqs.weight", plain / inv_frequencies(mc.head_dim, mc.rope_theta, mc.rope_scaling)
+        )
+    if "lm_head.weight" in tensors:
+        w.add_tensor("output.weight", tensors["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(out_path)
