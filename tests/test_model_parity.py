@@ -103,3 +103,28 @@ def test_bfloat16_checkpoint_and_compute(tmp_path, rng):
     ours = model(ids)
     assert ours.dtype == np.float32  # logits are accumulated in float32
     assert _rel(ours, ref) <= 5e-2
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_hidden_states_layer_by_layer(checkpoints, family, rng):
+    """Each decoder layer's residual stream against transformers' ``output_hidden_states``, so a mismatch
+    names the first layer where it appears."""
+    import jax.numpy as jnp
+
+    from meteora_jax.model.rope import rope_cos_sin
+
+    directory = checkpoints[family, "v5"]
+    _, model = _ours(directory)
+    ids = rng.integers(0, VOCAB_SIZE, (1, SEQ))
+    with torch.no_grad():
+        ref = _reference(directory)(torch.tensor(ids), output_hidden_states=True).hidden_states
+    positions = jnp.arange(SEQ)[None]
+    cos, sin = rope_cos_sin(positions, model.inv_freq[...])
+    mask = jnp.tril(jnp.ones((SEQ, SEQ), bool))[None]
+    x = jnp.take(model.embed_vd[...], jnp.asarray(ids), axis=0)
+    routing = model.routing_options()
+    for i, layer in enumerate(model.layers):
+        assert _rel(x, ref[i].numpy()) <= 1e-5, f"input of layer {i}"
+        x, _ = layer(x, cos, sin, mask, routing, None, None, None)
+    # transformers' last entry is after the final norm.
+    assert _rel(model.final_norm(x), ref[-1].numpy()) <= 1e-5
