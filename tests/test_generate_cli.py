@@ -1,0 +1,49 @@
+"""`meteora-jax generate` end to end on a tiny model directory: JSONL out, and one-paragraph errors (exit 2)."""
+
+import json
+
+import pytest
+from test_generate_fixtures import tiny_model_dir
+
+from meteora_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "model", seed=3)
+
+
+def test_prompts_file_to_jsonl(model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n\n{"prompt": "a longer prompt"}\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(
+        ["generate", "--model", model_dir, "--prompts", str(prompts), "--out", str(out)]
+        + ["--max-new-tokens", "4", "--return-routing", "--force-expert", "beta"]
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["hi", "a longer prompt"]
+    assert all(r["num_tokens"] <= 4 and isinstance(r["text"], str) for r in rows)
+    assert rows[0]["expert_names"] == ["alpha", "beta", "gamma"]
+    assert {e for tok in rows[0]["routing_top1"][:-1] for e in tok} == {1}
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--prompt", "hi", "--top-k", "4"], "top_k=4"),
+        (["--prompt", "hi", "--force-expert", "delta"], "not an expert"),
+        (["--prompt", "   "], "empty"),
+        (["--prompt", "x" * 400], "context"),
+    ],
+)
+def test_bad_input_exits_2(model_dir, extra, match, capsys):
+    assert main(["generate", "--model", model_dir, *extra]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_model_dir_without_tokenizer(tmp_path, capsys):
+    d = tiny_model_dir(tmp_path / "notok", with_tokenizer=False)
+    assert main(["generate", "--model", d, "--prompt", "hi"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
