@@ -52,7 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a PEFT LoRA adapter directory and its expert name; repeat for each expert, in expert order.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="the model directory to create.")
-    p.add_argument("--top-k", type=int, default=2, metavar="K", help="experts per token (default 2).")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="experts per token (default 2, or 1 with one expert).",
+    )
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="gate softmax temperature.")
     p.add_argument(
         "--routing",
@@ -92,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             raise MeteoraInputError("--tasks is empty; pass the task names as t1,t2,...")
     elif args.meteora_checkpoint is None and (args.meteora_adapter_dir or args.lora_alpha is not None):
         raise MeteoraInputError("--meteora-adapter-dir / --lora-alpha only apply with --meteora-checkpoint.")
+    n_experts = len(tasks) if tasks is not None else len(adapters)
+    top_k = args.top_k if args.top_k is not None else max(1, min(2, n_experts))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
@@ -101,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                 args.out,
                 meteora_checkpoint=args.meteora_checkpoint,
                 tasks=tasks,
-                top_k=args.top_k,
+                top_k=top_k,
                 temperature=args.temperature,
                 dtype=args.dtype,
                 routing=args.routing,

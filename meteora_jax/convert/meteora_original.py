@@ -131,10 +131,10 @@ def load_meteora_checkpoint(
                 "MeteoRA checkpoint of a LLaMA-family model."
             )
         groups.setdefault((int(m.group("layer")), proj), {})[m.group("role")] = key
-    if not groups:
+    if not any("moe_gate" in roles for roles in groups.values()):
         raise MeteoraInputError(
-            f"{path}: holds no '*.lora_A.weight' / '*.moe_gate.weight' tensors, so it is not an original MeteoRA "
-            "checkpoint. For PEFT adapters use --adapter NAME=PATH instead."
+            f"{path}: holds no '*.moe_gate.weight' tensors, so it is not an original MeteoRA checkpoint (a PEFT "
+            "adapter's file?). Pass PEFT adapter directories as --adapter NAME=PATH instead."
         )
 
     base_ckpt = _config_only(base) if base_keys else load_base(base)
@@ -144,7 +144,7 @@ def load_meteora_checkpoint(
         missing = [r for r in ("lora_A", "lora_B", "moe_gate") if r not in roles]
         if missing:
             raise MeteoraInputError(
-                f"{path}: projection model.layers.{layer}...{proj} has {sorted(roles)} but lacks {missing}; the "
+                f"{path}: layer {layer} {proj} has {sorted(roles)} but lacks {missing}; the "
                 "checkpoint is incomplete. Re-save the full MeteoRA model state dict."
             )
         if layer >= cfg.num_hidden_layers:
