@@ -23,6 +23,9 @@ from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 
 IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla", "xla_ragged", "xla_dense", "reference")
 _AUTO = {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla"), "cpu": ("xla",)}
+# Measured on the H200 (benchmarks/RESULTS.md): with few expert columns (E * r <= 1024) XLA's dense
+# path beats the Pallas kernels at every token count, so auto on GPU starts there for those shapes.
+_AUTO_GPU_SMALL_EXPERTS = ("xla", "pallas_gpu")
 
 
 def resolve_implementation(name_or_none: str | None = None) -> str:
@@ -40,9 +43,12 @@ def resolve_implementation(name_or_none: str | None = None) -> str:
     return name_or_none
 
 
-def _candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
+def _candidates(implementation: str | Sequence[str] | None, expert_columns: int) -> tuple[str, ...]:
     if implementation is None:
-        return _AUTO.get(jax.default_backend(), ("xla",))
+        platform = jax.default_backend()
+        if platform == "gpu" and expert_columns <= xla.DENSE_MAX_EXPERT_COLUMNS:
+            return _AUTO_GPU_SMALL_EXPERTS
+        return _AUTO.get(platform, ("xla",))
     if isinstance(implementation, str):
         return (resolve_implementation(implementation),)
     return tuple(resolve_implementation(n) for n in implementation)
@@ -73,7 +79,7 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
 def _dispatch(x, w, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation):  # noqa: ANN001, ANN202
     scaling = jnp.broadcast_to(jnp.asarray(scaling, jnp.float32), (lora_a.shape[0],))
     errors = []
-    for name in _candidates(implementation):
+    for name in _candidates(implementation, lora_a.shape[0] * lora_a.shape[2]):
         if name == "reference":
             y = grouped_lora_reference(x, lora_a, lora_b, expert_ids, expert_weights, scaling_e=scaling)
             if w is None:

@@ -40,6 +40,11 @@ FUSED_MAX_EXPERT_COLUMNS = 1024
 TOKEN_SHRINK_MAX_TOKENS = 16
 
 
+def _precision(dtype: jnp.dtype) -> lax.Precision | None:
+    # Triton's dot takes float32 operands as TF32 unless asked for IEEE (seen on jax 0.11.2: 4e-4 error).
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -109,7 +114,12 @@ def _gmm_kernel(items_ref, lhs_idx_ref, out_idx_ref, lhs_ref, w_ref, out_ref, *,
                 w_kn = plgpu.load(w_ref.at[group, cols[None, :], kk[:, None]], mask=wmask, other=0)
             else:
                 w_kn = plgpu.load(w_ref.at[group, kk[:, None], cols[None, :]], mask=wmask, other=0)
-            return acc + jnp.dot(a_mk.astype(w_kn.dtype), w_kn, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(
+                a_mk.astype(w_kn.dtype),
+                w_kn,
+                preferred_element_type=jnp.float32,
+                precision=_precision(w_kn.dtype),
+            )
 
         acc = lax.fori_loop(0, _cdiv(k_dim, bk), body, jnp.zeros((bm, bn), jnp.float32))
         plgpu.store(
@@ -167,7 +177,13 @@ def _tgmm_kernel(off_ref, lhs_idx_ref, rhs_idx_ref, lhs_ref, rhs_ref, out_ref, *
         a_mk = plgpu.load(lhs_ref.at[li[:, None], kk[None, :]], mask=rmask[:, None] & kmask[None, :], other=0)
         b_mn = plgpu.load(rhs_ref.at[ri[:, None], nn[None, :]], mask=rmask[:, None] & nmask[None, :], other=0)
         dims = (((0,), (0,)), ((), ()))
-        return acc + lax.dot_general(a_mk.astype(b_mn.dtype), b_mn, dims, preferred_element_type=jnp.float32)
+        return acc + lax.dot_general(
+            a_mk.astype(b_mn.dtype),
+            b_mn,
+            dims,
+            preferred_element_type=jnp.float32,
+            precision=_precision(b_mn.dtype),
+        )
 
     acc = lax.fori_loop(0, (hi - lo + bm - 1) // bm, body, jnp.zeros((bk, bn), jnp.float32))
     plgpu.store(
@@ -227,7 +243,7 @@ def _fused_kernel(x_ref, w_ref, hc_ref, ids_ref, b_ref, o_ref, *, cfg: FusedConf
     def base_body(kb, acc):  # noqa: ANN001, ANN202
         x_mk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(kb * bk, bk)], mask=rmask[:, None], other=0)
         w_kn = plgpu.load(w_ref.at[pl.ds(kb * bk, bk), pl.ds(col0, bn)], mask=cmask[None, :], other=0)
-        return acc + jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32, precision=_precision(w_kn.dtype))
 
     if d_in % bk:
         raise NotImplementedError(f"fused kernel needs d_in % {bk} == 0, got {d_in}")
@@ -256,7 +272,12 @@ def _fused_kernel(x_ref, w_ref, hc_ref, ids_ref, b_ref, o_ref, *, cfg: FusedConf
                 mask=(c < n_cols)[:, None] & cmask[None, :],
                 other=0,
             )
-            return acc + jnp.dot(h_mc.astype(b_cn.dtype), b_cn, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(
+                h_mc.astype(b_cn.dtype),
+                b_cn,
+                preferred_element_type=jnp.float32,
+                precision=_precision(b_cn.dtype),
+            )
 
         return lax.cond(present > 0, add_block, lambda acc: acc, acc)
 
