@@ -149,6 +149,7 @@ def test_routed_forward_matches_float64_reference(flat_and_model, mode, top_k, t
     ref = np.stack([ref_fn(row) for row in ids])
     assert ref_fn.min_gap > 1e-4 or top_k == 3  # decisive routing (k = E has no k+1-th expert)
     rel = np.abs(got - ref).max() / np.abs(ref).max()
+    print(f"[routing] {mode} k={top_k} T={temperature}: max|diff|/max|ref| = {rel:.2e}")  # shown with -s
     assert rel <= TOL, f"max|diff|/max|ref| = {rel:.2e}"
 
 
