@@ -1,0 +1,186 @@
+"""Composite-n: one prompt asks n questions from n different tasks; score each sub-question.
+
+Following MeteoRA's headline experiment, a composite sample numbers n held-out questions, one per task, and
+asks for the n answers in order; a 2-shot prefix (two composite samples with their answers, drawn from the
+tasks' *train* splits) shows the format. The model must switch adapters mid-sequence with no task label.
+
+Format (ours; the numbering makes answers easy to split and to attribute to a sub-question):
+
+    Answer each question in order. Write "Answer i:" before the answer to question i.
+    Question 1: <prompt of task 1>
+    ...
+    Question n: <prompt of task n>
+    Answer 1: <response 1>      <- generated
+    ...
+
+Scoring per sub-question i: *attempted* when an ``Answer i:`` segment exists and is non-empty; *correct* when
+the task's headline metric (``eval.metrics``, its cleaners included) scores that segment as right (>= 0.5 for
+text metrics). Reported: attempted / correct rates per task and their sums over the n tasks (MeteoRA's
+"sum of accuracies").
+
+Sub-task lists (MeteoRA's; ``OFFLINE_SUBSTITUTES`` replaces tasks that the offline BIG-bench import does not
+provide: alpaca -> topical_chat (open-ended text), news_commentary_de stays if present).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+
+from meteora_jax.errors import MeteoraInputError
+from meteora_jax.eval.metrics import default_metric_for_task, score_task
+from meteora_jax.generate import get_sampler
+from meteora_jax.generate.sampling import SamplingParams
+from meteora_jax.model.llama import MeteoraLlama
+
+COMPOSITE_TASKS: dict[int, tuple[str, ...]] = {
+    3: ("logical_deduction", "question_selection", "strategyqa"),
+    5: (
+        "logical_deduction",
+        "question_selection",
+        "strategyqa",
+        "abstract_narrative_understanding",
+        "goal_step_wikihow",
+    ),
+    10: (
+        "logical_deduction",
+        "question_selection",
+        "abstract_narrative_understanding",
+        "goal_step_wikihow",
+        "winowhy",
+        "strategyqa",
+        "disfl_qa",
+        "news_commentary_de",
+        "alpaca",
+        "linguistics_puzzles",
+    ),
+}
+# A task that is not available offline -> the nearest available one (stated in every report).
+OFFLINE_SUBSTITUTES = {"alpaca": "topical_chat", "news_commentary_de": "news_commentary_es"}
+INSTRUCTION = 'Answer each question in order. Write "Answer i:" before the answer to question i.'
+
+
+def resolve_tasks(n: int, available: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    if n not in COMPOSITE_TASKS:
+        raise MeteoraInputError(f"composite-{n} is not defined; choose one of {sorted(COMPOSITE_TASKS)}.")
+    tasks, subs = [], {}
+    for task in COMPOSITE_TASKS[n]:
+        if task in available:
+            tasks.append(task)
+        elif OFFLINE_SUBSTITUTES.get(task) in available:
+            subs[task] = OFFLINE_SUBSTITUTES[task]
+            tasks.append(subs[task])
+        else:
+            raise MeteoraInputError(
+                f"composite-{n} needs task {task!r} (or its substitute {OFFLINE_SUBSTITUTES.get(task)!r}) in the "
+                f"data folder; it has {sorted(available)}."
+            )
+    return tasks, subs
+
+
+def format_questions(prompts: Sequence[str]) -> str:
+    return "\n".join([INSTRUCTION] + [f"Question {i + 1}: {p.strip()}" for i, p in enumerate(prompts)]) + "\n"
+
+
+def format_answers(responses: Sequence[str]) -> str:
+    return "\n".join(f"Answer {i + 1}: {r.strip()}" for i, r in enumerate(responses)) + "\n"
+
+
+def build_sample(shots: Sequence[tuple[list, list]], questions: Sequence) -> str:
+    """The full prompt: each shot's questions and answers, then the questions to answer and "Answer 1:"."""
+    parts = [
+        format_questions([e.prompt for e in qs]) + format_answers([e.response for e in ans])
+        for qs, ans in shots
+    ]
+    parts.append(format_questions([e.prompt for e in questions]) + "Answer 1:")
+    return "\n".join(parts)
+
+
+def split_answers(output: str, n: int) -> list[str | None]:
+    """The n answers of a generation that continues after "Answer 1:"; None where an answer is missing."""
+    text = "Answer 1:" + output
+    found: dict[int, str] = {}
+    marks = list(re.finditer(r"Answer (\d+):", text))
+    for j, m in enumerate(marks):
+        i = int(m.group(1))
+        end = marks[j + 1].start() if j + 1 < len(marks) else len(text)
+        seg = text[m.end() : end]
+        seg = seg.split("\nQuestion", 1)[0].strip()  # the model may start a new composite: not an answer
+        if 1 <= i <= n and i not in found:
+            found[i] = seg
+    return [found.get(i + 1) or None for i in range(n)]
+
+
+def evaluate_composite(
+    model: MeteoraLlama,
+    tokenizer: object,
+    data_dir: str,
+    n: int,
+    *,
+    num_samples: int = 200,
+    seed: int = 0,
+    max_new_tokens_per_answer: int = 32,
+    batch_size: int = 8,
+    systems: Sequence[str] = ("meteora",),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Builds ``num_samples`` composite-n prompts (test questions, 2 train shots each) and scores them."""
+    from meteora_jax.data.tasks import list_tasks, read_split
+
+    tasks, subs = resolve_tasks(n, list_tasks(data_dir))
+    test, train = read_split(data_dir, "test", tasks), read_split(data_dir, "train", tasks)
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(num_samples):
+        questions = [rng.choice(test[t]) for t in tasks]
+        shots = []
+        for _ in range(2):
+            shot = [rng.choice(train[t]) for t in tasks]
+            shots.append((shot, shot))
+        samples.append((questions, build_sample(shots, questions)))
+    sampler = get_sampler(model, tokenizer)
+    sampler.refresh()
+    report = {"n": n, "tasks": tasks, "substitutes": subs, "num_samples": num_samples, "systems": {}}
+    for system in systems:
+        options = model.routing_options(no_experts=(system == "base"))
+        outputs: list[str] = []
+        for start in range(0, len(samples), batch_size):
+            res = sampler.generate(
+                [s[1] for s in samples[start : start + batch_size]],
+                max_new_tokens=max_new_tokens_per_answer * n,
+                sampling=SamplingParams(),
+                routing=options,
+                stop=["\nQuestion 1:", f"Answer {n + 1}:"],
+            )
+            outputs.extend(res.texts)
+        report["systems"][system] = score_composite(tasks, [s[0] for s in samples], outputs)
+        if progress:
+            progress(f"composite-{n} {system}: {report['systems'][system]['sum_correct']:.3f} correct (sum)")
+    return report
+
+
+def score_composite(tasks: Sequence[str], questions: Sequence[Sequence], outputs: Sequence[str]) -> dict:
+    """Attempted and correct rates per task (over samples), and their sums over tasks."""
+    n = len(tasks)
+    attempted = [0] * n
+    correct = [0.0] * n
+    for qs, out in zip(questions, outputs):
+        answers = split_answers(out, n)
+        for i, (task, ex, ans) in enumerate(zip(tasks, qs, answers)):
+            if ans is None:
+                continue
+            attempted[i] += 1
+            metric = ex.extra.get("metric") if isinstance(ex.extra.get("metric"), str) else None
+            metric = metric or default_metric_for_task(task)
+            score = score_task(task, [ans], [ex.response], [ex.prompt], metrics=[metric])[metric]
+            correct[i] += float(score >= (50.0 if metric == "bleu" else 0.5))
+    total = max(len(outputs), 1)
+    per_task = {
+        t: {"attempted": attempted[i] / total, "correct": correct[i] / total} for i, t in enumerate(tasks)
+    }
+    return {
+        "per_task": per_task,
+        "sum_attempted": sum(v["attempted"] for v in per_task.values()),
+        "sum_correct": sum(v["correct"] for v in per_task.values()),
+    }
