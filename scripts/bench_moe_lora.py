@@ -6,10 +6,10 @@ Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.
 Timing: one jit runs the function ``reps`` times in a ``fori_loop`` (each call's input depends on the
 previous output), so host dispatch is out of the figure; per-call time = loop wall time / reps, minus
 the same loop around a trivial body; the median of 5 runs. ``x_vs_base`` divides by the base GEMM
-(``x @ W``, XLA/cuBLAS) timed the same way in the same run. ``bound`` is the memory-traffic bound of the
-row: (W + touched experts +
-x + y bytes) / (W + x + y bytes). ``peak_mb`` is XLA's temp allocation of the compiled call
-(``memory_analysis().temp_size_in_bytes``), i.e. transient memory beyond inputs and output.
+(``x @ W``, XLA/cuBLAS) timed the same way in the same run. ``bound`` is the memory-traffic bound of
+the row: (W + touched experts + x + y bytes) / (W + x + y bytes). ``peak_mb`` is XLA's temp allocation
+of the compiled call (``memory_analysis().temp_size_in_bytes``): transient memory beyond inputs and output.
+Caveat: for calls much shorter than ~40 us the loop's own cost dominates and the figure is noise.
 """
 
 from __future__ import annotations
