@@ -248,6 +248,15 @@ class MoEConfig:
             )
         if self.temperature <= 0:
             raise MeteoraInputError(f"temperature must be > 0, got {self.temperature}.")
+        if self.implementation is not None:
+            from pallas_kernels.grouped_lora.api import resolve_implementation
+
+            try:
+                resolve_implementation(self.implementation)
+            except ValueError as e:
+                raise MeteoraInputError(
+                    f"{e}. Leave it unset to pick the fastest backend automatically."
+                ) from e
 
     @property
     def num_experts(self) -> int:

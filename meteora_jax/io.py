@@ -103,6 +103,8 @@ def write_model_dir(
         "dtype": jnp.dtype(model.dtype).name,
         "model": model.config.to_dict(),
         "moe": model.moe_config.to_dict(),
+        # informational: the grouped-LoRA backend `moe.implementation` resolved to where this was written
+        "kernel_implementation_resolved": model.kernel_implementation,
     }
     cfg.update(extra_config or {})
     write_json_atomic(os.path.join(dst_dir, CONFIG_FILE), cfg)

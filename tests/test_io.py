@@ -89,3 +89,22 @@ def test_force_expert_and_topk_validation(tiny):
         model(ids, force_expert="zzz")
     with pytest.raises(mj.MeteoraInputError, match="top_k=4"):
         model(ids, top_k=4)
+
+
+def test_kernel_choice_is_recorded_and_validated(tmp_path, tiny):
+    import json
+
+    from pallas_kernels.grouped_lora.api import resolve_implementation
+
+    cfg, moe, model = tiny
+    assert model.kernel_implementation == resolve_implementation(None)
+    mj.save(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "meteora_config.json").read_text())
+    assert saved["moe"]["implementation"] is None
+    assert saved["kernel_implementation_resolved"] == model.kernel_implementation
+    ref = mj.load(tmp_path / "m", implementation="reference")
+    assert ref.kernel_implementation == "reference"
+    ids = jnp.asarray(np.arange(12).reshape(2, 6))
+    np.testing.assert_allclose(np.asarray(ref(ids)), np.asarray(model(ids)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(mj.MeteoraInputError, match="unknown grouped_lora implementation"):
+        mj.MoEConfig(expert_names=("a",), top_k=1, implementation="cublas")

@@ -24,6 +24,7 @@ from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.model.kv_cache import KVCache, LayerCache
 from meteora_jax.model.moe_lora import MoELoRALinear
 from meteora_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from pallas_kernels.grouped_lora.api import resolve_implementation
 
 
 class RMSNorm(nnx.Module):
@@ -182,6 +183,9 @@ class MeteoraLlama(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dtype = jnp.dtype(dtype)
         self.config, self.moe_config, self.dtype = cfg, moe, dtype
+        # What `implementation=None` (or the configured name) resolves to on this platform, for the record;
+        # the saved config keeps the user's choice so that a model moved to another platform re-resolves.
+        self.kernel_implementation = resolve_implementation(moe.implementation)
         self.embed_vd = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype),
             logical_axes=("vocab", "embed"),
