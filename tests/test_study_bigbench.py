@@ -1,0 +1,304 @@
+"""The BIG-bench study end to end at toy scale on CPU, and its multi-adapter trainer against real PEFT.
+
+A synthetic BIG-bench-like sdist (3 tasks, the real member layout) goes through ``pack-data``; a tiny
+SmolLM2-shaped HF checkpoint stands in for the GGUF base. The pipeline test runs every step (adapters,
+convert, gates top-1/top-2, the four single-expert systems, MeteoRA, composite-3, report) with a handful of
+steps each, then checks resume, the report schema and the "must show" table. The trainer tests compare with
+independent oracles: ``peft.PeftModel.from_pretrained`` on the exported directories, and the same adapter
+trained alone (stacking must change nothing) or interrupted and resumed.
+"""
+
+import io
+import json
+import os
+import random
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from meteora_jax.errors import MeteoraInputError  # noqa: E402
+from meteora_jax.study import bigbench_study as S  # noqa: E402
+from meteora_jax.study import peft_train as P  # noqa: E402
+from meteora_jax.testing.tiny_hf import PAD_ID, make_tiny_hf_checkpoint  # noqa: E402
+
+TASKS = ("length", "reverse", "upper")
+_FN = {"length": lambda w: str(len(w)), "reverse": lambda w: w[::-1], "upper": str.upper}
+
+
+def make_sdist(path):
+    """Three generative tasks in the sdist's member layout (bigbench-1.0.0/bigbench/benchmark_tasks/...)."""
+    rng = random.Random(0)
+    with tarfile.open(path, "w:gz") as tf:
+        for task in TASKS:
+            words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6))) for _ in range(60)]
+            data = {
+                "name": task,
+                "examples": [{"input": f"{task}: {w}", "target": [_FN[task](w)]} for w in words],
+            }
+            raw = json.dumps(data).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
+            info.size = len(raw)
+            tf.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+def toy_overrides(tmp):
+    return [
+        f"work_dir={tmp}/work",
+        f"stash_dir={tmp}/stash",
+        f"base_hf={tmp}/base",
+        "prompt_template=plain",
+        f"data.tasks=[{','.join(TASKS)}]",
+        f"data.pack={tmp}/pack.tar.gz",
+        "data.max_train=40",
+        "data.max_test=8",
+        "adapters.steps=4",
+        "adapters.batch_per_adapter=2",
+        "adapters.dtype=float32",
+        "adapters.chunk_size=2",
+        "adapters.baseline_steps=3",
+        "adapters.baseline_batch_per_adapter=2",
+        "adapters.lora_b_per_task=8",
+        "adapters.max_seq_len=64",
+        "adapters.pad_multiple=16",
+        "adapters.checkpoint_every=2",
+        "gates={top_k: [1, 2], steps: 3, batch_size: 4, max_seq_len: 64, length_buckets: [64], "
+        "eval_examples_per_task: 2, checkpoint_every: 0, log_every: 1, progress: false}",
+        "eval.max_per_task=3",
+        "eval.max_new_tokens=6",
+        "eval.batch_size=4",
+        "eval.min_bucket=64",
+        "eval.routing_per_task=2",
+        "composite.sizes=[3]",
+        f"composite.tasks_3=[{','.join(TASKS)}]",
+        "composite.num_prompts=2",
+        "composite.shots=1",
+        "composite.batch_size=2",
+        "composite.tokens_per_answer=6",
+        "composite.max_prompt_tokens=500",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "base", "smollm2")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_is_strict_and_typed(tmp_path):
+    cfg = S.load_study_config(
+        S.Path("configs/bigbench_small.yaml"), ["adapters.steps=7", "eval.dtype=bfloat16"], seed=3
+    )
+    assert cfg.adapters.steps == 7 and cfg.eval.dtype == "bfloat16" and cfg.seed == 3
+    assert str(cfg.work_path()).endswith("seed3")
+    assert cfg.gate_train_config(1).top_k == 1 and cfg.gate_train_config(2).gate_loss_weight == 50.0
+    with pytest.raises(MeteoraInputError, match="adapters.*unknown key"):
+        S.load_study_config(None, ["adapters.stepz=3"])
+    with pytest.raises(MeteoraInputError, match="adapters.steps"):
+        S.load_study_config(None, ["adapters.steps=many"])
+    with pytest.raises(MeteoraInputError, match="gates"):
+        S.load_study_config(None, ["gates={stepz: 3}"]).gate_train_config(1)
+    names = S.step_names(S.load_study_config(None), S.default_tasks())
+    assert names[:4] == ["data", "base", "adapters:0-10", "adapters:11-21"] and names[-1] == "report"
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _toy_datas(names, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        name: P.AdapterData(
+            ids=[rng.integers(3, 250, size=rng.integers(10, 40)).astype(np.int32) for _ in range(n)],
+            prompt_len=rng.integers(3, 9, size=n),
+        )
+        for name in names
+    }
+
+
+def test_stacked_lora_export_loads_in_peft_with_same_logits(tiny_base, tmp_path):
+    cfg = P.PeftTrainConfig(dtype="float32")
+    names = ["a", "b", "c"]
+    model = P.load_base_for_training(tiny_base, "float32", "cpu")
+    wrappers = P.attach_stacked_lora(model, names, cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B is zero after init: give every slot a visible, distinct delta
+        for w in wrappers.values():
+            w.lora_b_kor.copy_(0.1 * torch.randn(w.lora_b_kor.shape, generator=gen))
+    assert len(wrappers) == 2 * 7
+    tok = torch.randint(3, 250, (3 * 2, 17), generator=gen)  # adapter-major: 2 rows per adapter
+    with torch.no_grad():
+        ours = model(input_ids=tok).logits
+    for k, name in enumerate(names):
+        out = P.export_peft_adapter(wrappers, k, str(tmp_path / name), cfg, base_dir=tiny_base)
+        saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert saved["r"] == 8 and saved["lora_alpha"] == 16 and len(saved["target_modules"]) == 7
+        base = P.load_base_for_training(tiny_base, "float32", "cpu")
+        ref_model = peft.PeftModel.from_pretrained(base, out).eval()
+        with torch.no_grad():
+            ref = ref_model(input_ids=tok[2 * k : 2 * k + 2]).logits
+        np.testing.assert_allclose(ours[2 * k : 2 * k + 2].numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _exported(path):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_stacking_and_resume_change_nothing(tiny_base, tmp_path, monkeypatch):
+    cfg = P.PeftTrainConfig(steps=5, batch_per_adapter=3, dtype="float32", pad_multiple=8, checkpoint_every=2)
+    datas = _toy_datas(["a", "b"])
+    stats = P.train_adapters(tiny_base, datas, tmp_path / "together", cfg, pad_id=PAD_ID, progress=False)
+    assert set(stats) == {"a", "b"} and stats["a"]["adapters_per_process"] == 2
+    P.train_adapters(tiny_base, {"a": datas["a"]}, tmp_path / "alone", cfg, pad_id=PAD_ID, progress=False)
+    # interrupted after 3 steps (a fake clock that passes the deadline), then resumed from the checkpoint
+    clock = iter(range(100))
+    monkeypatch.setattr(P.time, "time", lambda: float(next(clock)))
+    work = tmp_path / "ckpt"
+    cut = P.train_adapters(
+        tiny_base,
+        {"a": datas["a"]},
+        tmp_path / "resumed",
+        cfg,
+        pad_id=PAD_ID,
+        progress=False,
+        deadline=2.5,
+        work_dir=work,
+    )
+    assert cut == {} and (work / P.CKPT_FILE).is_file() and not (tmp_path / "resumed" / "a").exists()
+    monkeypatch.undo()
+    P.train_adapters(
+        tiny_base, {"a": datas["a"]}, tmp_path / "resumed", cfg, pad_id=PAD_ID, progress=False, work_dir=work
+    )
+    together, alone, resumed = (_exported(tmp_path / d / "a") for d in ("together", "alone", "resumed"))
+    assert together.keys() == alone.keys() == resumed.keys()
+    moved = 0.0
+    for key in together:
+        np.testing.assert_allclose(together[key], alone[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(resumed[key], alone[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        if "lora_B" in key:
+            moved += float(np.abs(alone[key]).sum())
+    assert moved > 0  # B left zero: the adapter trained
+
+
+# ------------------------------------------------------------------------------------------------ packs
+def test_wheel_split_join_and_stash(tmp_path, monkeypatch):
+    wheel = tmp_path / "cache" / S.SMOLLM2_WHEEL_NAME
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(S.SMOLLM2_GGUF_MEMBER, os.urandom(5000))
+    monkeypatch.setattr("meteora_jax.testing.tiny_hf.cache_dir", lambda: str(wheel.parent))
+    monkeypatch.setattr(S, "_download_wheels", lambda dst: _fake_wheel(dst / "gguf-0.0-py3-none-any.whl"))
+    manifest = S.pack_base(tmp_path / "repo")
+    a, b = tmp_path / "repo" / S.PACK_A, tmp_path / "repo" / S.PACK_B
+    assert [p["name"] for p in manifest["parts"]] == [
+        f"{S.SMOLLM2_WHEEL_NAME}.part0",
+        f"{S.SMOLLM2_WHEEL_NAME}.part1",
+    ]
+    # device call 1 carries pack_a only, call 2 pack_b only: the stash joins them
+    os.rename(b, tmp_path / "b_elsewhere")
+    stash = tmp_path / "stash"
+    assert f"{S.SMOLLM2_WHEEL_NAME}.part0" in S.stash(tmp_path / "repo", stash)
+    assert (stash / "site" / "fakepkg" / "__init__.py").is_file()
+    with pytest.raises(MeteoraInputError, match="part1 not found"):
+        S._join_wheel([stash], tmp_path / "joined.whl")
+    os.rename(a, tmp_path / "a_elsewhere")
+    os.rename(tmp_path / "b_elsewhere", b)
+    S.stash(tmp_path / "repo", stash)
+    joined = S._join_wheel([stash], tmp_path / "joined.whl")
+    assert joined.read_bytes() == wheel.read_bytes()
+    (stash / f"{S.SMOLLM2_WHEEL_NAME}.part1").write_bytes(b"tampered")
+    with pytest.raises(MeteoraInputError, match="sha256"):
+        S._join_wheel([stash], tmp_path / "joined2.whl")
+
+
+def _fake_wheel(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("fakepkg/__init__.py", "X = 1\n")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def test_must_show_thresholds_and_shortfalls():
+    tasks = {
+        f"t{i}": {"metric": "exact_match", "oracle": 50.0, "meteora_top2": 50.0 - (2.0 if i < 3 else 0.5)}
+        for i in range(22)
+    }
+    comp = {
+        "3": {
+            "meteora_correct": 1.4,
+            "meteora_attempted": 3.0,
+            "lora_b_correct": 1.0,
+            "lora_b_attempted": 2.0,
+            "lora_f_correct": 0.9,
+        }
+    }
+    rows = S.must_show({"tasks": tasks, "composite": comp, "routing_accuracy": 94.0})
+    assert [r["pass"] for r in rows] == [False, True, False]
+    assert rows[0]["measured"] == "19/22 tasks" and rows[0]["shortfall"] == "1 task(s) short"
+    assert rows[2]["shortfall"] == "1.0 points short"
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_base, tmp_path / "base")
+    overrides = toy_overrides(tmp_path)
+    cfg = S.load_study_config(None, overrides)
+    pack = S.pack_data(
+        tmp_path / "pack.tar.gz", cfg, sdist=make_sdist(tmp_path / "sdist.tar.gz"), progress=False
+    )
+    assert pack.stat().st_size < 100_000
+    logs = []
+    out = tmp_path / "out"
+    state = S.run_study(cfg, until="convert", out_dir=out, progress=False, log=logs.append)
+    assert state.done("adapters:0-1") and state.done("adapters:2-2") and state.done("adapters:baselines")
+    summary = state.outputs("data")["tasks"]
+    assert summary["upper"]["train"]["kept"] == 40 and summary["upper"]["test"]["kept"] == 8
+    for name in (*TASKS, "lora_b", "lora_f"):
+        assert (tmp_path / "work" / "adapters" / name / "adapter_model.safetensors").is_file()
+    with pytest.raises(MeteoraInputError, match="--resume"):
+        S.run_study(cfg, out_dir=out, progress=False, log=logs.append)
+    logs.clear()
+    state = S.run_study(cfg, resume=True, out_dir=out, progress=False, log=logs.append)
+    assert any("[adapters:0-1] done earlier; skipped" in line for line in logs)
+    assert all(state.done(n) for n in S.step_names(cfg, TASKS))
+    report = json.loads((out / "bigbench_small.json").read_text())
+    assert set(report) == {"tasks", "composite", "routing_accuracy", "device_minutes", "seed"}
+    assert set(report["tasks"]) == set(TASKS)
+    for row in report["tasks"].values():
+        assert set(row) == {"metric", "base", "oracle", "lora_b", "lora_f", "meteora_top1", "meteora_top2"}
+        assert all(isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in S.SYSTEMS)
+    assert set(report["composite"]) == {"3"}
+    assert set(report["composite"]["3"]) == {
+        "meteora_correct",
+        "meteora_attempted",
+        "lora_b_correct",
+        "lora_b_attempted",
+        "lora_f_correct",
+    }
+    assert 0.0 <= report["routing_accuracy"] <= 100.0 and report["device_minutes"] > 0 and report["seed"] == 0
+    section = (out / "bigbench_small_section.md").read_text()
+    assert "| must show |" in section and "bigbench_small_tasks.png" in section
+    assert {p.name for p in out.glob("*.png")} == {
+        "bigbench_small_tasks.png",
+        "bigbench_small_composite.png",
+        "bigbench_small_routing.png",
+    }
+    # the base system is the pool model with the expert's contribution zeroed: it must differ from oracle
+    # predictions only through the adapter, and the single-expert bench must really swap experts
+    bench = S.SingleExpertBench(state.outputs("convert")["pool"], "float32", 64)
+    bench.use("upper")
+    a = np.asarray(bench.model.layers[0].attn.q_proj.lora_a_edr[...])
+    bench.use("reverse")
+    assert not np.allclose(a, np.asarray(bench.model.layers[0].attn.q_proj.lora_a_edr[...]))
+    bench.use(None)
+    assert float(np.abs(np.asarray(bench.model.layers[0].attn.q_proj.scaling_e[...])).sum()) == 0.0
+    # a finished study: --resume runs nothing; --step report --redo rewrites the report
+    logs.clear()
+    S.run_study(cfg, steps=["report"], redo=True, out_dir=out, progress=False, log=logs.append)
+    assert any("[report] done" in line for line in logs)
