@@ -1,11 +1,11 @@
 """Deterministic synthetic text tasks in MeteoRA's layout, and a tiny MeteoRA model directory for tests.
 
-Each task maps a short random lowercase word (3-6 letters) to a string transform of it, behind a task
-keyword, so that the prompt names the task only through its first token(s) while the response style differs:
+Each task maps a short random lowercase word (3-6 letters) to a string transform of it, behind a short
+instruction whose words are the task's own (as real task prompts are), while the response styles differ:
 
-    upper:    "up: cat"     -> "CAT"        reverse: "rev: cat"   -> "tac"
-    spell:    "spell: cat"  -> "c-a-t"      length:  "len: cat"   -> "3"
-    double:   "dbl: cat"    -> "catcat"     vowels:  "vow: cat"   -> "a"
+    upper:   "shout it loud: cat"       -> "CAT"      reverse: "mirror backwards: cat" -> "tac"
+    spell:   "spell with dashes: cat"   -> "c-a-t"    length:  "count letters: cat"    -> "3"
+    double:  "say twice: cat"           -> "catcat"   vowels:  "only vowels: cat"      -> "a"
 
 ``write_tasks(out, tasks, n_train, n_test, seed)`` writes ``out/<task>/{train,test}.jsonl`` with the data
 module's atomic writer; the same (task, seed) always gives the same lines.
@@ -22,20 +22,20 @@ from meteora_jax.data.tasks import write_jsonl_atomic
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
-    "upper": ("up", str.upper),
-    "reverse": ("rev", lambda w: w[::-1]),
-    "spell": ("spell", lambda w: "-".join(w)),
-    "length": ("len", lambda w: str(len(w))),
-    "double": ("dbl", lambda w: w + w),
-    "vowels": ("vow", lambda w: "".join(c for c in w if c in "aeiou") or "none"),
+    "upper": ("shout it loud", str.upper),
+    "reverse": ("mirror backwards", lambda w: w[::-1]),
+    "spell": ("spell with dashes", lambda w: "-".join(w)),
+    "length": ("count letters", lambda w: str(len(w))),
+    "double": ("say twice", lambda w: w + w),
+    "vowels": ("only vowels", lambda w: "".join(c for c in w if c in "aeiou") or "none"),
 }
 DEFAULT_TASKS = ("upper", "reverse", "spell", "length")
 
 
 def example(task: str, rng: random.Random) -> dict[str, str]:
-    keyword, fn = TASKS[task]
+    instruction, fn = TASKS[task]
     word = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
-    return {"prompt": f"{keyword}: {word}", "response": fn(word)}
+    return {"prompt": f"{instruction}: {word}", "response": fn(word)}
 
 
 def write_tasks(
@@ -47,12 +47,11 @@ def write_tasks(
     seed: int = 0,
 ) -> str:
     """Writes ``out_dir/<task>/train.jsonl`` and ``test.jsonl``; returns ``out_dir``."""
-    for i, task in enumerate(tasks):
+    for task in tasks:
         rng = random.Random(f"{seed}-{task}")  # str seeds are stable across runs and Python versions
         rows = [example(task, rng) for _ in range(n_train + n_test)]
         write_jsonl_atomic(os.path.join(out_dir, task, "train.jsonl"), rows[:n_train])
         write_jsonl_atomic(os.path.join(out_dir, task, "test.jsonl"), rows[n_train:])
-        del i
     return os.fspath(out_dir)
 
 

@@ -167,6 +167,11 @@ def _coerce(value: Any, typ: Any, where: str, key: str) -> Any:
             return value
         raise err
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise err from None
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         raise err

@@ -38,6 +38,7 @@ class Batch:
     mask_bl: np.ndarray  # int32 [B, L], 1 = real token (prompt or response)
     lm_weight_bl: np.ndarray  # float32 [B, L], 1 where the next token counts in the LM loss
     task_b: np.ndarray  # int32 [B], expert index of each row's task
+    response_bl: np.ndarray  # int32 [B, L], 1 = a response token (routing accuracy once the prompt is read)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {
@@ -45,6 +46,7 @@ class Batch:
             "mask_bl": self.mask_bl,
             "lm_weight_bl": self.lm_weight_bl,
             "task_b": self.task_b,
+            "response_bl": self.response_bl,
         }
 
 
@@ -151,6 +153,7 @@ def make_batch(
     tokens = np.full((b, length), pad_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     weight = np.zeros((b, length), np.float32)
+    response = np.zeros((b, length), np.int32)
     for r, (i, s) in enumerate(zip(idx, seqs)):
         n = len(s)
         tokens[r, :n] = s
@@ -158,7 +161,8 @@ def make_batch(
         # position t predicts token t + 1; count it when t + 1 is real (and, optionally, a response token)
         first = max(int(data.prompt_len[i]), 1) if response_only else 1
         weight[r, first - 1 : n - 1] = 1.0
-    return Batch(tokens, mask, weight, data.task[np.asarray(idx)].astype(np.int32))
+        response[r, int(data.prompt_len[i]) : n] = 1
+    return Batch(tokens, mask, weight, data.task[np.asarray(idx)].astype(np.int32), response)
 
 
 def batch_indices(data: EncodedSet, step: int, cfg: TrainConfig) -> np.ndarray:
@@ -255,5 +259,6 @@ def eval_batches(data: EncodedSet, cfg: TrainConfig, *, pad_id: int, batch_size:
         batch = make_batch(data, idx, pad_id=pad_id, buckets=cfg.buckets, response_only=cfg.response_only)
         batch.mask_bl[real:] = 0
         batch.lm_weight_bl[real:] = 0.0
+        batch.response_bl[real:] = 0
         out.append(batch)
     return out

@@ -215,8 +215,9 @@ def train_gates(
             shutil.copy2(metrics_path, os.path.join(tmp, METRICS_FILE))
     if held:
         log(
-            f"held-out routing accuracy {held['routing_acc']:.3f} (all gates), "
-            f"{held['routing_acc_contextual']:.3f} (gates with context); gate CE {held['gate_ce']:.4f}"
+            f"held-out routing accuracy: all tokens {held['routing_acc']:.3f}, response tokens "
+            f"{held['routing_acc_response']:.3f} (gates with context: {held['routing_acc_response_contextual']:.3f}); "
+            f"gate CE {held['gate_ce']:.4f}"
         )
     log(f"wrote {out_dir}")
     return TrainResult(out_dir, work_dir, cfg.steps, held, notes)

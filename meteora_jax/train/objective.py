@@ -12,7 +12,10 @@
 * ``balance`` (optional, off in MeteoRA): Switch-Transformer load balancing, E * sum_e f_e * p_e per gate
   (f_e: share of tokens whose top-1 is e, p_e: mean gate probability of e), averaged over gates.
 
-Routing accuracy is top-1 of the raw gate logits == task id, over the same (gate, token) pairs. Metrics
+Routing accuracy is top-1 of the raw gate logits == task id, over the same (gate, token) pairs, and also over
+response tokens only (``correct_resp_g``): a causal gate cannot know the task on the shared template prefix
+(``<s>[INST] ``) before any task-specific token, so accuracy over all tokens is capped well below 1, while
+on the response -- where routing decides what is generated -- the whole prompt has been read. Metrics
 come back both as means and as sums with counts, so evaluation over many batches aggregates exactly.
 """
 
@@ -62,6 +65,7 @@ def objective(
     gate_logits = [r["gate_logits"] for r in out.routing if r["gate_logits"] is not None]
     valid_t = mask_bl.reshape(b * seq).astype(jnp.float32)
     tok_count = jnp.sum(valid_t)
+    resp_t = batch["response_bl"].reshape(b * seq).astype(jnp.float32) if "response_bl" in batch else valid_t
     if gate_logits:
         logits_gte = jnp.stack(gate_logits).astype(jnp.float32)
         num_experts = logits_gte.shape[-1]
@@ -71,7 +75,9 @@ def objective(
         gate_ce_sum = jnp.sum(ce_gt * valid_t)
         gate_ce = gate_ce_sum / (len(gate_logits) * jnp.maximum(tok_count, 1.0))
         top1_gt = jnp.argmax(logits_gte, axis=-1)
-        correct_g = jnp.sum((top1_gt == task_t[None]) * valid_t, axis=-1)
+        hit_gt = top1_gt == task_t[None]
+        correct_g = jnp.sum(hit_gt * valid_t, axis=-1)
+        correct_resp_g = jnp.sum(hit_gt * resp_t, axis=-1)
         if balance_loss_weight:
             probs_gte = jnp.exp(logp_gte)
             denom = jnp.maximum(tok_count, 1.0)
@@ -82,7 +88,7 @@ def objective(
             balance = jnp.zeros((), jnp.float32)
     else:
         gate_ce_sum = gate_ce = balance = jnp.zeros((), jnp.float32)
-        correct_g = jnp.zeros((0,), jnp.float32)
+        correct_g = correct_resp_g = jnp.zeros((0,), jnp.float32)
 
     loss = lm_ce + gate_loss_weight * gate_ce
     if balance_loss_weight:
@@ -99,5 +105,7 @@ def objective(
         "gate_ce_sum": gate_ce_sum,
         "tok_count": tok_count,
         "correct_g": correct_g,
+        "resp_count": jnp.sum(resp_t),
+        "correct_resp_g": correct_resp_g,
     }
     return loss, metrics

@@ -129,27 +129,43 @@ def make_eval_step(state: TrainState, cfg: TrainConfig, routing: RoutingOptions)
     return jax.jit(step)
 
 
+def _per_gate_report(correct_g: np.ndarray, count: float, names: list[str], prefix: str) -> dict[str, Any]:
+    per_gate = {n: float(c) / max(count, 1.0) for n, c in zip(names, list(correct_g))}
+    layers = sorted({int(n.split(".")[0]) for n in names})
+    per_layer = {}
+    for i in layers:
+        vals = [v for n, v in per_gate.items() if int(n.split(".")[0]) == i]
+        per_layer[str(i)] = sum(vals) / len(vals)
+    # layer 0's q/k/v gates read the current token's embedding alone: no context, so no way to know the task
+    contextual = [v for n, v in per_gate.items() if n not in ("0.q_proj", "0.k_proj", "0.v_proj")]
+    return {
+        f"{prefix}": sum(per_gate.values()) / max(len(per_gate), 1),
+        f"{prefix}_contextual": sum(contextual) / max(len(contextual), 1),
+        f"{prefix}_per_layer": per_layer,
+        f"{prefix}_per_gate": per_gate,
+    }
+
+
 def aggregate(metric_list: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """Exact held-out aggregates from per-batch sums: lm loss, gate CE, routing accuracy overall/per gate."""
+    """Exact held-out aggregates from per-batch sums.
+
+    ``routing_acc``: over every (gate, non-pad token) pair = the mean over gates of per-gate accuracy.
+    ``routing_acc_response``: the same over response tokens. ``*_contextual``: without layer 0's q/k/v gates.
+    """
     tok = sum(float(m["tok_count"]) for m in metric_list)
+    resp = sum(float(m["resp_count"]) for m in metric_list)
     lm = sum(float(m["lm_sum"]) for m in metric_list) / max(
         sum(float(m["lm_count"]) for m in metric_list), 1.0
     )
-    correct_g = np.sum([np.asarray(m["correct_g"], np.float64) for m in metric_list], axis=0) if names else []
-    per_gate = {n: float(c) / max(tok, 1.0) for n, c in zip(names, list(correct_g))} if names else {}
-    layers = sorted({int(n.split(".")[0]) for n in names})
-    per_layer = {
-        str(i): sum(v for n, v in per_gate.items() if int(n.split(".")[0]) == i)
-        / sum(1 for n in per_gate if int(n.split(".")[0]) == i)
-        for i in layers
-    }
-    contextual = [v for n, v in per_gate.items() if n not in ("0.q_proj", "0.k_proj", "0.v_proj")]
-    return {
+    out: dict[str, Any] = {
         "lm_loss": lm,
         "gate_ce": sum(float(m["gate_ce_sum"]) for m in metric_list) / max(tok * max(len(names), 1), 1.0),
-        "routing_acc": sum(per_gate.values()) / max(len(per_gate), 1),
-        "routing_acc_contextual": sum(contextual) / max(len(contextual), 1),
-        "routing_acc_per_layer": per_layer,
-        "routing_acc_per_gate": per_gate,
         "tokens": int(tok),
+        "response_tokens": int(resp),
     }
+    if names:
+        correct = np.sum([np.asarray(m["correct_g"], np.float64) for m in metric_list], axis=0)
+        correct_resp = np.sum([np.asarray(m["correct_resp_g"], np.float64) for m in metric_list], axis=0)
+        out.update(_per_gate_report(correct, tok, names, "routing_acc"))
+        out.update(_per_gate_report(correct_resp, resp, names, "routing_acc_response"))
+    return out

@@ -1,0 +1,120 @@
+"""The objective against a NumPy float64 oracle; gate-only steps touch nothing but gates; k=1 gates learn."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from meteora_jax.config import ModelConfig, MoEConfig
+from meteora_jax.model.llama import MeteoraLlama
+from meteora_jax.params import ExpertParam, GateParam
+from meteora_jax.train.config import TrainConfig
+from meteora_jax.train.objective import gate_names, objective
+from meteora_jax.train.step import init_state, make_train_step, routing_for
+
+NAMES = ("a", "b", "c")
+
+
+def _model(top_k=2):
+    return MeteoraLlama(
+        ModelConfig.tiny(), MoEConfig(expert_names=NAMES, rank=4, top_k=top_k), rngs=nnx.Rngs(3)
+    )
+
+
+def _batch(rng, b=4, t=12):
+    tokens = rng.integers(3, 256, size=(b, t)).astype(np.int32)
+    mask = np.ones((b, t), np.int32)
+    mask[1, 8:] = 0  # a padded row
+    weight = np.zeros((b, t), np.float32)
+    weight[:, 4:-1] = 1.0
+    weight[1, 7:] = 0.0
+    return {
+        "tokens_bl": tokens,
+        "mask_bl": mask,
+        "lm_weight_bl": weight,
+        "task_b": np.array([0, 2, 1, 2], np.int32),
+    }
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_objective_matches_numpy_oracle(rng):
+    model, batch = _model(), _batch(rng)
+    routing = model.routing_options()
+    loss, m = objective(model, batch, routing, gate_loss_weight=50.0, balance_loss_weight=0.0)
+    out = model.forward(
+        batch["tokens_bl"], routing=routing, attention_mask=batch["mask_bl"], return_routing=True
+    )
+    b, t = batch["tokens_bl"].shape
+    # LM: a loop over rows and positions
+    logp = _log_softmax64(out.logits)
+    num = den = 0.0
+    for i in range(b):
+        for j in range(t - 1):
+            if batch["lm_weight_bl"][i, j]:
+                num -= logp[i, j, batch["tokens_bl"][i, j + 1]]
+                den += 1
+    lm = num / den
+    # gates: every gate, every non-pad token, against the row's task
+    ces, accs = [], []
+    for r in out.routing:
+        lp = _log_softmax64(r["gate_logits"]).reshape(b, t, -1)
+        ce = [-lp[i, j, batch["task_b"][i]] for i in range(b) for j in range(t) if batch["mask_bl"][i, j]]
+        ok = [
+            lp[i, j].argmax() == batch["task_b"][i]
+            for i in range(b)
+            for j in range(t)
+            if batch["mask_bl"][i, j]
+        ]
+        ces.append(np.mean(ce))
+        accs.append(np.mean(ok))
+    assert len(out.routing) == len(gate_names(model)) == 14
+    np.testing.assert_allclose(float(m["lm_loss"]), lm, rtol=1e-5)
+    np.testing.assert_allclose(float(m["gate_ce"]), np.mean(ces), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), lm + 50.0 * np.mean(ces), rtol=1e-5)
+    np.testing.assert_allclose(float(m["routing_acc"]), np.mean(accs), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(m["correct_g"]) / float(m["tok_count"]), accs, rtol=1e-6)
+
+
+def test_balance_loss_is_one_when_uniform(rng):
+    model, batch = _model(), _batch(rng)
+    for var in jax.tree.leaves(nnx.state(model, GateParam), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var[...] = np.zeros(var[...].shape, np.float32)
+    _, m = objective(model, batch, model.routing_options(), gate_loss_weight=1.0, balance_loss_weight=1.0)
+    # argmax of ties is expert 0 for every token: f = (1, 0, 0), p = 1/3 each -> E * 1/3 = 1
+    np.testing.assert_allclose(float(m["balance"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(m["gate_ce"]), np.log(3), rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gate_only_step_changes_gates_only(rng, top_k):
+    model, batch = _model(top_k), _batch(rng)
+    before = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    cfg = TrainConfig.tiny(learning_rate=1e-2, warmup_steps=0)
+    state = init_state(model, cfg)
+    step = make_train_step(state, cfg, routing_for(model, cfg))
+    for _ in range(3):
+        state.trainable, state.opt, m = step(state.trainable, state.opt, state.frozen, batch)
+    after = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(state.model(), nnx.Param))}
+    kinds = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    gates = {k for k, v in kinds.items() if isinstance(v, GateParam)}
+    # with k = 1 the routed output has weight 1, so only the gate CE moves the gates: they still all change
+    assert changed == gates
+    assert not any(isinstance(kinds[k], ExpertParam) for k in changed)
+
+
+def test_gate_and_experts_mode_trains_lora_factors_not_base(rng):
+    model, batch = _model(), _batch(rng)
+    before = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    cfg = TrainConfig.tiny(mode="gate_and_experts", learning_rate=1e-2, warmup_steps=0)
+    state = init_state(model, cfg)
+    step = make_train_step(state, cfg, routing_for(model, cfg))
+    state.trainable, state.opt, _ = step(state.trainable, state.opt, state.frozen, batch)
+    after = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(state.model(), nnx.Param))}
+    changed = {k[-1] for k in before if not np.array_equal(before[k], after[k])}
+    assert changed == {"gate_de", "lora_a_edr", "lora_b_ero"}
