@@ -67,18 +67,18 @@ def toy_overrides(tmp):
         "adapters.max_seq_len=64",
         "adapters.pad_multiple=16",
         "adapters.checkpoint_every=2",
-        "gates={top_k: [1, 2], steps: 3, batch_size: 4, max_seq_len: 64, length_buckets: [64], "
+        "gates={top_k: [2], steps: 3, batch_size: 4, max_seq_len: 64, length_buckets: [64], "
         "eval_examples_per_task: 2, checkpoint_every: 0, log_every: 1, progress: false}",
-        "eval.max_per_task=3",
+        "eval.max_per_task=4",
         "eval.max_new_tokens=6",
         "eval.batch_size=4",
-        "eval.min_bucket=64",
-        "eval.routing_per_task=2",
+        "eval.min_bucket=256",  # one prompt bucket for single-task and composite prompts: shared compiles
+        "eval.routing_per_task=4",  # 12 pairs = 3 full batches: one compile
         "composite.sizes=[3]",
         f"composite.tasks_3=[{','.join(TASKS)}]",
         "composite.num_prompts=2",
         "composite.shots=1",
-        "composite.batch_size=2",
+        "composite.batch_size=4",  # = eval.batch_size: the composite reuses the compiled programs
         "composite.tokens_per_answer=6",
         "composite.max_prompt_tokens=500",
     ]
@@ -243,6 +243,7 @@ def test_must_show_thresholds_and_shortfalls():
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
+@pytest.mark.slow
 def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     import shutil
 
@@ -272,7 +273,11 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     assert set(report["tasks"]) == set(TASKS)
     for row in report["tasks"].values():
         assert set(row) == {"metric", "base", "oracle", "lora_b", "lora_f", "meteora_top1", "meteora_top2"}
-        assert all(isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in S.SYSTEMS)
+        # top-1 gates are not trained in the toy run (the same code path with k=1): reported as None, never 0
+        assert row["meteora_top1"] is None
+        assert all(
+            isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in S.SYSTEMS if s != "meteora_top1"
+        )
     assert set(report["composite"]) == {"3"}
     assert set(report["composite"]["3"]) == {
         "meteora_correct",

@@ -96,7 +96,7 @@ class AdapterConfig:
     compile: bool = _f(False, "torch.compile the loss (worth it only for long runs)")
     checkpoint_every: int = _f(100, "checkpoint the stacked LoRA + optimizer every N steps")
     chunk_size: int = _f(11, "expert adapters trained together in one process (one step: adapters:A-B)")
-    baseline_steps: int = _f(600, "steps of LoRA-B and LoRA-F")
+    baseline_steps: int = _f(400, "steps of LoRA-B and LoRA-F")
     baseline_batch_per_adapter: int = _f(64, "rows of LoRA-B and of LoRA-F per step")
     lora_b_per_task: int = _f(1000, "LoRA-B's balanced sample: this many train examples of each task")
 
@@ -142,7 +142,7 @@ class CompositeConfig:
         "MeteoRA's 10 with its 2 non-BIG-bench tasks (news_commentary_de, alpaca) and linguistics_puzzles "
         "(ROUGE, never counted) replaced by 3 BIG-bench accuracy tasks",
     )
-    num_prompts: int = _f(50, "composite prompts per size")
+    num_prompts: int = _f(30, "composite prompts per size")
     shots: int = _f(2, "worked composites before the questions (MeteoRA: 2)")
     max_sub_prompt_chars: int = _f(
         800, "sub-questions longer than this are not used (keeps composite-10 < 8k)"
@@ -174,17 +174,16 @@ class StudyConfig:
         return tuple((self.gates or {}).get("top_k", (1, 2)))
 
     def gate_train_config(self, top_k: int):  # noqa: ANN201 (a TrainConfig)
-        from meteora_jax.train.config import TrainConfig
+        """The gate-training config: ``gates`` overrides, typed and checked by train.config's own loader."""
+        from meteora_jax.train.config import load_config
 
-        over = {k: v for k, v in (self.gates or {}).items() if k != "top_k"}
-        if "length_buckets" in over:
-            over["length_buckets"] = tuple(over["length_buckets"])
+        over = {"prompt_template": self.prompt_template}
+        over.update({k: v for k, v in (self.gates or {}).items() if k != "top_k"})
+        over.update(top_k=top_k, seed=self.seed)
         try:
-            return TrainConfig(
-                **{"prompt_template": self.prompt_template, **over, "top_k": top_k, "seed": self.seed}
-            )
-        except TypeError as e:
-            raise MeteoraInputError(f"gates: {e} (keys are meteora_jax.train.TrainConfig fields)") from None
+            return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+        except MeteoraInputError as e:
+            raise MeteoraInputError(f"gates: {e}") from None
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -947,7 +946,7 @@ def step_eval_single(ctx: Ctx) -> dict | None:
 
     def get() -> SingleExpertBench:
         if not bench:
-            bench.append(SingleExpertBench(ctx.state.outputs("convert")["pool"], ev.dtype, ev.min_bucket))
+            bench.append(single_bench(ctx.state.outputs("convert")["pool"], ev.dtype, ev.min_bucket))
         return bench[0]
 
     def system(expert: str | None) -> Prepare:
@@ -963,6 +962,18 @@ def step_eval_single(ctx: Ctx) -> dict | None:
     return _eval_loop(ctx, "single", systems)
 
 
+# Loaded models, kept for the process: the eval steps of one device call share them (a load costs seconds;
+# compiled programs are shared anyway, jit caches on the graph).
+_MODELS: dict[tuple, Any] = {}
+
+
+def single_bench(pool_dir: str, dtype: str, min_bucket: int) -> SingleExpertBench:
+    key = ("single", os.path.abspath(pool_dir), dtype, min_bucket)
+    if key not in _MODELS:
+        _MODELS[key] = SingleExpertBench(pool_dir, dtype, min_bucket)
+    return _MODELS[key]
+
+
 def _meteora_system(ctx: Ctx, top_k: int) -> Prepare:
     def prepare(task: str = "") -> tuple[Any, Any]:
         import meteora_jax as mj
@@ -970,9 +981,12 @@ def _meteora_system(ctx: Ctx, top_k: int) -> Prepare:
         from meteora_jax.tokenizer import load_tokenizer
 
         model_dir = ctx.state.outputs(f"gates:top{top_k}")["model"]
-        model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
-        sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
-        return sampler, model.routing_options()
+        key = ("meteora", os.path.abspath(model_dir), ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket, top_k)
+        if key not in _MODELS:
+            model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
+            sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
+            _MODELS[key] = (sampler, model.routing_options())
+        return _MODELS[key]
 
     return prepare
 
@@ -1091,7 +1105,7 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
                 cache["meteora"] = _meteora_system(ctx, max(ctx.cfg.gate_top_ks()))()
             return cache["meteora"]
         if "single" not in cache:
-            cache["single"] = SingleExpertBench(pool, ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket)
+            cache["single"] = single_bench(pool, ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket)
         cache["single"].use(name)
         return cache["single"].sampler, cache["single"].routing
 
@@ -1399,6 +1413,11 @@ def _checks_table(checks: list[dict]) -> str:
 
 
 # ================================================================================================= runner
+# Steps that cannot stop at the deadline (gate training has no deadline hook; convert and base are one piece)
+# start only with this many minutes left, so that a call does not die at its hard limit half-way through.
+MIN_MINUTES_TO_START = {"base": 2.0, "convert": 2.0, "gates": 4.5, "eval": 2.0, "report": 1.0}
+
+
 def run_step(ctx: Ctx, name: str, *, sdist: str | None = None) -> dict | None:
     """Runs one step; returns its outputs, or None when it stopped early at the deadline."""
     if name == "data":
@@ -1470,8 +1489,9 @@ def run_study(
             if state.done(name) and not redo:
                 log(f"[{name}] done earlier; skipped")
                 continue
-            if ctx.time_left() < 60:
-                log(f"[{name}] not started: under a minute of --max-minutes left; run again with --resume")
+            need = MIN_MINUTES_TO_START.get(name.split(":")[0], 1.0)
+            if ctx.time_left() < 60 * need:
+                log(f"[{name}] not started: under {need} min of --max-minutes left; run again with --resume")
                 break
             log(f"[{name}] start")
             t0 = time.time()

@@ -33,6 +33,7 @@ loses nothing. Export writes ``adapter_config.json`` (through ``peft.LoraConfig`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -163,15 +164,17 @@ def init_adapters(wrappers: Mapping[str, object], names: Sequence[str], seed: in
 
 
 # ------------------------------------------------------------------------------------------------ batches
+@functools.lru_cache(maxsize=64)
+def _epoch_permutation(seed: int, name: str, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(_stable_seed(seed, name, "epoch", epoch)).permutation(size)
+
+
 def batch_rows(data: AdapterData, name: str, step: int, n: int, seed: int) -> np.ndarray:
     """Example indices of adapter ``name`` at ``step``: a walk over per-epoch seeded permutations."""
-    out = []
     size = len(data)
-    for j in range(step * n, (step + 1) * n):
-        epoch, pos = divmod(j, size)
-        perm = np.random.default_rng(_stable_seed(seed, name, "epoch", epoch)).permutation(size)
-        out.append(perm[pos])
-    return np.asarray(out)
+    return np.asarray(
+        [_epoch_permutation(seed, name, j // size, size)[j % size] for j in range(step * n, (step + 1) * n)]
+    )
 
 
 def make_stacked_batch(
