@@ -89,7 +89,9 @@ def ceilings(tiny: bool) -> None:
     RESULTS["bf16_matmul_peak_tflops"] = 2 * m**3 / s / 1e12
 
 
-def build_model(cfg: ModelConfig, num_experts: int, rank: int) -> MeteoraLlama:
+def build_model(
+    cfg: ModelConfig, num_experts: int, rank: int, implementation: str | None = None
+) -> MeteoraLlama:
     """Random bf16 weights made on the device, one small jitted fill per distinct shape.
 
     (Jitting the whole constructor makes XLA compile one 16 GB initializer program, which took over five
@@ -101,7 +103,12 @@ def build_model(cfg: ModelConfig, num_experts: int, rank: int) -> MeteoraLlama:
 
     from meteora_jax.model.rope import inv_frequencies
 
-    moe = MoEConfig(expert_names=tuple(f"task{i}" for i in range(num_experts)), rank=rank, top_k=2)
+    moe = MoEConfig(
+        expert_names=tuple(f"task{i}" for i in range(num_experts)),
+        rank=rank,
+        top_k=2,
+        implementation=implementation,
+    )
     abstract = nnx.eval_shape(lambda: MeteoraLlama(cfg, moe, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
@@ -274,6 +281,8 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--sections", default="ceil,decode,prefill,hf", help="comma list, in order")
     ap.add_argument("--attention", default=None, help="attention for prefill (default: cudnn on GPU)")
+    ap.add_argument("--lora-impl", default=None, help="grouped_lora implementation (default: automatic)")
+    ap.add_argument("--decode-batches", default="1,64,8", help="comma list of decode batch sizes")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/generate_h200.json)")
     args = ap.parse_args()
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "generate_h200.json")
@@ -297,12 +306,13 @@ def main() -> int:
         if section == "ceil":
             ceilings(args.tiny)
         elif section in ("decode", "prefill") and model is None:
-            model = build_model(cfg, 28, 8)
+            model = build_model(cfg, 28, 8, args.lora_impl)
+            RESULTS["lora_implementation"] = model.kernel_implementation
             jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
             RESULTS["build_model_s"] = time.perf_counter() - ts
         if section == "decode":
             model.set_attention_implementation("einsum")
-            for b in (1, 64, 8):
+            for b in [int(x) for x in args.decode_batches.split(",")]:
                 r = bench_decode(
                     model, b, prompt=128, steps=16 if args.tiny else 64, reps=1 if args.tiny else 3
                 )
