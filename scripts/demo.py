@@ -8,10 +8,10 @@
    held-out routing accuracy overall and per layer; a routing heatmap PNG; and a bitwise check that gate
    training changed no base or expert weight.
 
-Checks (exit status 1 if one fails, unless --no-check): held-out routing accuracy >= 90% on response tokens
-over all gates (the share of (gate, token) pairs whose top-1 is the task; the same over all tokens is printed
-too, but the shared "<s>[INST] " prefix precedes any task-specific token, so no causal gate can route it),
-and routed within 5 points of the forced right adapter on every task.
+Checks (exit status 1 if one fails, unless --no-check): held-out routing accuracy >= 90% (the share of
+(gate, non-pad token) pairs whose top-1 expert is the task, i.e. the mean over all gates of each gate's
+accuracy), both over all tokens and over response tokens; routed within 5 points of the forced right adapter
+on every task; gate training bitwise-unchanged base and expert weights.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # shared by several tasks they cannot know the task, and on a tiny random base a LoRA delta there is large
 # enough that routing it wrong costs the answer. o_proj and the MLP see context in every layer.
 DEMO_TARGETS = ("o_proj", "gate_proj", "up_proj", "down_proj")
+# For the same reason the demo uses the plain template and no BOS: a token shared by every task ("<s>", or
+# MeteoRA's "[INST] ") comes before anything task-specific, so every gate routes it to one fixed expert for
+# all tasks, while "forced" applies the right adapter there too; on a tiny random base, where the shared
+# first token is every head's attention sink, that alone moves answers by tens of points. Each task's
+# instruction starts with its own letter, so even the first token is decidable.
 
 
 def main(argv=None) -> int:
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # a tiny model: more threads only add contention
     import meteora_jax as mj
     from meteora_jax.convert.convert import convert
     from meteora_jax.data.tasks import read_split
@@ -77,6 +82,8 @@ def main(argv=None) -> int:
         checkpoint_every=0,
         log_every=10,
         sampling="balanced",
+        prompt_template="plain",
+        add_bos=False,
     )
 
     def stage(msg: str) -> None:
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     acc_base = answer_accuracy(model, held, model.routing_options(no_experts=True), pad_id=pad)
     acc_routed = answer_accuracy(model, held, model.routing_options(), pad_id=pad)
     acc_forced = {}
-    for i, task in enumerate(tasks):
+    for task in tasks:
         sub = encode_examples({task: test[task]}, tok, cfg, tasks, max_len=cfg.max_seq_len)
         acc_forced[task] = answer_accuracy(model, sub, model.routing_options(force_expert=task), pad_id=pad)[
             task
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
         "\nheld-out routing accuracy: top-1 of each gate == the task, per (gate, token), averaged over gates"
     )
     print("  response tokens = where the answer is decided (the whole prompt has been read);")
-    print("  all tokens also counts the shared '<s>[INST] ' prefix, where no causal gate can know the task")
+    print("  all tokens: prompt + response, from the first token on")
     for key, what in (("routing_acc_response", "response tokens"), ("routing_acc", "all tokens")):
         print(
             f"  {what}: all {len(routing[key + '_per_gate'])} gates {100 * routing[key]:.1f}%, "
@@ -184,11 +191,11 @@ def main(argv=None) -> int:
         [lab.replace("Ġ", " ").replace("Ċ", "\\n") for lab in labels],
         tasks,
         os.path.join(out, "routing_heatmap.png"),
-        title="top-1 expert per layer (majority of its 7 gates)",
+        title="top-1 expert per layer (majority of the layer's gates), one held-out prompt per task",
     )
     print(f"routing heatmap: {png}")
 
-    ok_routing = routing["routing_acc_response"] >= 0.90
+    ok_routing = min(routing["routing_acc_response"], routing["routing_acc"]) >= 0.90
     summary = {
         "answer_accuracy": rows,
         "routing": {

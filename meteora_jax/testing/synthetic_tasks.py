@@ -4,8 +4,10 @@ Each task maps a short random lowercase word (3-6 letters) to a string transform
 instruction whose words are the task's own (as real task prompts are), while the response styles differ:
 
     upper:   "shout it loud: cat"       -> "CAT"      reverse: "mirror backwards: cat" -> "tac"
-    spell:   "spell with dashes: cat"   -> "c-a-t"    length:  "count letters: cat"    -> "3"
-    double:  "say twice: cat"           -> "catcat"   vowels:  "only vowels: cat"      -> "a"
+    spell:   "dash between letters: cat" -> "c-a-t"   length:  "count letters: cat"    -> "3"
+    double:  "twice: cat"               -> "catcat"   vowels:  "vowels only: cat"      -> "a"
+
+The default four start with distinct letters, so that even a prompt's first token names its task.
 
 ``write_tasks(out, tasks, n_train, n_test, seed)`` writes ``out/<task>/{train,test}.jsonl`` with the data
 module's atomic writer; the same (task, seed) always gives the same lines.
@@ -24,10 +26,10 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
     "upper": ("shout it loud", str.upper),
     "reverse": ("mirror backwards", lambda w: w[::-1]),
-    "spell": ("spell with dashes", lambda w: "-".join(w)),
+    "spell": ("dash between letters", lambda w: "-".join(w)),
     "length": ("count letters", lambda w: str(len(w))),
-    "double": ("say twice", lambda w: w + w),
-    "vowels": ("only vowels", lambda w: "".join(c for c in w if c in "aeiou") or "none"),
+    "double": ("twice", lambda w: w + w),
+    "vowels": ("vowels only", lambda w: "".join(c for c in w if c in "aeiou") or "none"),
 }
 DEFAULT_TASKS = ("upper", "reverse", "spell", "length")
 
