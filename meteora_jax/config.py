@@ -192,6 +192,44 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
+    def llama3_8b(cls, **overrides: Any) -> ModelConfig:
+        """Llama-3(.1)-8B's shapes (random-weight benchmarks)."""
+        base = dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+            max_position_embeddings=131072,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def smollm2_135m(cls, **overrides: Any) -> ModelConfig:
+        """SmolLM2-135M's shapes (a Llama with tied embeddings)."""
+        base = dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:
         """A few-thousand-parameter Llama shared by tests and the demo."""
         base = dict(

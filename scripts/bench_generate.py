@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from meteora_jax.config import ModelConfig, MoEConfig, RopeScaling  # noqa: E402
+from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from meteora_jax.generate.sampler import DecodeState, _decode, _prefill  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
@@ -41,19 +41,7 @@ RESULTS: dict = {}
 def llama3_8b(tiny: bool) -> ModelConfig:
     if tiny:
         return ModelConfig.tiny(vocab_size=512, max_position_embeddings=8192)
-    return ModelConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-        max_position_embeddings=131072,
-    )
+    return ModelConfig.llama3_8b()
 
 
 def save(path: str) -> None:

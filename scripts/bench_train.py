@@ -23,40 +23,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    ),
-    "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-        max_position_embeddings=8192,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    ),
-}
+# name -> ModelConfig preset
+SHAPES = ("smollm2-135m", "llama3-8b", "tiny")
+
+
+def model_config(name: str):  # noqa: ANN201
+    from meteora_jax.config import ModelConfig
+
+    return {
+        "smollm2-135m": ModelConfig.smollm2_135m,
+        "llama3-8b": lambda: ModelConfig.llama3_8b(max_position_embeddings=8192),
+        "tiny": ModelConfig.tiny,
+    }[name]()
 
 
 def matmul_peak(n: int = 8192, reps: int = 5) -> float:
@@ -98,12 +76,12 @@ def bench_one(name: str, batch: int, seq: int, steps: int, attention: str) -> di
     import numpy as np
     from flax import nnx
 
-    from meteora_jax.config import ModelConfig, MoEConfig
+    from meteora_jax.config import MoEConfig
     from meteora_jax.model.llama import MeteoraLlama
     from meteora_jax.train.config import TrainConfig
     from meteora_jax.train.step import init_state, make_train_step, routing_for
 
-    cfg = ModelConfig(**SHAPES[name])
+    cfg = model_config(name)
     moe = MoEConfig(expert_names=tuple(f"task{i:02d}" for i in range(28)), rank=8, top_k=2)
     t0 = time.perf_counter()
     model = MeteoraLlama(cfg, moe, dtype="bfloat16", rngs=nnx.Rngs(0))
