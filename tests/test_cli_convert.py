@@ -87,3 +87,19 @@ def test_help(capsys):
     for flag in ("--base", "--adapter", "NAME=PATH", "--out", "--top-k", "--temperature", "--dtype",
                  "--meteora-checkpoint", "--tasks", "--overwrite", "alphabetical"):  # fmt: skip
         assert flag in text
+
+
+def test_gguf_base_converts_to_the_same_model(inputs, tmp_path):
+    """``--base`` may be a .gguf file: the same weights, its tokenizer carried, the same routed logits."""
+    from meteora_jax.testing.tiny_hf import make_tiny_gguf
+
+    base, a, b = inputs
+    gguf_path = make_tiny_gguf(tmp_path / "base.gguf", base)
+    adapters = ["--adapter", f"math={a}", "--adapter", f"code={b}", "--quiet"]
+    assert main(["convert", "--base", gguf_path, *adapters, "--out", str(tmp_path / "from_gguf")]) == 0
+    assert main(["convert", "--base", base, *adapters, "--out", str(tmp_path / "from_hf")]) == 0
+    from_gguf, from_hf = mj.load(tmp_path / "from_gguf"), mj.load(tmp_path / "from_hf")
+    assert "tokenizer.json" in os.listdir(tmp_path / "from_gguf")
+    ids = np.arange(3, 15).reshape(2, 6)
+    ref = np.asarray(from_hf(ids))
+    np.testing.assert_allclose(np.asarray(from_gguf(ids)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
