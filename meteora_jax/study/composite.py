@@ -1,0 +1,153 @@
+"""The ``eval:composite`` step: composite-3/5/10 prompts (several tasks' questions in one prompt, MeteoRA's
+numbered-answer format and scoring), MeteoRA top-2 vs LoRA-B vs LoRA-F, and one routing trace for the
+report's heatmap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from meteora_jax.errors import MeteoraInputError
+from meteora_jax.study.config import BASELINES, CompositeConfig
+from meteora_jax.study.evaluate import (
+    generate_texts,
+    headline_metric,
+    load_eval,
+    meteora_system,
+    single_bench,
+)
+from meteora_jax.study.state import Ctx, write_json
+
+ACCURACY_METRICS = ("exact_match", "fuzzy_match", "yes_no_accuracy", "gsm8k_accuracy")
+
+
+def composite_tasks(cfg: CompositeConfig, n: int) -> tuple[str, ...]:
+    tasks = getattr(cfg, f"tasks_{n}", None)
+    if tasks is None or len(tasks) != n:
+        raise MeteoraInputError(f"composite.tasks_{n}: need exactly {n} task names (got {tasks}).")
+    return tasks
+
+
+def build_composite(data_dir: str, tasks: Sequence[str], cfg: CompositeConfig, seed: int) -> list[dict]:
+    """Composite-n prompts in the project's format (``eval.composite.build_sample``): ``shots`` worked
+    composites from the train splits, then n test questions, one per task, ending in "Answer 1:"."""
+    import random
+
+    from meteora_jax.data.tasks import read_split
+    from meteora_jax.eval.composite import build_sample
+
+    train = read_split(data_dir, "train", tasks=list(tasks))
+    test = read_split(data_dir, "test", tasks=list(tasks))
+    rng = random.Random(f"{seed}/composite/{len(tasks)}")
+    short = {
+        name: {t: [e for e in split[t] if len(e.prompt) <= cfg.max_sub_prompt_chars] for t in tasks}
+        for name, split in (("train", train), ("test", test))
+    }
+    pools = {t: rng.sample(short["test"][t], len(short["test"][t])) for t in tasks}
+    count = min(cfg.num_prompts, *(len(p) for p in pools.values()))
+    items = []
+    for i in range(count):
+        shots = []
+        for _ in range(cfg.shots):
+            shot = [rng.choice(short["train"][t]) for t in tasks]
+            shots.append((shot, shot))
+        questions = [pools[t][i] for t in tasks]
+        items.append({"prompt": build_sample(shots, questions), "questions": questions})
+    return items
+
+
+def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  # noqa: ANN001
+    """The composite sample as the user turn, with its trailing "Answer 1:" moved into the reply (a chat
+    template would otherwise close the turn after it and the model would start a fresh answer)."""
+    body, cue = prompt.removesuffix("Answer 1:"), "Answer 1:"
+    return bos + list(tok(fmt(body.rstrip()) + cue, add_special_tokens=False)["input_ids"])
+
+
+def step_eval_composite(ctx: Ctx) -> dict | None:
+    from meteora_jax.eval.composite import score_composite
+    from meteora_jax.tokenizer import load_tokenizer
+    from meteora_jax.train.data import PromptFormatter
+
+    cc = ctx.cfg.composite
+    for n in cc.sizes:
+        for t in composite_tasks(cc, n):
+            if t not in ctx.tasks or headline_metric(t) not in ACCURACY_METRICS:
+                raise MeteoraInputError(
+                    f"composite.tasks_{n}: {t!r} is not a study task with an accuracy metric."
+                )
+    path = ctx.work / "eval" / "composite.json"
+    results = load_eval(path)
+    data_dir = ctx.state.outputs("data")["data_dir"]
+    pool = ctx.state.outputs("convert")["pool"]
+    tok = load_tokenizer(pool)
+    fmt = PromptFormatter(tok, ctx.cfg.prompt_template)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and ctx.cfg.prompt_template != "chat" else []
+    cache: dict[str, Any] = {}
+
+    def system(name: str) -> tuple[Any, Any]:
+        if name == "meteora":
+            if "meteora" not in cache:
+                cache["meteora"] = meteora_system(ctx, max(ctx.cfg.gate_top_ks()))()
+            return cache["meteora"]
+        if "single" not in cache:
+            cache["single"] = single_bench(pool, ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket)
+        cache["single"].use(name)
+        return cache["single"].sampler, cache["single"].routing
+
+    first_ids: list[int] = []
+    for n in cc.sizes:
+        tasks = composite_tasks(cc, n)
+        items = build_composite(data_dir, tasks, cc, ctx.cfg.seed)
+        ids = [composite_prompt_ids(tok, fmt, it["prompt"], bos) for it in items]
+        keep = [i for i, x in enumerate(ids) if len(x) <= cc.max_prompt_tokens]
+        dropped = len(items) - len(keep)
+        items, ids = [items[i] for i in keep], [ids[i] for i in keep]
+        if not items:
+            raise MeteoraInputError(f"composite-{n}: no prompt fits composite.max_prompt_tokens.")
+        first_ids = first_ids or ids[0]
+        for name in ("meteora", *BASELINES):
+            if name in results["scores"].get(str(n), {}):
+                continue
+            if ctx.time_left() < 30:
+                return None
+            t0 = time.perf_counter()
+            sampler, routing = system(name)
+            texts = generate_texts(
+                sampler, ids, routing, batch_size=cc.batch_size, max_new_tokens=n * cc.tokens_per_answer
+            )
+            row = score_composite(tasks, [it["questions"] for it in items], texts)
+            row.update(
+                correct=row["sum_correct"],
+                attempted=row["sum_attempted"],
+                prompts=len(items),
+                seconds=time.perf_counter() - t0,
+                dropped_overlong=dropped,
+                examples=[
+                    {"pred": t, "refs": [q.response for q in it["questions"]]}
+                    for t, it in zip(texts[:2], items)
+                ],
+            )
+            results["scores"].setdefault(str(n), {})[name] = row
+            write_json(path, results)
+            ctx.log(f"composite-{n}: {name:8s} correct {row['correct']:.2f} attempted {row['attempted']:.2f}")
+    if "routing_plot" not in results and first_ids:
+        results["routing_plot"] = _routing_trace(
+            system("meteora")[0], tok, first_ids, min(cc.sizes) * cc.tokens_per_answer
+        )
+        write_json(path, results)
+    return {"results": str(path)}
+
+
+def _routing_trace(sampler, tok, ids: list[int], max_new_tokens: int) -> dict:  # noqa: ANN001
+    """Top-1 expert per (layer, token) of MeteoRA on one composite prompt and its answer (for the heatmap)."""
+    res = sampler.generate([ids], max_new_tokens=max_new_tokens, return_routing=True)
+    top1_lt = res.routing.top1_layer_token(0)
+    all_ids = ids + res.token_ids[0]
+    return {
+        "top1_lt": top1_lt.tolist(),
+        "tokens": tok.convert_ids_to_tokens(all_ids[: top1_lt.shape[1]]),
+        "experts": res.routing.expert_names,
+        "prompt_tokens": len(ids),
+    }

@@ -1,0 +1,296 @@
+"""The single-task evaluation steps: ``eval:single`` (base, oracle, LoRA-B, LoRA-F) and ``eval:meteora``
+(MeteoRA top-1 / top-2 with no task label, plus teacher-forced routing accuracy), and the pieces the
+composite step shares (test sets, batched greedy generation, scoring, loaded models).
+
+Design choices, and why:
+
+* Single-expert systems share ONE compiled program. base / oracle / LoRA-B / LoRA-F run on one 1-expert model
+  whose expert slot is overwritten in place (from the converted 24-expert pool) before each system: the
+  sampler's jit cache keys on the graph, not the weights, so 25 systems cost one compile per shape. "base"
+  is that model with the expert's scaling set to 0 (its contribution is exactly zero). Forcing expert e in
+  the 22-expert model instead would compile 22 programs (the forced index is static).
+* Few shapes. The sampler pads prompts to ``eval.min_bucket`` (one bucket for nearly every prompt) and every
+  batch to ``eval.batch_size`` rows, so each routing setting compiles once or twice.
+* Every finished (system, task) score is written to ``<work>/eval/<name>.json`` at once, so a run stopped at
+  the deadline loses nothing and the next ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meteora_jax.study.config import BASELINES
+from meteora_jax.study.state import Ctx, write_json
+from meteora_jax.study.training import encode_cfg
+
+
+@dataclasses.dataclass
+class TestSet:
+    """One task's evaluation prompts: token ids (templated as in training), raw prompts and references."""
+
+    ids: list[list[int]]
+    prompts: list[str]
+    refs: list[str]
+    dropped_overlong: int
+    max_new_tokens: int
+
+
+def load_test_sets(ctx: Ctx, tokenizer) -> dict[str, TestSet]:  # noqa: ANN001
+    from meteora_jax.data.tasks import Example, read_split
+    from meteora_jax.train.data import encode_examples
+
+    ev = ctx.cfg.eval
+    test = read_split(ctx.state.outputs("data")["data_dir"], "test", tasks=ctx.tasks)
+    sets = {}
+    for task, exs in test.items():
+        # Prompt ids exactly as training builds them: encode with an empty response, keep the prompt part.
+        probe = {task: [Example(task, e.prompt, "") for e in exs]}
+        enc = encode_examples(probe, tokenizer, encode_cfg(ctx.cfg), [task], max_len=1 << 20)
+        keep = [i for i, n in enumerate(enc.prompt_len) if n <= ev.max_prompt_tokens]
+        kept = keep[: ev.max_per_task] if ev.max_per_task else keep
+        refs = [exs[i].response for i in kept]
+        longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs), default=8)
+        sets[task] = TestSet(
+            ids=[enc.ids[i][: enc.prompt_len[i]].tolist() for i in kept],
+            prompts=[exs[i].prompt for i in kept],
+            refs=refs,
+            dropped_overlong=len(exs) - len(keep),
+            max_new_tokens=min(ev.max_new_tokens, 2 * longest + 8),
+        )
+    return sets
+
+
+def generate_texts(
+    sampler: Any, ids: list[list[int]], routing: Any, *, batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers for every prompt, in full batches of ``batch_size`` (static shapes), longest first."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = [ids[i] for i in idx]
+        batch += [batch[-1]] * (batch_size - len(batch))  # filler rows: same shape, answers discarded
+        res = sampler.generate(batch, max_new_tokens=max_new_tokens, routing=routing)
+        for j, i in enumerate(idx):
+            out[i] = res.texts[j]
+    return out
+
+
+def headline_metric(task: str) -> str:
+    from meteora_jax.eval.metrics import default_metric_for_task
+
+    return default_metric_for_task(task)
+
+
+def score(task: str, preds: list[str], ts: TestSet) -> dict:
+    from meteora_jax.eval.metrics import score_task
+
+    scores = score_task(task, preds, ts.refs, ts.prompts)
+    return {
+        "score": scores[headline_metric(task)],
+        "metrics": scores,
+        "n": len(preds),
+        "examples": [{"pred": p, "ref": r} for p, r in list(zip(preds, ts.refs))[:3]],
+    }
+
+
+class SingleExpertBench:
+    """One 1-expert model whose expert slot is refilled from the converted pool (see the module docstring)."""
+
+    def __init__(self, pool_dir: str, dtype: str, min_bucket: int):
+        import meteora_jax as mj
+        from meteora_jax.config import MoEConfig
+        from meteora_jax.generate import Sampler
+        from meteora_jax.model.params_io import build_model, flat_params
+        from meteora_jax.tokenizer import load_tokenizer
+
+        pool = mj.load(pool_dir, dtype=dtype)
+        self.names = pool.expert_names
+        flat = {k: np.asarray(v) for k, v in flat_params(pool).items()}
+        self.experts = {
+            k: v for k, v in flat.items() if k.endswith(("lora_a_edr", "lora_b_ero", "scaling_e"))
+        }
+        one = {}
+        for k, v in flat.items():
+            if k in self.experts:
+                one[k] = v[:1]
+            elif k.endswith("gate_de"):
+                one[k] = v[:, :1]
+            else:
+                one[k] = v
+        moe = MoEConfig(
+            expert_names=("adapter",),  # one constant name: the graph (and so the compile) is shared
+            target_modules=pool.moe_config.target_modules,
+            rank=pool.moe_config.rank,
+            top_k=1,
+        )
+        self.model = build_model(pool.config, moe, one, dtype=dtype, source=pool_dir)
+        del pool, flat, one
+        self.tokenizer = load_tokenizer(pool_dir)
+        self.sampler = Sampler(self.model, self.tokenizer, min_bucket=min_bucket)
+        self.routing = self.model.routing_options(force_expert=0)
+
+    def use(self, expert: str | None) -> None:
+        """Puts pool expert ``expert`` in the slot; None = the base model (scaling 0: no contribution)."""
+        import jax.numpy as jnp
+        from flax import nnx
+
+        e = 0 if expert is None else self.names.index(expert)
+        state = nnx.state(self.model, nnx.Param)
+        flat = dict(nnx.to_flat_state(state))
+        updates = []
+        for path, var in flat.items():
+            name = ".".join(str(p) for p in path)
+            if name in self.experts:
+                val = self.experts[name][e : e + 1]
+                if expert is None and name.endswith("scaling_e"):
+                    val = np.zeros_like(val)
+                updates.append((path, var.replace(value=jnp.asarray(val, var[...].dtype))))
+        nnx.update(self.model, nnx.from_flat_state(updates))
+        self.sampler.refresh()
+
+
+def load_eval(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"scores": {}}
+
+
+Prepare = Callable[[str], tuple[Any, Any]]  # task -> (sampler, routing)
+
+
+def _eval_loop(ctx: Ctx, name: str, systems: list[tuple[str, Prepare, bool]]) -> dict | None:
+    """Scores every (system, task) not yet in ``<work>/eval/<name>.json``; stops (None) at the deadline.
+
+    ``systems``: (name, prepare, per_task); ``prepare(task)`` readies the model (once, or per task when
+    ``per_task``: the oracle swaps in each task's adapter)."""
+    from meteora_jax.tokenizer import load_tokenizer
+
+    path = ctx.work / "eval" / f"{name}.json"
+    results = load_eval(path)
+    tok = load_tokenizer(ctx.state.outputs("convert")["pool"])
+    sets = load_test_sets(ctx, tok)
+    for system, prepare, per_task in systems:
+        todo = [t for t in ctx.tasks if t not in results["scores"].get(system, {})]
+        if not todo:
+            continue
+        sampler = routing = None
+        for task in todo:
+            if ctx.time_left() < 30:
+                ctx.log(f"{name}: deadline; {system} stopped before {task} (finished scores are kept)")
+                return None
+            t0 = time.perf_counter()
+            if sampler is None or per_task:
+                sampler, routing = prepare(task)
+            ts = sets[task]
+            preds = generate_texts(
+                sampler, ts.ids, routing, batch_size=ctx.cfg.eval.batch_size, max_new_tokens=ts.max_new_tokens
+            )
+            row = score(task, preds, ts)
+            row["seconds"] = time.perf_counter() - t0
+            row["dropped_overlong"] = ts.dropped_overlong
+            results["scores"].setdefault(system, {})[task] = row
+            write_json(path, results)
+            ctx.log(f"{name}: {system:13s} {task:42s} {row['score']:6.1f}  ({row['seconds']:.1f} s)")
+    return {"results": str(path)}
+
+
+def step_eval_single(ctx: Ctx) -> dict | None:
+    ev = ctx.cfg.eval
+    bench: list[SingleExpertBench] = []
+
+    def get() -> SingleExpertBench:
+        if not bench:
+            bench.append(single_bench(ctx.state.outputs("convert")["pool"], ev.dtype, ev.min_bucket))
+        return bench[0]
+
+    def system(expert: str | None) -> Prepare:
+        def prepare(task: str) -> tuple[Any, Any]:
+            b = get()
+            b.use(task if expert == "oracle" else expert)
+            return b.sampler, b.routing
+
+        return prepare
+
+    systems = [("base", system(None), False), ("oracle", system("oracle"), True)]
+    systems += [(b, system(b), False) for b in BASELINES]
+    return _eval_loop(ctx, "single", systems)
+
+
+# Loaded models, kept for the process: the eval steps of one device call share them (a load costs seconds;
+# compiled programs are shared anyway, jit caches on the graph).
+_MODELS: dict[tuple, Any] = {}
+
+
+def single_bench(pool_dir: str, dtype: str, min_bucket: int) -> SingleExpertBench:
+    key = ("single", os.path.abspath(pool_dir), dtype, min_bucket)
+    if key not in _MODELS:
+        _MODELS[key] = SingleExpertBench(pool_dir, dtype, min_bucket)
+    return _MODELS[key]
+
+
+def meteora_system(ctx: Ctx, top_k: int) -> Prepare:
+    def prepare(task: str = "") -> tuple[Any, Any]:
+        import meteora_jax as mj
+        from meteora_jax.generate import Sampler
+        from meteora_jax.tokenizer import load_tokenizer
+
+        model_dir = ctx.state.outputs(f"gates:top{top_k}")["model"]
+        key = ("meteora", os.path.abspath(model_dir), ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket, top_k)
+        if key not in _MODELS:
+            model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
+            sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
+            _MODELS[key] = (sampler, model.routing_options())
+        return _MODELS[key]
+
+    return prepare
+
+
+def step_eval_meteora(ctx: Ctx) -> dict | None:
+    systems = [(f"meteora_top{k}", meteora_system(ctx, k), False) for k in ctx.cfg.gate_top_ks()]
+    out = _eval_loop(ctx, "meteora", systems)
+    if out is None:
+        return None
+    path = ctx.work / "eval" / "meteora.json"
+    results = load_eval(path)
+    if "routing" not in results and ctx.cfg.eval.routing_per_task:
+        if ctx.time_left() < 60:
+            return None
+        results["routing"] = teacher_forced_routing(ctx, max(ctx.cfg.gate_top_ks()))
+        write_json(path, results)
+    return out
+
+
+def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
+    """Routing accuracy the harness's way (``eval.routing``): prompt + reference through one forward, share of
+    response tokens whose top-1 expert, at every MoE projection, is the task's. All tasks' pairs go through
+    one call sorted by length, so the forward compiles once per length bucket, not per task."""
+    from meteora_jax.eval.routing import teacher_forced_top1
+
+    sampler, _ = meteora_system(ctx, top_k)()
+    model, tok = sampler.model, sampler.tokenizer
+    sets = load_test_sets(ctx, tok)
+    pairs, owner = [], []
+    for task in ctx.tasks:
+        ts = sets[task]
+        for ids, ref in list(zip(ts.ids, ts.refs))[: ctx.cfg.eval.routing_per_task]:
+            resp = list(tok(ref, add_special_tokens=False)["input_ids"])
+            if resp:
+                pairs.append((ids, resp))
+                owner.append(task)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    top1 = teacher_forced_top1(model, [pairs[i] for i in order], batch_size=ctx.cfg.eval.batch_size)
+    hits: dict[str, list[float]] = {t: [0.0, 0.0] for t in ctx.tasks}
+    for i, top1_tlp in zip(order, top1):
+        task = owner[i]
+        hits[task][0] += float((top1_tlp == model.expert_names.index(task)).sum())
+        hits[task][1] += float(top1_tlp.size)
+    per_task = {t: (h / n if n else None) for t, (h, n) in hits.items()}
+    total = sum(h for h, _ in hits.values()) / max(sum(n for _, n in hits.values()), 1.0)
+    return {"overall": total, "per_task": per_task, "top_k": top_k, "pairs": len(pairs)}

