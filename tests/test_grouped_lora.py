@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_lora import api, pallas_gpu, routing, shapes
+from pallas_kernels.grouped_lora import api, pallas_gpu, pallas_tpu, routing, shapes
 from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 from tests.grouped_lora_cases import (
     GRAD_ARGS,
@@ -182,6 +182,47 @@ def test_pallas_gpu_lowers_for_cuda(num_tokens, request):
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for name in ("lora_fused_gemm", "lora_tgmm", "lora_gmm" if num_tokens > 16 else "lora_token_shrink"):
         assert name in text, name
+
+
+class TestPallasTpuInterpret(GroupedLoraTestBase):
+    """The Mosaic TPU kernels in interpret mode: skewed, empty experts, one expert, r in {1, 8, 64}, bf16."""
+
+    IMPLEMENTATION = "pallas_tpu_interpret"
+    CASE_NAMES = (
+        "skewed_t_not_block_multiple",
+        "empty_experts",
+        "one_expert",
+        "rank1",
+        "rank64_top1",
+        "bf16_uniform",
+    )
+    FUSED_CASE_NAMES = ()  # no fused TPU kernel: the fused entry point is the same expand plus XLA's x @ W
+
+
+@pytest.mark.parametrize(
+    "case",
+    [shapes.Case("c", 200, 512, 256, 28, 8, 2, dtype="bfloat16"), shapes.Case("c", 3, 96, 640, 5, 1, 2)],
+    ids=["bf16_prefill", "f32_decode_odd_dims"],
+)
+def test_pallas_tpu_lowers_for_tpu(case, request):
+    """The Mosaic kernels (forward and every gradient) lower for TPU on a CPU-only host.
+
+    This runs Pallas's lowering to the Mosaic dialect (block shapes, index maps, scalar prefetch); the
+    Mosaic compiler passes themselves (layouts, VMEM budget) run only on a TPU.
+    """
+    inp = inputs_for(case, request.node.name)
+    ops = pallas_tpu.PallasTpuOps(interpret=False)
+
+    def loss(x, w, a, b, ew):
+        y = grouped_lora_vjp(ops, x, w, a, b, inp["expert_ids"], ew, inp["scaling"])
+        return jnp.sum(y.astype(jnp.float32) * inp["dy"])
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))
+    args = (inp["x"], inp["w"], inp["lora_a"], inp["lora_b"], inp["expert_weights"])
+    text = grad.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    # Forward shrink + expand, backward shrink + expand through transposed weights, dA and dB.
+    assert text.count('kernel_name = "lora_gmm"') == 4
+    assert text.count('kernel_name = "lora_tgmm"') == 2
 
 
 @pytest.mark.gpu
