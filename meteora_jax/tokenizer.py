@@ -12,6 +12,10 @@ from meteora_jax.errors import MeteoraInputError
 
 def load_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 (a transformers tokenizer)
     model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise MeteoraInputError(
+            f"{model_dir}: no such model directory. Create one with `meteora-jax convert`."
+        )
     has_files = any(
         os.path.isfile(os.path.join(model_dir, n))
         for n in ("tokenizer.json", "tokenizer.model", "vocab.json")

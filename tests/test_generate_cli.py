@@ -47,3 +47,8 @@ def test_model_dir_without_tokenizer(tmp_path, capsys):
     d = tiny_model_dir(tmp_path / "notok", with_tokenizer=False)
     assert main(["generate", "--model", d, "--prompt", "hi"]) == 2
     assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_missing_model_dir_is_named(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "no such model directory" in capsys.readouterr().err
