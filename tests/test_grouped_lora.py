@@ -201,7 +201,7 @@ class TestPallasTpuInterpret(GroupedLoraTestBase):
 
 @pytest.mark.parametrize(
     "case",
-    [shapes.Case("c", 200, 512, 256, 28, 8, 2, dtype="bfloat16"), shapes.Case("c", 3, 96, 640, 5, 1, 2)],
+    [shapes.Case("c", 160, 256, 384, 28, 8, 2, dtype="bfloat16"), shapes.Case("c", 3, 96, 640, 5, 1, 2)],
     ids=["bf16_prefill", "f32_decode_odd_dims"],
 )
 def test_pallas_tpu_lowers_for_tpu(case, request):
@@ -223,6 +223,13 @@ def test_pallas_tpu_lowers_for_tpu(case, request):
     # Forward shrink + expand, backward shrink + expand through transposed weights, dA and dB.
     assert text.count('kernel_name = "lora_gmm"') == 4
     assert text.count('kernel_name = "lora_tgmm"') == 2
+
+
+def test_pallas_tpu_is_first_choice_on_tpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert api.resolve_implementation(None) == "pallas_tpu"
+    assert api._candidates(None, 28 * 8) == ("pallas_tpu", "xla")
+    assert api.resolve_implementation("pallas_tpu_interpret") == "pallas_tpu_interpret"
 
 
 @pytest.mark.gpu

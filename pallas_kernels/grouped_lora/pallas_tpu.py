@@ -182,16 +182,19 @@ def _tgmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
     @pl.when(hi > lo)
     def _accumulate():
         tile = tile_ref[item]
-        rhs = rhs_ref[...]
-        # Rows of other experts in this tile (and padding rows) must not contribute.
-        lhs_mk = jnp.where(_row_mask(tile, lo, hi, bm, lhs_ref.shape[1]), lhs_ref[...], 0).astype(rhs.dtype)
-        rhs_mn = jnp.where(_row_mask(tile, lo, hi, bm, rhs_ref.shape[1]), rhs, 0)
-        acc_ref[...] += lax.dot_general(
-            lhs_mk,
-            rhs_mn,
-            (((0,), (0,)), ((), ())),
+        in_dtype = rhs_ref.dtype
+        # Rows of other experts in this tile (and padding rows) must not contribute. The select runs
+        # in f32 because older TPUs have no bf16 VPU; the transpose is explicit so the MXU sees a
+        # plain [tk, bm] @ [bm, tn] (as in megablox's tgmm).
+        lhs_mk = lhs_ref[...].astype(jnp.float32)
+        rhs_mn = rhs_ref[...].astype(jnp.float32)
+        lhs_mk = jnp.where(_row_mask(tile, lo, hi, bm, lhs_mk.shape[1]), lhs_mk, 0.0)
+        rhs_mn = jnp.where(_row_mask(tile, lo, hi, bm, rhs_mn.shape[1]), rhs_mn, 0.0)
+        acc_ref[...] += jnp.dot(
+            lhs_mk.T.astype(in_dtype),
+            rhs_mn.astype(in_dtype),
             preferred_element_type=jnp.float32,
-            precision=_precision(rhs.dtype),
+            precision=_precision(in_dtype),
         )
 
     @pl.when((item == n_items - 1) | (next_group != group))
