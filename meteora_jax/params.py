@@ -15,6 +15,3 @@ class ExpertParam(nnx.Param):
 
 class GateParam(nnx.Param):
     """A MeteoRA gate ``Linear(d_in -> E)`` without bias: the only thing trained by default."""
-
-
-BaseParam = nnx.Param

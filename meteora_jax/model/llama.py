@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -343,14 +342,3 @@ class MeteoraLlama(nnx.Module):
             head_dim=self.config.head_dim,
             dtype=dtype or self.dtype,
         )
-
-
-def projection_paths(cfg: ModelConfig) -> Sequence[tuple[int, str, str]]:
-    """(layer, block, projection) for every projection, in forward order."""
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append((i, "attn", p))
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            out.append((i, "mlp", p))
-    return out
