@@ -69,11 +69,25 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
         raise
 
 
-def write_json_atomic(path: str, obj: object) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to a temp file beside ``path``, then renames it: readers never see half a file, and a
+    failed write leaves only what was there before."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or "."
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:

@@ -108,3 +108,14 @@ def test_kernel_choice_is_recorded_and_validated(tmp_path, tiny):
     np.testing.assert_allclose(np.asarray(ref(ids)), np.asarray(model(ids)), rtol=1e-5, atol=1e-5)
     with pytest.raises(mj.MeteoraInputError, match="unknown grouped_lora implementation"):
         mj.MoEConfig(expert_names=("a",), top_k=1, implementation="cublas")
+
+
+def test_write_text_atomic_keeps_old_content_on_failure(tmp_path):
+    from meteora_jax.io import write_text_atomic
+
+    path = tmp_path / "metrics.jsonl"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(TypeError):
+        write_text_atomic(path, None)  # fails inside the write, after the temp file exists
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]

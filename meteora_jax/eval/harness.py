@@ -24,6 +24,7 @@ from meteora_jax.errors import MeteoraInputError
 from meteora_jax.eval.metrics import metrics_for_task, score_task
 from meteora_jax.generate import get_sampler
 from meteora_jax.generate.sampling import SamplingParams
+from meteora_jax.io import write_text_atomic
 from meteora_jax.model.llama import MeteoraLlama
 
 
@@ -146,13 +147,6 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, str]:
     """``results.json``, ``results.md`` and ``task_scores.png`` in ``out_dir`` (each written atomically)."""
     from meteora_jax.eval.routing_plots import plot_task_accuracy_bars
@@ -160,8 +154,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, str]:
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
-    _write_text_atomic(paths["json"], json.dumps(report, indent=2))
-    _write_text_atomic(paths["markdown"], markdown_table(report))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2))
+    write_text_atomic(paths["markdown"], markdown_table(report))
     bars = {
         s: {t: v for t, e in report["tasks"].items() if (v := headline(e, s)) is not None}
         for s in report["systems"]

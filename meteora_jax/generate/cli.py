@@ -117,10 +117,8 @@ def run(args: argparse.Namespace) -> int:
             elif args.out is None:
                 print(json.dumps(row) if args.return_routing or len(prompts) > 1 else row["text"])
     if args.out:
-        tmp = f"{args.out}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, args.out)
+        from meteora_jax.io import write_text_atomic
+
+        write_text_atomic(args.out, "".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} generations to {args.out}", file=sys.stderr)
     return 0

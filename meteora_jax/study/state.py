@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,11 +40,11 @@ class StudyState:
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
+    from meteora_jax.io import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import numpy as np
 
 from meteora_jax import sharding
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.io import atomic_directory, load, write_model_dir
+from meteora_jax.io import atomic_directory, load, write_model_dir, write_text_atomic
 from meteora_jax.tokenizer import load_tokenizer
 from meteora_jax.train import checkpoint as ckpt
 from meteora_jax.train.config import TrainConfig
@@ -73,10 +73,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                     keep.append(line)
             except json.JSONDecodeError:
                 break  # a line cut by a kill: everything after it is gone too
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(keep))
 
 
 def evaluate_held_out(
