@@ -1,15 +1,21 @@
 """Benchmark one MoE-LoRA projection (base GEMM + grouped LoRA) against the plain base GEMM.
 
 Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--impls pallas_gpu,xla]
-       [--filter SUBSTRING] [--reps 50]
+       [--filter REGEX] [--timer both|profile|fori] [--calls 50] [--reps 50] [--l2 cold|warm] [--tiny]
 
-Timing: one jit runs the function ``reps`` times in a ``fori_loop`` (each call's input depends on the
-previous output), so host dispatch is out of the figure; per-call time = loop wall time / reps, minus
-the same loop around a trivial body; the median of 5 runs. ``x_vs_base`` divides by the base GEMM
-(``x @ W``, XLA/cuBLAS) timed the same way in the same run. ``bound`` is the memory-traffic bound of
-the row: (W + touched experts + x + y bytes) / (W + x + y bytes). ``peak_mb`` is XLA's temp allocation
+Timing (``pallas_kernels/timing.py`` has the details and the validity rules):
+- ``profile``: GPU kernel time per call from a profiler trace of ``calls`` dispatches; valid at any T.
+- ``fori``: in-jit ``fori_loop`` of ``reps`` calls minus an empty loop; valid only when the empty loop
+  costs < 10% of an iteration (on an H200: T >= 4096).
+``--timer both`` runs both and reports them side by side (``us_profile``, ``us_fori``, ...); ``us`` and
+``x_vs_base`` come from the first timer in (profile, fori) that is valid for both the row and its base
+(``timer`` names it, ``timer_valid`` says whether any was). With ``--l2 cold`` (default) the calls cycle
+through copies of the inputs so weights are not L2-resident between calls. ``x_vs_base`` divides by the
+base GEMM (``x @ W``, XLA/cuBLAS) timed the same way in the same run. ``bound`` is the memory-traffic bound
+of the row: (W + touched experts + x + y bytes) / (W + x + y bytes). ``peak_mb`` is XLA's temp allocation
 of the compiled call (``memory_analysis().temp_size_in_bytes``): transient memory beyond inputs and output.
-Caveat: for calls much shorter than ~40 us the loop's own cost dominates and the figure is noise.
+``--tiny`` is the CPU smoke mode: two small shapes, ``xla`` only, few calls; on CPU the trace has no GPU
+kernels, so ``profile`` reports that and the row falls back to ``fori``.
 """
 
 from __future__ import annotations
@@ -18,9 +24,8 @@ import argparse
 import datetime
 import json
 import os
-import statistics
+import re
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,38 +33,39 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from pallas_kernels import timing  # noqa: E402
 from pallas_kernels.grouped_lora import api, shapes  # noqa: E402
 
-
-def _looped(fn, reps: int):
-    """One jit that runs ``fn`` ``reps`` times on the device; each call's x depends on the last output
-    (one element, updated in place) so XLA cannot hoist or merge the calls."""
-
-    def many(x, *rest):
-        def body(_, x):
-            y = fn(x, *rest)
-            return x.at[0, 0].add((y[0, 0] * 0).astype(x.dtype))
-
-        return jax.lax.fori_loop(0, reps, body, x)
-
-    return jax.jit(many)
+TIMERS = ("profile", "fori")
+TINY_CASES = (
+    shapes.Case("tiny_64x48_T1_E28_r8_k2_uniform", 1, 64, 48, 28, 8, 2, "uniform", "bfloat16", ("bench",)),
+    shapes.Case("tiny_64x48_T16_E28_r8_k2_uniform", 16, 64, 48, 28, 8, 2, "uniform", "bfloat16", ("bench",)),
+)
 
 
-def _time(fn, args, reps: int) -> float:
-    """Per-call device time: median over 5 runs of an in-jit loop of ``reps`` calls, minus the same loop
-    around a trivial body (the loop's own per-iteration cost)."""
+def _num(x: float, digits: int = 2) -> float | None:
+    """Rounded, or None where a timer gave no number (JSON has no NaN)."""
+    return round(x, digits) if np.isfinite(x) else None
 
-    def per_call(f):
-        looped = _looped(f, reps)
-        jax.block_until_ready(looped(*args))
-        runs = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(looped(*args))
-            runs.append((time.perf_counter() - t0) / reps * 1e6)
-        return statistics.median(runs)
 
-    return per_call(fn) - per_call(lambda x, *rest: x[:1, :1])
+def _time_all(fn, args, timers, calls: int, reps: int, l2: str) -> dict[str, timing.Timing]:
+    """Each requested timer's figure for ``fn(*args)``."""
+    out = {}
+    if "profile" in timers:
+        arg_sets = timing.cold_copies(args) if l2 == "cold" else [tuple(args)]
+        out["profile"] = timing.time_profile(fn, arg_sets, calls)
+    if "fori" in timers or not np.isfinite(out["profile"].us):  # fallback when the trace had no kernels
+        out["fori"] = timing.time_fori(fn, args, reps)
+    return out
+
+
+def _pick(impl_t: dict[str, timing.Timing], base_t: dict[str, timing.Timing]) -> str:
+    """The timer for ``us``: first valid for both row and base, else first with a number for both."""
+    for ok in (lambda t: t.valid, lambda t: np.isfinite(t.us)):
+        for name in TIMERS:
+            if name in impl_t and ok(impl_t[name]) and ok(base_t[name]):
+                return name
+    return next(name for name in TIMERS if name in impl_t)
 
 
 def _bound(case: shapes.Case, expert_ids: jax.Array) -> float:
@@ -71,13 +77,17 @@ def _bound(case: shapes.Case, expert_ids: jax.Array) -> float:
     return (w + experts + xy) / (w + xy)
 
 
-def bench(cases, impls, reps: int, out_path: str | None) -> list[dict]:
+def bench(
+    cases, impls, out_path: str | None, *, timers=TIMERS, calls=50, reps=50, l2="cold", fori_min_t=0
+) -> list[dict]:
     rows = []
+    all_timers = timers
     for case in cases:
+        timers = [t for t in all_timers if t != "fori" or case.num_tokens >= fori_min_t] or list(all_timers)
         inp = shapes.make_inputs(case, jax.random.key(0))
         base = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
         n_reps = max(5, min(reps, int(4e5 / max(1, case.num_tokens))))
-        t_base = _time(base, (inp["x"], inp["w"]), n_reps)
+        base_t = _time_all(base, (inp["x"], inp["w"]), timers, calls, n_reps, l2)
         bound = _bound(case, inp["expert_ids"])
         args = (inp["x"], inp["w"], inp["lora_a"], inp["lora_b"], inp["expert_ids"], inp["expert_weights"])
         ref = None
@@ -95,10 +105,12 @@ def bench(cases, impls, reps: int, out_path: str | None) -> list[dict]:
                 if ref is None:
                     ref = y
                 err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-                us = _time(fn, args, n_reps)
+                impl_t = _time_all(fn, args, timers, calls, n_reps, l2)
             except Exception as e:  # keep going: a failing row is reported, not fatal
                 print(f"{case.name} {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
+            chosen = _pick(impl_t, base_t)
+            us, t_base = impl_t[chosen].us, base_t[chosen].us
             row = {
                 "d_in": case.d_in,
                 "d_out": case.d_out,
@@ -108,18 +120,35 @@ def bench(cases, impls, reps: int, out_path: str | None) -> list[dict]:
                 "k": case.top_k,
                 "routing": case.routing,
                 "impl": impl,
-                "us": round(us, 2),
-                "base_us": round(t_base, 2),
-                "x_vs_base": round(us / t_base, 3),
+                "us": _num(us),
+                "base_us": _num(t_base),
+                "x_vs_base": _num(us / t_base, 3),
                 "bound": round(bound, 4),
                 "peak_mb": round(peak_mb, 2),
                 "rel_err_vs_first_impl": round(err, 5),
+                "timer": chosen,
+                "timer_valid": impl_t[chosen].valid and base_t[chosen].valid,
+                "l2": l2,
             }
+            if chosen != timers[0]:
+                row["timer_note"] = f"{timers[0]} not usable here ({impl_t[timers[0]].note}); used {chosen}"
+            for name, t in impl_t.items():  # every timer side by side, with the reason for its verdict
+                row[f"us_{name}"] = _num(t.us)
+                row[f"base_us_{name}"] = _num(base_t[name].us)
+                row[f"valid_{name}"] = t.valid and base_t[name].valid
+                row[f"note_{name}"] = f"row: {t.note}; base: {base_t[name].note}"
+                if t.kernels_per_call is not None:
+                    row[f"kernels_per_call_{name}"] = t.kernels_per_call
             rows.append(row)
+            side = " ".join(
+                f"{n} {t.us:.1f}/{base_t[n].us:.1f}{'' if row[f'valid_{n}'] else '?'}"
+                for n, t in impl_t.items()
+            )
             print(
                 f"{case.d_in:>5}->{case.d_out:<5} T={case.num_tokens:<5} E={case.num_experts:<4} r={case.rank:<2} "
                 f"k={case.top_k} {case.routing:<7} {impl:<10} {us:9.1f}us base {t_base:8.1f}us "
-                f"x{us / t_base:6.3f} bound {bound:.3f} peak {peak_mb:8.1f}MB err {err:.1e}",
+                f"x{us / t_base:6.3f} [{chosen}{'' if row['timer_valid'] else ' INVALID'}] bound {bound:.3f} "
+                f"peak {peak_mb:8.1f}MB err {err:.1e} | {side}",
                 flush=True,
             )
         if out_path:
@@ -132,7 +161,11 @@ def _write(rows: list[dict], out_path: str) -> None:
         "device": str(jax.devices()[0].device_kind),
         "date": datetime.date.today().isoformat(),
         "jax": jax.__version__,
-        "timing": "in-jit fori_loop of reps calls, wall time / reps minus an empty loop, median of 5",
+        "timing": (
+            "us/x_vs_base from `timer`: profile = median per-call GPU kernel time from a profiler trace, valid if "
+            "(p75-p25)/median <= 0.10; fori = in-jit fori_loop minus an empty loop, valid if the empty loop is < 10% "
+            "of an iteration. timer_valid needs the row and its base valid under that timer."
+        ),
         "rows": rows,
     }
     tmp = out_path + ".tmp"
@@ -165,16 +198,38 @@ def jax_triton_check() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/moe_lora_h200.json")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default: moe_lora_h200.json; none with --tiny)"
+    )
     parser.add_argument("--impls", default="pallas_gpu,xla")
-    parser.add_argument("--filter", default="")
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--filter", default="", help="regex searched in the case name")
+    parser.add_argument("--timer", default="both", choices=("both", *TIMERS))
+    parser.add_argument("--calls", type=int, default=50, help="profile: dispatches traced per call")
+    parser.add_argument("--reps", type=int, default=50, help="fori: loop length (fewer at large T)")
+    parser.add_argument("--l2", default="cold", choices=("cold", "warm"))
+    parser.add_argument("--fori-min-t", type=int, default=0, help="run fori only for T >= this")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: two tiny shapes, xla only")
     parser.add_argument("--jax-triton-check", action="store_true")
     opts = parser.parse_args()
     if opts.jax_triton_check:
         print(jax_triton_check(), flush=True)
-    cases = [c for c in shapes.bench_cases() if opts.filter in c.name]
-    bench(cases, opts.impls.split(","), opts.reps, opts.out)
+    timers = TIMERS if opts.timer == "both" else (opts.timer,)
+    if opts.tiny:
+        cases, impls = TINY_CASES, ["xla"]
+    else:
+        cases, impls = shapes.bench_cases(), opts.impls.split(",")
+    cases = [c for c in cases if re.search(opts.filter, c.name)]
+    out = opts.out if opts.out or opts.tiny else "benchmarks/results/moe_lora_h200.json"
+    bench(
+        cases,
+        impls,
+        out,
+        timers=timers,
+        calls=opts.calls,
+        reps=opts.reps,
+        l2=opts.l2,
+        fori_min_t=opts.fori_min_t,
+    )
 
 
 if __name__ == "__main__":

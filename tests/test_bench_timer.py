@@ -1,0 +1,94 @@
+"""The benchmark timers: trace parsing on a hand-written trace, the validity rules, and one CPU smoke row."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import timing
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ROW_KEYS = {"d_in", "d_out", "T", "E", "r", "k", "routing", "impl", "us", "x_vs_base", "bound", "peak_mb"}
+
+
+def _meta(kind, pid, name, tid=None):
+    event = {"ph": "M", "pid": pid, "name": kind, "args": {"name": name}}
+    return event if tid is None else {**event, "tid": tid}
+
+
+def _trace():
+    """A trace laid out as XLA's CUPTI collector names things: host, GPU streams, overhead, derived lines."""
+    return {
+        "traceEvents": [
+            _meta("process_name", 1, "/device:GPU:0"),
+            _meta("thread_name", 1, "Stream #13(Kernel,MemcpyD2D)", tid=13),
+            _meta("thread_name", 1, "CUPTI overhead", tid=99),
+            _meta("thread_name", 1, "XLA Ops", tid=100),
+            _meta("process_name", 701, "/host:CPU"),
+            _meta("thread_name", 701, "python", tid=5),
+            {"ph": "X", "pid": 1, "tid": 13, "ts": 20.0, "dur": 3.0, "name": "loop_fusion"},
+            {"ph": "X", "pid": 1, "tid": 13, "ts": 10.0, "dur": 2.0, "name": "gemm_kernel"},
+            {"ph": "X", "pid": 1, "tid": 99, "ts": 11.0, "dur": 50.0, "name": "overhead"},
+            {"ph": "X", "pid": 1, "tid": 100, "ts": 10.0, "dur": 13.0, "name": "fusion.1"},
+            {"ph": "X", "pid": 701, "tid": 5, "ts": 0.0, "dur": 40.0, "name": "PjitFunction(f)"},
+        ]
+    }
+
+
+def test_kernel_events_are_the_gpu_stream_lines_only_in_time_order():
+    events = timing.gpu_kernel_events(_trace())
+    assert events == [(10.0, 2.0, "gemm_kernel"), (20.0, 3.0, "loop_fusion")]
+    assert "CUPTI overhead" in timing.device_lines(_trace())
+
+
+def test_per_call_split_and_validity_rule():
+    even = [(float(i), d, "k") for i, d in enumerate([2.0, 3.0] * 8)]  # 8 calls of two kernels, 5 us each
+    t = timing.per_call_kernel_us(even, calls=8)
+    assert (t.timer, t.us, t.valid, t.kernels_per_call) == ("profile", 5.0, True, 2)
+
+    uneven = timing.per_call_kernel_us(even[:-1], calls=8)
+    assert not uneven.valid and "do not divide" in uneven.note
+
+    noisy = [(float(i), d, "k") for i, d in enumerate([1.0, 5.0, 1.0, 5.0])]
+    assert not timing.per_call_kernel_us(noisy, calls=4).valid  # spread far above MAX_SPREAD
+
+    none = timing.per_call_kernel_us([], calls=4)
+    assert not none.valid and math.isnan(none.us) and "no GPU kernel events" in none.note
+
+
+def test_cold_copies_are_separate_buffers_of_the_same_values():
+    x = jnp.arange(12.0).reshape(3, 4)
+    sets = timing.cold_copies((x,), l2_bytes=100)  # 48 bytes a set: 1 + ceil(200 / 48) = 6 sets
+    assert len(sets) == 6
+    assert len({s[0].unsafe_buffer_pointer() for s in sets}) == 6
+    assert all(bool((s[0] == x).all()) for s in sets)
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_moe_lora", REPO / "scripts" / "bench_moe_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_bench_writes_the_issue_schema_with_timer_fields(tmp_path):
+    bench = _bench_module()
+    out = tmp_path / "rows.json"
+    bench.bench(bench.TINY_CASES[:1], ["xla"], str(out), calls=4, reps=5)
+
+    doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert {"device", "date", "rows"} <= doc.keys()
+    (row,) = doc["rows"]
+    assert ROW_KEYS <= row.keys()
+    assert row["timer"] in bench.TIMERS and isinstance(row["timer_valid"], bool)
+    for name in bench.TIMERS:  # both timers side by side, each with its verdict and the reason
+        assert {f"us_{name}", f"base_us_{name}", f"valid_{name}", f"note_{name}"} <= row.keys()
+    assert row["us"] == row[f"us_{row['timer']}"] and row["base_us"] == row[f"base_us_{row['timer']}"]
+    if jax.default_backend() == "cpu":  # no device kernels in a CPU trace: profile says so, fori is used
+        assert row["us_profile"] is None and "no GPU kernel events" in row["note_profile"]
+        assert row["timer"] == "fori" and "used fori" in row["timer_note"]
+        assert row["us"] is not None and row["x_vs_base"] is not None
