@@ -58,7 +58,8 @@ VARIANT_OPTIONS = {
     "reduce_softmax": {"METEORA_TOPK_SOFTMAX": "reduce"},
     "batched_shrink": {"METEORA_MASKED_SHRINK": "batched"},
 }
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
+# `%name = shape opcode(`, the shape a tuple `(f32[2]{0}, s8[64]{0})` for cuBLAS gemms and TopK.
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 
 
 # ----------------------------------------------------------------------------- compiled HLO
@@ -83,10 +84,13 @@ def hlo_step_summary(hlo_text: str) -> dict:
     """
     comps = _computations(hlo_text)
     body = None
-    for line in comps.get("ENTRY", []):
-        m = re.search(r"\bwhile\(.*body=%?([\w.\-]+)", line)
-        if m:
-            body = m.group(1)
+    for comp in ["ENTRY", *comps]:  # the entry's loop; else the first loop anywhere (a wrapped entry)
+        for line in comps.get(comp, []):
+            m = re.search(r"\bwhile\(.*body=%?([\w.\-]+)", line)
+            if m:
+                body = m.group(1)
+                break
+        if body is not None:
             break
     if body is None:
         return {"error": "no while loop in the compiled module"}

@@ -38,6 +38,29 @@ def test_hlo_step_summary_counts_the_loop_body_only(prof):
     assert "error" in prof.hlo_step_summary(jax.jit(lambda v: v @ w).lower(x).compile().as_text())
 
 
+def test_hlo_step_summary_reads_tuple_shaped_ops(prof):
+    """cuBLAS gemms and TopK return tuples: `%c = (f32[1,2]{1,0}, s32[1,2]{1,0}) custom-call(...)`."""
+    text = """HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %g = f32[4]{0} get-tuple-element(%p), index=1
+  %cc = (f32[4]{0}, s8[1024]{0}) custom-call(%g, %g), custom_call_target="__cublas$gemm"
+  %tk = (f32[2]{0}, s32[2]{0}) custom-call(%g), custom_call_target="TopK"
+  %f = f32[4]{0} fusion(%g), kind=kLoop, calls=%fc
+  ROOT %t = (s32[], f32[4]{0}) tuple(%p, %f)
+}
+
+ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %a = (s32[], f32[4]{0}) parameter(0)
+  ROOT %w = (s32[], f32[4]{0}) while(%a), condition=%cond, body=%body
+}
+"""
+    s = prof.hlo_step_summary(text)
+    assert s["ops_per_step"] == 3
+    assert s["by_target"] == {"__cublas$gemm": 1, "TopK": 1, "fusion:kLoop": 1}
+
+
 def _trace(tmp_path, events):
     meta = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
