@@ -154,26 +154,32 @@ def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:
     return out
 
 
+def fresh_decode_state(model: MeteoraLlama, batch: int, prompt: int, steps: int) -> DecodeState:
+    """A decode carry as a prefill of ``prompt`` tokens leaves it (zeros in the cache: contents do not change
+    the work), with room for ``steps`` more tokens."""
+    s = prompt + steps + 1
+    cache = model.init_cache(batch, s)
+    return DecodeState(
+        cache=KVCache(layers=cache.layers, index=jnp.int32(prompt)),
+        mask_bs=jnp.zeros((batch, s), jnp.int32).at[:, :prompt].set(1),
+        pos_b=jnp.full((batch,), prompt, jnp.int32),
+        out_bn=jnp.ones((batch, steps + 1), jnp.int32),
+        done_b=jnp.zeros((batch,), bool),
+        step=jnp.ones((), jnp.int32),
+        key=jax.random.key(0),
+        routing_bnlpk=None,
+    )
+
+
 def bench_decode(model: MeteoraLlama, batch: int, prompt: int, steps: int, reps: int) -> dict:
     """Tokens/s of the jitted decode loop, from a cache already holding ``prompt`` tokens (contents do not
     change the work, so the cache is zeros and no prefill program is compiled)."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    s = prompt + steps + 1
 
     def fresh() -> DecodeState:
-        cache = model.init_cache(batch, s)
-        return DecodeState(
-            cache=KVCache(layers=cache.layers, index=jnp.int32(prompt)),  # as a prefill of `prompt` leaves it
-            mask_bs=jnp.zeros((batch, s), jnp.int32).at[:, :prompt].set(1),
-            pos_b=jnp.full((batch,), prompt, jnp.int32),
-            out_bn=jnp.ones((batch, steps + 1), jnp.int32),
-            done_b=jnp.zeros((batch,), bool),
-            step=jnp.ones((), jnp.int32),
-            key=jax.random.key(0),
-            routing_bnlpk=None,
-        )
+        return fresh_decode_state(model, batch, prompt, steps)
 
     out = {}
     for label, routing in (("", model.routing_options()), ("base_", model.routing_options(no_experts=True))):

@@ -8,6 +8,7 @@ With k = 1 both give weight 1, so the gate then learns only from the gate loss.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ def route(
     logits_te = logits_te.astype(jnp.float32) / temperature
     if mode == "topk_then_softmax":
         vals_tk, ids_tk = jax.lax.top_k(logits_te, top_k)
-        weights_tk = jax.nn.softmax(vals_tk, axis=-1)
+        weights_tk = softmax_sorted(vals_tk)
     elif mode == "softmax_then_topk":
         probs_te = jax.nn.softmax(logits_te, axis=-1)
         vals_tk, ids_tk = jax.lax.top_k(probs_te, top_k)
@@ -43,6 +44,26 @@ def route(
     else:
         raise ValueError(f"unknown routing mode {mode!r}")
     return ids_tk.astype(jnp.int32), weights_tk
+
+
+def softmax_sorted(vals_tk: Float[Array, "T K"]) -> Float[Array, "T K"]:
+    """``jax.nn.softmax(vals_tk, axis=-1)`` for values sorted in descending order (``top_k``'s output).
+
+    For k = 2 it is elementwise: with ``diff = v - v_other``, ``w = sigmoid(diff)`` written as
+    ``where(diff >= 0, 1, e) / (1 + e)``, ``e = exp(-|diff|)`` (never overflows; both branches have the right
+    gradient, a tie included). XLA fuses it with the routing math that consumes it instead of launching two
+    reduction kernels (max, sum) for a [T, 2] array at every projection of every decode step. ``flip`` (not
+    slices) pairs the columns, so XLA still sees ``top_k``'s sort-then-slice and keeps its TopK kernel.
+    Column 0 equals ``jax.nn.softmax``'s bit for bit, column 1 to an ulp (XLA may divide differently). Other k:
+    ``jax.nn.softmax``. ``METEORA_TOPK_SOFTMAX=reduce`` forces ``jax.nn.softmax`` (read at trace time: an
+    A/B switch for ``scripts/profile_decode.py``).
+    """
+    if vals_tk.shape[-1] != 2 or os.environ.get("METEORA_TOPK_SOFTMAX", "") == "reduce":
+        return jax.nn.softmax(vals_tk, axis=-1)
+    diff_tk = vals_tk - jnp.flip(vals_tk, axis=-1)
+    pos_tk = diff_tk >= 0
+    e_tk = jnp.exp(jnp.where(pos_tk, -diff_tk, diff_tk))
+    return jnp.where(pos_tk, 1.0, e_tk) / (1.0 + e_tk)
 
 
 def forced(num_tokens: int, expert: int) -> tuple[Int[Array, "T 1"], Float[Array, "T 1"]]:

@@ -21,7 +21,16 @@ from pallas_kernels.grouped_lora import xla
 from pallas_kernels.grouped_lora.reference import grouped_lora_reference
 from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "xla", "xla_ragged", "xla_dense", "reference")
+IMPLEMENTATIONS = (
+    "pallas_gpu",
+    "pallas_tpu",
+    "xla",
+    "xla_ragged",
+    "xla_dense",
+    "xla_masked",
+    "xla_gather",
+    "reference",
+)
 _AUTO = {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla"), "cpu": ("xla",)}
 # Measured on the H200 (benchmarks/RESULTS.md): with few expert columns (E * r <= 1024) XLA's dense
 # path beats the Pallas kernels at every token count, so auto on GPU starts there for those shapes.
@@ -58,13 +67,18 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
     """The backend's ops object, or NotImplementedError if it cannot run here."""
     interpret = name.endswith("_interpret")
     base = name.removesuffix("_interpret")
-    if base == "xla":
-        dense = num_experts * rank <= xla.DENSE_MAX_EXPERT_COLUMNS
-        return xla.DenseOps() if dense else xla.RaggedOps()
+    dense = num_experts * rank <= xla.DENSE_MAX_EXPERT_COLUMNS
+    if base == "xla":  # the dense path (masked forward) for few expert columns, else sorted rows
+        return xla.DenseOps("xla_masked", xla.masked_forward) if dense else xla.RaggedOps()
     if base == "xla_ragged":
         return xla.RaggedOps()
-    if base == "xla_dense":
+    if base == "xla_dense":  # shrink + expand, with their one-hot contractions, in inference too
         return xla.DenseOps()
+    if base == "xla_masked":
+        return xla.DenseOps("xla_masked", xla.masked_forward)
+    if base == "xla_gather":  # gathered experts in inference; training as xla
+        ops = xla.DenseOps if dense else xla.RaggedOps
+        return ops("xla_gather", xla.gather_forward)
     if base == "pallas_gpu":
         from pallas_kernels.grouped_lora import pallas_gpu
 

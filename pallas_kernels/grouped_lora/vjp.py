@@ -105,7 +105,14 @@ def grouped_lora_vjp(
     expert_weights_tk: Float[Array, "T K"],
     scaling_e: Float[Array, " E"],
 ) -> Float[Array, "T O"]:
-    """``x @ w`` (if ``w`` is not None) plus the grouped LoRA term, with the backend ``ops``."""
+    """``x @ w`` (if ``w`` is not None) plus the grouped LoRA term, with the backend ``ops``.
+
+    This body runs only when nothing is differentiated (inference): there a backend's ``forward``, which
+    keeps no residuals, replaces shrink + expand. Under differentiation ``_fwd`` runs instead.
+    """
+    forward = getattr(ops, "forward", None)
+    if forward is not None:
+        return forward(x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e)
     y_to, _ = _forward(ops, x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e)
     return y_to
 

@@ -14,11 +14,28 @@ Every backend implements the three ops that ``vjp.py`` composes into the forward
 * ``dense``: computes every expert for every token and masks with a one-hot of the routing. Work is
   ``E / k`` times larger, but it is plain matmuls with no gathers: the choice when ``E * r`` is small
   (it is ``x @ A_flat`` with ``A_flat: [d, E * r]``).
+
+A backend may also carry a ``forward``: a whole forward pass used when nothing is differentiated
+(``vjp.grouped_lora_vjp``'s primal, i.e. inference). The shrink / expand contract is slot-major
+([T, k, ...]) because the backward pass needs per-slot values; an inference forward does not, so:
+
+* ``masked_forward`` (``xla_masked``): ``(x @ A_flat) * coef_te @ B_flat`` with ``coef_te`` [T, E] the
+  routing weight times scaling of each token's chosen experts and zero elsewhere. The dense path without
+  its two one-hot contractions (select slots, scatter them back): one elementwise multiply instead.
+* ``gather_forward`` (``xla_gather``): gathers the chosen experts' A and B ([T, k, d, r]) and contracts
+  them per token. Reads only the chosen experts, so it is meant for decode (few rows, ``T * k`` at most
+  ``GATHER_MAX_ROWS``; above that it hands over to ``masked_forward``).
+
+Both round like ``vjp._forward``: ``h`` in float32, ``h * coef`` cast to B's dtype, float32 accumulation.
+``METEORA_MASKED_SHRINK=batched`` (read at trace time; an A/B switch for ``scripts/profile_decode.py``) makes
+the masked shrink a matmul batched over experts, see ``masked_forward``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +47,67 @@ from pallas_kernels.grouped_lora.routing import RoutingPlan
 _HIGHEST = lax.Precision.HIGHEST
 # Above this many expert columns (E * r) the dense path does more work than the gathers it saves.
 DENSE_MAX_EXPERT_COLUMNS = 1024
+# Above this many rows (T * k) gathering per-row expert weights copies more than the dense path reads.
+GATHER_MAX_ROWS = 64
+
+
+def _dot_precision(dtype: jnp.dtype) -> lax.Precision | None:
+    return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _with_base(x_td: Array, w_do: Array | None, y_to: Float[Array, "T O"]) -> Array:
+    """``y + x @ w`` (when ``w`` is given) in float32, cast to x's dtype, as ``vjp._forward`` does."""
+    if w_do is not None:
+        y_to = y_to + jnp.dot(
+            x_td, w_do, preferred_element_type=jnp.float32, precision=_dot_precision(x_td.dtype)
+        )
+    return y_to.astype(x_td.dtype)
+
+
+def _coef_tk(ids_tk: Array, weights_tk: Array, scaling_e: Array) -> Float[Array, "T k"]:
+    return weights_tk.astype(jnp.float32) * scaling_e.astype(jnp.float32)[ids_tk]
+
+
+def masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
+    """The dense forward with the routing applied as one [T, E] coefficient mask (see the module doc)."""
+    num_experts = lora_a_edr.shape[0]
+    # [T, E]: routing weight times scaling, zero for experts a token did not pick. A token's k experts are
+    # distinct, so the sum over slots adds one weight to zeros (exact) and the product equals vjp's coef_tk;
+    # scaling is broadcast, not gathered.
+    hit_tke = ids_tk[:, :, None] == jnp.arange(num_experts, dtype=ids_tk.dtype)
+    weight_te = jnp.sum(jnp.where(hit_tke, weights_tk.astype(jnp.float32)[:, :, None], 0.0), axis=1)
+    coef_te = weight_te * scaling_e.astype(jnp.float32)[None, :]
+    if os.environ.get("METEORA_MASKED_SHRINK", "") == "batched":
+        # [T, E, R] from a matmul batched over experts: reads A as stored ([E, d, r]), where the flat form
+        # below needs A as [d, E * r], a relayout XLA may redo every call; costs a broadcast of x instead.
+        x_etd = jnp.broadcast_to(x_td, (num_experts, *x_td.shape))
+        h_etr = jnp.einsum(
+            "etd,edr->etr", x_etd, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32
+        )
+        h_ter = jnp.transpose(h_etr, (1, 0, 2))
+    else:
+        # [T, E, R]: every expert's shrink, the same contraction as DenseOps.shrink.
+        h_ter = jnp.einsum(
+            "td,edr->ter", x_td, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32
+        )
+    hc_ter = (h_ter * coef_te[:, :, None]).astype(lora_b_ero.dtype)
+    y_to = jnp.einsum(
+        "ter,ero->to", hc_ter, lora_b_ero, precision=_HIGHEST, preferred_element_type=jnp.float32
+    )
+    return _with_base(x_td, w_do, y_to)
+
+
+def gather_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
+    """Reads only each token's k experts; hands over to ``masked_forward`` above ``GATHER_MAX_ROWS``."""
+    if ids_tk.size > GATHER_MAX_ROWS:
+        return masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e)
+    coef_tk = _coef_tk(ids_tk, weights_tk, scaling_e)
+    a_tkdr = jnp.take(lora_a_edr, ids_tk, axis=0)
+    h_tkr = jnp.einsum("td,tkdr->tkr", x_td, a_tkdr, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    hc_tkr = (h_tkr * coef_tk[:, :, None]).astype(lora_b_ero.dtype)
+    b_tkro = jnp.take(lora_b_ero, ids_tk, axis=0)
+    y_to = jnp.einsum("tkr,tkro->to", hc_tkr, b_tkro, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return _with_base(x_td, w_do, y_to)
 
 
 def _slot_rows(v: Array, plan: RoutingPlan) -> Array:
@@ -42,6 +120,7 @@ def _slot_rows(v: Array, plan: RoutingPlan) -> Array:
 @dataclasses.dataclass(frozen=True)
 class RaggedOps:
     name: str = "xla_ragged"
+    forward: Callable | None = None  # an inference-only forward (module doc); None: shrink + expand
 
     def shrink(
         self, x_td: Float[Array, "T K"], w_ekn: Array, plan: RoutingPlan, *, transpose_w: bool = False
@@ -94,6 +173,7 @@ class RaggedOps:
 @dataclasses.dataclass(frozen=True)
 class DenseOps:
     name: str = "xla_dense"
+    forward: Callable | None = None
 
     def _onehot(self, plan: RoutingPlan) -> Float[Array, "T k E"]:
         return jax.nn.one_hot(plan.expert_ids_tk, plan.num_experts, dtype=jnp.float32)

@@ -1,0 +1,415 @@
+"""Where decode time goes, per grouped-LoRA path: kernels per token, kernel time, launch gaps, top kernels.
+
+For each variant and each decode batch it compiles the sampler's decode loop once and:
+
+* counts the instructions of the compiled while-loop body (one decode step) by opcode -- on GPU each
+  fusion / custom-call (cuBLAS, TopK, cuDNN) is about one kernel -- and lists any ``copy`` (a KV-cache copy
+  per step would show here);
+* times ``--steps`` tokens without the profiler (wall ms per token);
+* runs once more under ``jax.profiler.trace(create_perfetto_trace=True)`` and reads the plain-JSON
+  ``*.trace.json.gz`` it writes: device kernels per token, summed kernel time, the time the device was busy
+  (union of kernel intervals), and the top kernels. ``wall - busy`` is the device idle time per token:
+  launch overhead and host sync. On CPU there are no device kernels in the trace; the script says so.
+
+Variants: ``base`` (the same model, experts off), ``auto`` (the default backend) or a grouped_lora
+implementation: ``xla_dense`` (the old dense path: shrink + expand with one-hot contractions),
+``xla_masked`` (= ``xla`` now: one [T, E] coefficient mask), ``xla_gather`` (gathers the chosen experts),
+``reference``, ``pallas_gpu``. Suffixes switch what the library reads at trace time: ``+reduce_softmax``
+routes with ``jax.nn.softmax`` (the old way) instead of the elementwise top-2 softmax
+(``gate.softmax_sorted``); ``+batched_shrink`` makes the masked shrink a matmul batched over experts.
+``xla_dense+reduce_softmax`` is the code before this change.
+
+XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process
+starts: ``XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_decode.py``. ``--flag-sets``
+does that for you: it reruns this script once per set, in a fresh process, and merges the JSON.
+
+    python3 scripts/profile_decode.py                                  # H200: 8B shapes, b1 and b64
+    python3 scripts/profile_decode.py --tiny --steps 4 --batches 1     # CPU smoke test
+    python3 scripts/profile_decode.py --flag-sets 'default=;no_cmdbuf=--xla_gpu_enable_command_buffer='
+"""
+
+# ruff: noqa: E402  (XLA_FLAGS and the allocator setting must be fixed before jax is imported)
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+
+# Opcodes that launch nothing (or are free views) in a compiled HLO computation.
+_FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id"}
+# Trace lines that XLA's profiler derives from the kernels (they would count each kernel twice).
+_DERIVED_LINES = re.compile(r"XLA Ops|XLA Modules|Steps|TensorFlow|Framework|Source|Launch Stats|Host", re.I)
+# ``impl+option``: A/B switches that the library reads at trace time (environment variables).
+VARIANT_OPTIONS = {
+    "reduce_softmax": {"METEORA_TOPK_SOFTMAX": "reduce"},
+    "batched_shrink": {"METEORA_MASKED_SHRINK": "batched"},
+}
+# `%name = shape opcode(`, the shape a tuple `(f32[2]{0}, s8[64]{0})` for cuBLAS gemms and TopK.
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+
+
+# ----------------------------------------------------------------------------- compiled HLO
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    comps, name = {}, None
+    for line in hlo_text.splitlines():
+        m = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if m and not line.startswith(" "):
+            name = "ENTRY" if line.startswith("ENTRY") else m.group(1)
+            comps[name] = []
+        elif name is not None and line.strip() and line.strip() != "}":
+            comps[name].append(line)
+    return comps
+
+
+def hlo_step_summary(hlo_text: str) -> dict:
+    """Op counts of one decode step: the body of the outermost while loop of the compiled module.
+
+    ``call`` / command-buffer computations are opened (their ops run once per step too); fusions are counted
+    as one op each (one kernel on GPU). ``copies`` lists copy ops (shape) -- a whole-KV-cache copy per step
+    would be one of them.
+    """
+    comps = _computations(hlo_text)
+    body = None
+    for comp in ["ENTRY", *comps]:  # the entry's loop; else the first loop anywhere (a wrapped entry)
+        for line in comps.get(comp, []):
+            m = re.search(r"\bwhile\(.*body=%?([\w.\-]+)", line)
+            if m:
+                body = m.group(1)
+                break
+        if body is not None:
+            break
+    if body is None:
+        return {"error": "no while loop in the compiled module"}
+    counts: collections.Counter = collections.Counter()
+    targets: collections.Counter = collections.Counter()
+    copies: list[str] = []
+
+    def walk(comp: str, depth: int) -> None:
+        for line in comps.get(comp, []):
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            shape, op = m.group(2), m.group(3)
+            if op in _FREE_OPS:
+                continue
+            if op == "call" and depth < 4:
+                callee = re.search(r"to_apply=%?([\w.\-]+)", line)
+                if callee:
+                    counts["call"] += 1
+                    walk(callee.group(1), depth + 1)
+                    continue
+            counts[op] += 1
+            if op == "custom-call":
+                t = re.search(r'custom_call_target="([^"]+)"', line)
+                targets[t.group(1) if t else "?"] += 1
+            elif op == "fusion":
+                kind = re.search(r"kind=(\w+)", line)
+                targets[f"fusion:{kind.group(1) if kind else '?'}"] += 1
+            if op == "copy":
+                copies.append(shape)
+
+    walk(body, 0)
+    launches = sum(v for k, v in counts.items() if k not in ("call",))
+    return {
+        "ops_per_step": launches,
+        "by_opcode": dict(counts.most_common()),
+        "by_target": dict(targets.most_common()),
+        "copies": copies,
+    }
+
+
+# ----------------------------------------------------------------------------- profiler trace
+def _load_trace(trace_dir: str) -> dict | None:
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    files += sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json"), recursive=True))
+    if not files:
+        return None
+    opener = gzip.open if files[-1].endswith(".gz") else open
+    with opener(files[-1], "rt") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {"traceEvents": data}
+
+
+def device_kernels(trace: dict) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of every kernel / memcpy on a device stream of a perfetto trace."""
+    events = trace.get("traceEvents", [])
+    proc, thread = {}, {}
+    for ev in events:
+        if ev.get("ph") != "M":
+            continue
+        if ev.get("name") == "process_name":
+            proc[ev.get("pid")] = str(ev.get("args", {}).get("name", ""))
+        elif ev.get("name") == "thread_name":
+            thread[(ev.get("pid"), ev.get("tid"))] = str(ev.get("args", {}).get("name", ""))
+    device_pids = {p for p, n in proc.items() if re.search(r"/device:(GPU|TPU)|GPU:|TPU:", n)}
+    complete = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+    stream_tids = {k for k, n in thread.items() if k[0] in device_pids and n.lower().startswith("stream")}
+    out = []
+    for e in complete:
+        key = (e.get("pid"), e.get("tid"))
+        if stream_tids and key not in stream_tids:
+            continue
+        if not stream_tids and _DERIVED_LINES.search(thread.get(key, "")):
+            continue
+        out.append((str(e.get("name", "?")), float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
+    return out
+
+
+def kernel_summary(kernels: list[tuple[str, float, float]], steps: int, top: int) -> dict:
+    """Per-token kernel counts and times; ``busy_us`` is the union of kernel intervals (streams overlap)."""
+    is_copy = re.compile(r"memcpy|memset|MemcpyD2H|MemcpyH2D", re.I)
+    kern = [k for k in kernels if not is_copy.search(k[0])]
+    copies = [k for k in kernels if is_copy.search(k[0])]
+    busy, end = 0.0, float("-inf")
+    for _, ts, dur in sorted(kernels, key=lambda k: k[1]):
+        if ts >= end:
+            busy += dur
+            end = ts + dur
+        elif ts + dur > end:
+            busy += ts + dur - end
+            end = ts + dur
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for name, _, dur in kern:
+        by_name[name].append(dur)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    span = (max(ts + d for _, ts, d in kernels) - min(ts for _, ts, _ in kernels)) if kernels else 0.0
+    return {
+        "kernels_per_token": len(kern) / steps,
+        "kernel_us_per_token": sum(d for _, _, d in kern) / steps,
+        "memcpy_per_token": len(copies) / steps,
+        "memcpy_us_per_token": sum(d for _, _, d in copies) / steps,
+        "busy_us_per_token": busy / steps,
+        "traced_span_us_per_token": span / steps,
+        "top_kernels": [
+            {"name": n[:120], "calls_per_token": len(d) / steps, "us_per_token": sum(d) / steps}
+            for n, d in ranked
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- the runs
+def set_lora_implementation(model, name: str | None) -> None:  # noqa: ANN001
+    from meteora_jax.model.moe_lora import MoELoRALinear
+
+    for _, module in model.iter_modules():
+        if isinstance(module, MoELoRALinear):
+            module.implementation = name
+
+
+def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    import jax
+    import jax.numpy as jnp
+    from bench_generate import fresh_decode_state
+    from flax import nnx
+
+    from meteora_jax.generate.sampler import _decode
+    from meteora_jax.generate.sampling import SamplingParams
+
+    impl, *opts = variant.split("+")
+    unknown = set(opts) - set(VARIANT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown variant option(s) {sorted(unknown)}; known: {sorted(VARIANT_OPTIONS)}")
+    base = impl == "base"
+    set_lora_implementation(model, None if base or impl == "auto" else impl)
+    # Options are environment switches read while tracing: set them around the lowering only.
+    saved = {k: os.environ.get(k) for o in opts for k in VARIANT_OPTIONS[o]}
+    for o in opts:
+        os.environ.update(VARIANT_OPTIONS[o])
+    jax.clear_caches()  # the switches are invisible to jit's cache keys: trace afresh
+    routing = model.routing_options(no_experts=base)
+    graphdef, state = nnx.split(model)
+    stop, pad, eos = jnp.int32(args.steps + 1), jnp.int32(0), jnp.asarray([-1], jnp.int32)
+    fresh = lambda: jax.block_until_ready(fresh_decode_state(model, batch, args.prompt, args.steps))
+    t0 = time.perf_counter()
+    compiled = _decode.lower(
+        graphdef,
+        state,
+        fresh(),
+        stop,
+        pad,
+        eos,
+        routing=routing,
+        params=SamplingParams(),
+        return_routing=False,
+    ).compile()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    row: dict = {"variant": variant, "batch": batch, "compile_s": time.perf_counter() - t0}
+    row["hlo"] = hlo_step_summary(compiled.as_text())
+
+    def once() -> float:
+        carry = fresh()
+        t = time.perf_counter()
+        compiled(state, carry, stop, pad, eos).out_bn.block_until_ready()
+        return time.perf_counter() - t
+
+    once()  # warm-up (autotuning, allocations)
+    wall = statistics.median(once() for _ in range(args.reps))
+    row["wall_ms_per_token"] = 1e3 * wall / args.steps
+    row["tok_s"] = batch * args.steps / wall
+    if not args.no_trace:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                carry = fresh()
+                with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                    compiled(state, carry, stop, pad, eos).out_bn.block_until_ready()
+                trace = _load_trace(tmp)
+        except Exception as e:  # no profiler on this image: keep the timings and the HLO counts
+            row["trace"] = {"note": f"profiler failed: {type(e).__name__}: {str(e)[:200]}"}
+            return row
+        kernels = device_kernels(trace) if trace is not None else []
+        if not kernels:
+            row["trace"] = {"note": "no device kernels in the trace (CPU backend, or no trace file written)"}
+        else:
+            row["trace"] = kernel_summary(kernels, args.steps, args.top)
+            row["trace"]["idle_us_per_token"] = (
+                1e3 * row["wall_ms_per_token"] - row["trace"]["busy_us_per_token"]
+            )
+    return row
+
+
+def print_table(rows: list[dict], top: int) -> None:
+    head = f"{'variant':<28}{'B':>4}{'ms/tok':>9}{'tok/s':>9}{'HLO ops':>9}{'kernels':>9}{'kern ms':>9}"
+    print(head + f"{'busy ms':>9}{'idle ms':>9}{'compile s':>10}")
+    for r in rows:
+        tr = r.get("trace", {})
+        k = tr.get("kernels_per_token")
+        cells = [
+            f"{r['variant']:<28}{r['batch']:>4}{r['wall_ms_per_token']:>9.3f}{r['tok_s']:>9.1f}",
+            f"{r['hlo'].get('ops_per_step', -1):>9}",
+            f"{k:>9.0f}" if k is not None else f"{'-':>9}",
+            f"{tr['kernel_us_per_token'] / 1e3:>9.3f}" if k is not None else f"{'-':>9}",
+            f"{tr['busy_us_per_token'] / 1e3:>9.3f}" if k is not None else f"{'-':>9}",
+            f"{tr['idle_us_per_token'] / 1e3:>9.3f}" if k is not None else f"{'-':>9}",
+            f"{r['compile_s']:>10.1f}",
+        ]
+        print("".join(cells))
+    for r in rows:
+        print(f"\n== {r['variant']} b{r['batch']}: compiled step by opcode {r['hlo'].get('by_opcode')}")
+        print(f"   by target {r['hlo'].get('by_target')}")
+        if r["hlo"].get("copies"):
+            print(f"   copies per step: {r['hlo']['copies']}")
+        tr = r.get("trace", {})
+        if "note" in tr:
+            print(f"   trace: {tr['note']}")
+        for kern in tr.get("top_kernels", [])[:top]:
+            print(
+                f"   {kern['us_per_token']:9.1f} us/tok {kern['calls_per_token']:7.1f} calls/tok  {kern['name']}"
+            )
+
+
+def run_flag_sets(args: argparse.Namespace, out: str) -> int:
+    """Reruns this script once per ``name=FLAGS`` set (XLA_FLAGS is read at start-up) and merges the JSON."""
+    merged = {}
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--flag-sets")
+    del argv[i : i + 2]
+    for item in [s for s in args.flag_sets.split(";") if s.strip()]:
+        name, _, flags = item.partition("=")
+        sub_out = f"{out}.{name.strip()}.json"
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+        print(f"\n##### flag set {name!r}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+        rc = subprocess.call([sys.executable, os.path.abspath(__file__), *argv, "--out", sub_out], env=env)
+        merged[name.strip()] = json.load(open(sub_out)) if os.path.exists(sub_out) else {"rc": rc}
+        _save(out, merged)
+    return 0
+
+
+def _save(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny config (a CPU smoke test)")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (faster compiles)")
+    ap.add_argument(
+        "--variants",
+        default="base,xla_dense+reduce_softmax,xla_masked,xla_masked+batched_shrink,xla_gather",
+        help="comma list: base, auto or an implementation, with optional +option suffixes",
+    )
+    ap.add_argument("--batches", default="1,64", help="comma list of decode batch sizes")
+    ap.add_argument("--steps", type=int, default=32, help="tokens per timed decode call")
+    ap.add_argument("--prompt", type=int, default=128, help="tokens already in the cache")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per run")
+    ap.add_argument("--no-trace", action="store_true", help="skip the profiler run (timings and HLO only)")
+    ap.add_argument("--flag-sets", default=None, help="'name=XLA FLAGS;name2=...': one process per set")
+    ap.add_argument("--out", default=None, help="JSON path (default: $OUT/profile_decode.json)")
+    args = ap.parse_args()
+    out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "profile_decode.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if args.flag_sets is not None:
+        return run_flag_sets(args, out)
+
+    import dataclasses
+
+    import jax
+    from bench_generate import build_model, llama3_8b
+    from flax import nnx
+
+    cfg = llama3_8b(args.tiny)
+    if args.layers is not None:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
+    result = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "config": ("tiny" if args.tiny else "llama3-8b") + f", {cfg.num_hidden_layers} layers",
+        "experts": 28,
+        "rank": 8,
+        "top_k": 2,
+        "steps": args.steps,
+        "prompt": args.prompt,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": [],
+    }
+    t0 = time.perf_counter()
+    model = build_model(cfg, 28, 8)
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    model.set_attention_implementation("einsum")
+    result["build_model_s"] = time.perf_counter() - t0
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            try:
+                row = profile_variant(model, variant, batch, args)
+            except Exception as e:  # one failing path (e.g. pallas_gpu on CPU) must not lose the others
+                row = {"variant": variant, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            result["rows"].append(row)
+            _save(out, result)
+            print(f"[{time.perf_counter() - t0:7.1f}s] {variant} b{batch} done", flush=True)
+    good = [r for r in result["rows"] if "error" not in r]
+    print(
+        f"\n{result['device']} ({result['backend']}), {result['config']}, XLA_FLAGS={result['xla_flags']!r}"
+    )
+    print_table(good, args.top)
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['variant']} b{r['batch']}: {r['error']}")
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

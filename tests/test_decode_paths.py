@@ -1,0 +1,208 @@
+"""The inference-only forwards of grouped MoE-LoRA (``xla_masked``, ``xla_gather``) and the decode they serve.
+
+A backend's ``forward`` replaces shrink + expand only when nothing is differentiated, so the shared kernel
+tests (which take gradients) never reach it. Here: the forward alone against the reference and the float64
+loop, against the old dense path (``xla_dense``, whose forward is shrink + expand), and greedy decoding of a
+28-expert tiny model with each path giving the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
+from meteora_jax.generate import Sampler
+from meteora_jax.model import gate
+from pallas_kernels.grouped_lora import api, shapes, xla
+from tests.grouped_lora_cases import TOLERANCE, key_for, rel_err
+from tests.test_grouped_lora import _numpy_oracle
+
+FAST = ("xla_masked", "xla_gather", "xla")
+# (T, k): one decode token, a T that is a multiple of nothing, and one above GATHER_MAX_ROWS (hand-over).
+SIZES = ((1, 1), (1, 2), (3, 1), (3, 2), (40, 2))
+
+
+def _inputs(t: int, k: int, dtype: str, name: str) -> dict:
+    case = shapes.Case("c", t, 48, 40, 28, 8, k, "uniform", dtype)
+    return shapes.make_inputs(case, key_for(name))
+
+
+def _forward(inp: dict, implementation: str, fused: bool) -> jax.Array:
+    args = (inp["lora_a"], inp["lora_b"], inp["expert_ids"], inp["expert_weights"])
+
+    @jax.jit
+    def f(inp):
+        if fused:
+            return api.grouped_lora_fused(
+                inp["x"], inp["w"], *args, scaling=inp["scaling"], implementation=implementation
+            )
+        return api.grouped_lora(inp["x"], *args, scaling=inp["scaling"], implementation=implementation)
+
+    return f(inp)
+
+
+@functools.cache
+def _baselines(t: int, k: int, dtype: str, fused: bool) -> tuple[dict, jax.Array, jax.Array]:
+    """Inputs, the reference and the old dense forward: computed once, shared by every fast path."""
+    inp = _inputs(t, k, dtype, f"forward[{t},{k},{dtype},{fused}]")
+    return inp, _forward(inp, "reference", fused), _forward(inp, "xla_dense", fused)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("t,k", SIZES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_matches_reference_and_old_dense(implementation, dtype, t, k, fused):
+    inp, ref, old = _baselines(t, k, dtype, fused)
+    got = _forward(inp, implementation, fused)
+    tol = TOLERANCE[dtype]
+    assert got.dtype == inp["x"].dtype
+    assert rel_err(got, ref) < tol
+    if dtype == "float32":  # the same math up to summation order
+        assert float(jnp.max(jnp.abs(got - old))) <= 1e-6 * max(1.0, float(jnp.max(jnp.abs(old))))
+    else:  # same rounding points (h in f32, h * coef cast to bf16, f32 accumulation): a bf16 ulp at most
+        assert rel_err(got, old) < tol
+    if not fused:
+        assert rel_err(got, _numpy_oracle(inp)) < tol
+
+
+def test_forward_is_what_inference_traces_and_gradients_do_not():
+    """The masked forward has no one-hot contractions (3 dots: shrink, expand, base); under grad the shared
+    shrink / expand path (with them) runs, so training is unchanged."""
+    inp = _inputs(3, 2, "float32", "trace")
+    args = (inp["lora_a"], inp["lora_b"], inp["expert_ids"], inp["expert_weights"])
+
+    def y(x, implementation):
+        return api.grouped_lora_fused(
+            x, inp["w"], *args, scaling=inp["scaling"], implementation=implementation
+        )
+
+    def dots(fn, *a) -> int:
+        return str(jax.make_jaxpr(fn)(*a)).count("dot_general")
+
+    assert dots(lambda x: y(x, "xla_masked"), inp["x"]) == 3
+    assert dots(lambda x: y(x, "xla_dense"), inp["x"]) == 5
+    grad_masked = jax.grad(lambda x: jnp.sum(y(x, "xla_masked")))(inp["x"])
+    grad_dense = jax.grad(lambda x: jnp.sum(y(x, "xla_dense")))(inp["x"])
+    np.testing.assert_array_equal(np.asarray(grad_masked), np.asarray(grad_dense))
+
+
+def test_gather_hands_over_above_its_row_limit():
+    t = xla.GATHER_MAX_ROWS // 2 + 1  # k = 2: one row more than the limit
+    big = str(jax.make_jaxpr(lambda i: _forward(i, "xla_gather", True))(_inputs(t, 2, "float32", "h1")))
+    small = str(jax.make_jaxpr(lambda i: _forward(i, "xla_gather", True))(_inputs(2, 2, "float32", "h2")))
+    assert "f32[2,2,48,8]" in small  # the gathered A of each (token, slot)
+    assert f"f32[{t},2,48,8]" not in big and "f32[33,28,8]" in big  # every expert's h: the masked path
+
+
+def test_auto_is_masked_for_few_expert_columns_only():
+    assert api._ops("xla", 28, 8).forward is xla.masked_forward
+    assert api._ops("xla", 1024, 4).forward is None  # sorted rows, as before
+    assert api._ops("xla_dense", 28, 8).forward is None
+    assert api._ops("xla_gather", 1024, 4).forward is xla.gather_forward
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_shrink_switch_matches(dtype, monkeypatch, request):
+    inp = _inputs(3, 2, dtype, request.node.name)
+    want = _forward(inp, "xla_masked", True)
+    monkeypatch.setenv("METEORA_MASKED_SHRINK", "batched")
+    got = _forward(inp, "xla_masked", True)
+    assert "f32[28,3,8]" in str(jax.make_jaxpr(lambda i: _forward(i, "xla_masked", True))(inp))
+    assert rel_err(got, _forward(inp, "reference", True)) < TOLERANCE[dtype]
+    if dtype == "float32":
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-6 * float(jnp.max(jnp.abs(want)))
+
+
+def test_top2_softmax_is_jax_softmax(monkeypatch):
+    logits_te = (
+        jax.random.normal(key_for("softmax"), (64, 28))
+        * jnp.asarray([0.1, 1.0, 30.0, 300.0]).repeat(16)[:, None]
+    )
+    vals_tk, _ = jax.lax.top_k(logits_te, 2)
+    want = jax.nn.softmax(vals_tk, axis=-1)
+    got = gate.softmax_sorted(vals_tk)
+    np.testing.assert_array_equal(np.asarray(got[:, 0]), np.asarray(want[:, 0]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=3e-7, atol=0)  # an ulp
+    tie = jnp.asarray([[1.5, 1.5]])
+    np.testing.assert_array_equal(np.asarray(gate.softmax_sorted(tie)), [[0.5, 0.5]])
+    g_tie = jax.grad(lambda v: gate.softmax_sorted(v)[0, 0])(tie)
+    np.testing.assert_allclose(np.asarray(g_tie), [[0.25, -0.25]], rtol=1e-6)
+    g = jax.grad(lambda v: jnp.sum(gate.softmax_sorted(v) * jnp.arange(2.0)))(vals_tk)
+    g_want = jax.grad(lambda v: jnp.sum(jax.nn.softmax(v, axis=-1) * jnp.arange(2.0)))(vals_tk)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_want), rtol=1e-5, atol=1e-7)
+    assert np.all(np.isfinite(np.asarray(g)))
+    vals3, _ = jax.lax.top_k(logits_te, 3)  # other k: jax.nn.softmax itself
+    np.testing.assert_array_equal(np.asarray(gate.softmax_sorted(vals3)), np.asarray(jax.nn.softmax(vals3)))
+    monkeypatch.setenv("METEORA_TOPK_SOFTMAX", "reduce")
+    np.testing.assert_array_equal(np.asarray(gate.softmax_sorted(vals_tk)), np.asarray(want))
+
+
+def test_route_keeps_top_k_ids_and_its_weights_sum_to_one():
+    logits_te = jax.random.normal(key_for("route"), (37, 28))
+    ids_tk, w_tk = gate.route(logits_te, top_k=2, temperature=0.7, mode="topk_then_softmax")
+    vals, want_ids = jax.lax.top_k(logits_te / 0.7, 2)
+    np.testing.assert_array_equal(np.asarray(ids_tk), np.asarray(want_ids))
+    np.testing.assert_allclose(np.asarray(w_tk), np.asarray(jax.nn.softmax(vals, axis=-1)), rtol=3e-7, atol=0)
+
+
+# ----------------------------------------------------------------------------- decode
+def _model(dtype: str, impl: str) -> MeteoraLlama:
+    cfg = ModelConfig.tiny(vocab_size=99, eos_token_ids=(2,), pad_token_id=0, bos_token_id=1)
+    names = tuple(f"task{i}" for i in range(28))
+    moe = MoEConfig(expert_names=names, top_k=2, implementation=impl)
+    return MeteoraLlama(cfg, moe, dtype=dtype, rngs=nnx.Rngs(3))
+
+
+ROUTINGS = {
+    "top2": {},
+    "top1": {"top_k": 1},
+    "forced": {"force_expert": "task5"},
+    "no_experts": {"no_experts": True},
+}
+
+
+@pytest.mark.parametrize(
+    "dtype,routings", [("bfloat16", tuple(ROUTINGS)), ("float32", ("top2",))], ids=["bf16", "f32"]
+)
+def test_greedy_decode_tokens_equal_the_old_dense_path(dtype, routings):
+    prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
+    samplers = {impl: Sampler(_model(dtype, impl)) for impl in ("xla_dense", "xla", "xla_gather")}
+    for label in routings:
+        routing = samplers["xla"].model.routing_options(**ROUTINGS[label])
+        out = {
+            impl: s.generate(prompts, max_new_tokens=8, routing=routing).token_ids
+            for impl, s in samplers.items()
+        }
+        assert out["xla"] == out["xla_dense"], label
+        assert out["xla_gather"] == out["xla_dense"], label
+
+
+def test_decode_logits_match_the_reference_backend():
+    """Logits of one cached decode step, masked and gathered forwards against ``reference`` (float32)."""
+    out = {}
+    for impl in ("reference", "xla", "xla_gather"):
+        model = _model("float32", impl)
+        cache = model.init_cache(2, 16)
+        mask = jnp.zeros((2, 16), jnp.int32).at[:, :4].set(1)
+        prefill = model.forward(
+            jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 10]]),
+            attention_mask=mask,
+            positions=jnp.arange(4)[None].repeat(2, 0),
+            cache=cache,
+        )
+        step = model.forward(
+            jnp.asarray([[11], [12]]),
+            attention_mask=mask.at[:, 4].set(1),
+            positions=jnp.full((2, 1), 4),
+            cache=prefill.cache,
+        )
+        out[impl] = step.logits
+    assert rel_err(out["xla"], out["reference"]) < 1e-5
+    assert rel_err(out["xla_gather"], out["reference"]) < 1e-5

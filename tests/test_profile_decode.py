@@ -1,0 +1,102 @@
+"""The parsers of ``scripts/profile_decode.py``: compiled-HLO step counts and perfetto-trace kernel stats."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "profile_decode.py"
+)
+
+
+@pytest.fixture(scope="module")
+def prof():
+    spec = importlib.util.spec_from_file_location("profile_decode", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hlo_step_summary_counts_the_loop_body_only(prof):
+    def f(x, w):
+        body = lambda c: (c[0] + 1, jnp.tanh(c[1] @ w) * 2.0)
+        return jax.lax.while_loop(lambda c: c[0] < 5, body, (0, x))[1]
+
+    x = jnp.ones((4, 8))
+    w = jnp.ones((8, 8))
+    text = jax.jit(f).lower(x, w).compile().as_text()
+    summary = prof.hlo_step_summary(text)
+    assert summary["by_opcode"].get("dot", 0) + summary["by_target"].get("fusion:kCustom", 0) >= 1
+    assert 1 <= summary["ops_per_step"] <= 12
+    assert "error" in prof.hlo_step_summary(jax.jit(lambda v: v @ w).lower(x).compile().as_text())
+
+
+def test_hlo_step_summary_reads_tuple_shaped_ops(prof):
+    """cuBLAS gemms and TopK return tuples: `%c = (f32[1,2]{1,0}, s32[1,2]{1,0}) custom-call(...)`."""
+    text = """HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %g = f32[4]{0} get-tuple-element(%p), index=1
+  %cc = (f32[4]{0}, s8[1024]{0}) custom-call(%g, %g), custom_call_target="__cublas$gemm"
+  %tk = (f32[2]{0}, s32[2]{0}) custom-call(%g), custom_call_target="TopK"
+  %f = f32[4]{0} fusion(%g), kind=kLoop, calls=%fc
+  ROOT %t = (s32[], f32[4]{0}) tuple(%p, %f)
+}
+
+ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %a = (s32[], f32[4]{0}) parameter(0)
+  ROOT %w = (s32[], f32[4]{0}) while(%a), condition=%cond, body=%body
+}
+"""
+    s = prof.hlo_step_summary(text)
+    assert s["ops_per_step"] == 3
+    assert s["by_target"] == {"__cublas$gemm": 1, "TopK": 1, "fusion:kLoop": 1}
+
+
+def _trace(tmp_path, events):
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 9, "args": {"name": "XLA Ops"}},
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    return str(tmp_path)
+
+
+def test_kernel_summary_from_a_trace(prof, tmp_path):
+    ev = lambda name, pid, tid, ts, dur: {
+        "ph": "X",
+        "name": name,
+        "pid": pid,
+        "tid": tid,
+        "ts": ts,
+        "dur": dur,
+    }
+    events = [
+        ev("gemv", 2, 7, 0.0, 10.0),
+        ev("fusion_1", 2, 7, 15.0, 5.0),
+        ev("gemv", 2, 7, 30.0, 10.0),
+        ev("MemcpyD2H", 2, 7, 45.0, 1.0),
+        ev("fusion_1", 2, 9, 15.0, 5.0),  # a derived line: not counted twice
+        ev("python", 1, 1, 0.0, 100.0),  # host: not a kernel
+    ]
+    trace = prof._load_trace(_trace(tmp_path, events))
+    kernels = prof.device_kernels(trace)
+    assert sorted(k[0] for k in kernels) == ["MemcpyD2H", "fusion_1", "gemv", "gemv"]
+    s = prof.kernel_summary(kernels, steps=2, top=5)
+    assert s["kernels_per_token"] == 1.5 and s["kernel_us_per_token"] == 12.5
+    assert s["memcpy_per_token"] == 0.5
+    assert s["busy_us_per_token"] == 13.0  # 26 us of intervals, none overlapping
+    assert s["top_kernels"][0] == {"name": "gemv", "calls_per_token": 1.0, "us_per_token": 10.0}
