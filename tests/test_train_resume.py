@@ -88,3 +88,30 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert mj.load(resumed.out_dir).expert_names == list(TASKS)
+
+
+def test_deadline_stop_then_resume_is_bitwise_identical(tmp_path):
+    """A run stopped by ``deadline`` (checkpointed at the step it reached, off the checkpoint grid) and resumed
+    ends with the same gates as an uninterrupted run."""
+    model = make_tiny_meteora_dir(tmp_path / "model", TASKS, max_positions=64)
+    data = write_tasks(tmp_path / "data", TASKS, n_train=16, n_test=4)
+    cfg = _config().replace(steps=10)
+    out, quiet = tmp_path / "stopped", lambda s: None
+
+    # a deadline already past: every call does exactly one step, checkpoints it and returns
+    first = train_gates(model, data, out, cfg, deadline=time.time() - 1, log=quiet)
+    assert first.final_step == 1 and not out.exists()
+    assert train_gates(model, data, out, cfg, resume=True, stop_after=4, log=quiet).final_step == 4
+    logs = []
+    fifth = train_gates(model, data, out, cfg, resume=True, deadline=time.time() - 1, log=logs.append)
+    assert fifth.final_step == 5 and any("deadline reached at step 5/10" in line for line in logs)
+    resumed = train_gates(model, data, out, cfg, resume=True, deadline=time.time() + 3600, log=quiet)
+    assert resumed.final_step == 10 and resumed.held_out
+    steps_logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps_logged == list(range(1, 11))
+
+    straight = train_gates(model, data, tmp_path / "straight", cfg, log=quiet)
+    a, b = _gates(resumed.out_dir), _gates(straight.out_dir)
+    assert a.keys() == b.keys() and len(a) == 14
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -106,11 +106,14 @@ def train_gates(
     model: Any = None,
     extra_config: dict | None = None,
     stop_after: int | None = None,
+    deadline: float | None = None,
 ) -> TrainResult:
     """Trains the gates of ``model_dir`` on ``data_dir`` and writes the trained model to ``out_dir``.
 
     ``model`` may be passed already loaded (add-adapter builds one); ``stop_after`` ends the process's work
-    at that step without writing ``out_dir`` (tests of interrupted runs).
+    at that step without writing ``out_dir`` (tests of interrupted runs). ``deadline`` (epoch seconds): the
+    first step that ends after it is checkpointed and the run returns without writing ``out_dir``
+    (``final_step < cfg.steps``); ``resume=True`` continues from there, exactly as if never stopped.
     """
     model_dir, data_dir = os.fspath(model_dir), os.fspath(data_dir)
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -172,11 +175,25 @@ def train_gates(
         train_step = make_train_step(state, cfg, routing)
         eval_step = make_eval_step(state, cfg, routing)
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-        _run(
-            state, cfg, data, pad_id, place, train_step, eval_step, names, start, end, ckpt_dir, metrics_path
+        reached = _run(
+            state,
+            cfg,
+            data,
+            pad_id,
+            place,
+            train_step,
+            eval_step,
+            names,
+            start,
+            end,
+            ckpt_dir,
+            metrics_path,
+            deadline=deadline,
         )
-        if end < cfg.steps:
-            return TrainResult(out_dir, work_dir, end, {}, notes)
+        if reached < cfg.steps:
+            if reached < end:
+                log(f"deadline reached at step {reached}/{cfg.steps}: checkpoint saved in {ckpt_dir}")
+            return TrainResult(out_dir, work_dir, reached, {}, notes)
         if start < cfg.steps or ckpt.latest_step(ckpt_dir) != cfg.steps:
             ckpt.save_checkpoint(ckpt_dir, cfg.steps, {"trainable": state.trainable, "opt": state.opt}, cfg)
         held = evaluate_held_out(state, cfg, data, names, pad_id, eval_step, place)
@@ -233,13 +250,17 @@ def _run(
     end: int,
     ckpt_dir: str,
     metrics_path: str,
-) -> None:
+    *,
+    deadline: float | None = None,
+) -> int:
+    """Steps ``start..end``; returns the last step done (< end only when ``deadline`` stopped the loop, after
+    a checkpoint of that step)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not cfg.progress, desc="train-gate", dynamic_ncols=True
     )
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, in_flight = time.perf_counter(), 0, None
     with open(metrics_path, "a") as mf:
         for step in range(start, end):
             batch = make_batch(
@@ -280,6 +301,18 @@ def _run(
                 )
                 t0, tokens = time.perf_counter(), 0
             bar.update(1)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            saved = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps)
+            if saved:
                 ckpt.save_checkpoint(ckpt_dir, done, {"trainable": state.trainable, "opt": state.opt}, cfg)
+            if deadline is not None and done < end:
+                # keep one step in flight: the clock then measures work done, not work queued by async dispatch
+                jax.block_until_ready(in_flight)
+                in_flight = m
+                if time.time() >= deadline:
+                    if not saved:
+                        trees = {"trainable": state.trainable, "opt": state.opt}
+                        ckpt.save_checkpoint(ckpt_dir, done, trees, cfg)
+                    bar.close()
+                    return done
     bar.close()
+    return end
