@@ -112,6 +112,41 @@ def test_config_is_strict_and_typed(tmp_path):
     assert names[:4] == ["data", "base", "adapters:0-10", "adapters:11-21"] and names[-1] == "report"
 
 
+def test_gate_attention_choice(monkeypatch):
+    """auto: einsum off GPU; on a GPU cudnn only where its forward + backward matches xla, else xla."""
+    import jax
+    import jax.numpy as jnp
+
+    from meteora_jax.model import llama
+    from meteora_jax.study import training as G
+
+    cfg = C.load_study_config(None, ["gates={attention: xla}"])
+    assert cfg.gate_attention() == "xla" and "attention" not in cfg.gate_train_config(1).to_dict()
+    assert C.load_study_config(None).gate_attention() == "auto"
+    with pytest.raises(MeteoraInputError, match="gates.attention"):
+        C.load_study_config(None, ["gates={attention: flash}"]).gate_attention()
+    heads = type("Cfg", (), {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    model = type("Model", (), {"config": heads, "dtype": jnp.dtype(jnp.bfloat16)})
+    logs = []
+    assert G.pick_attention("auto", model, 64, log=logs.append) == "einsum"  # this CPU
+    assert G.pick_attention("xla", model, 64, log=logs.append) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert G.pick_attention("auto", model, 64, log=logs.append) == "xla"  # cuDNN absent: its error falls back
+    assert "cudnn failed" in logs[-1]
+    # the probe itself, with the reference einsum standing in for cudnn: bf16 agreement -> cudnn
+    real = llama.attention
+    monkeypatch.setattr(
+        llama,
+        "attention",
+        lambda *a, implementation: real(
+            *a, implementation="einsum" if implementation == "cudnn" else implementation
+        ),
+    )
+    assert G.pick_attention("auto", model, 64, log=logs.append) == "cudnn", logs[-1]
+    model.dtype = jnp.dtype(jnp.float32)
+    assert G.pick_attention("auto", model, 64, log=logs.append) == "xla"
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 def _toy_datas(names, n=12, seed=0):
     rng = np.random.default_rng(seed)

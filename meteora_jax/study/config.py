@@ -20,6 +20,8 @@ from meteora_jax.errors import MeteoraInputError
 PACK_A, PACK_B = ".study/pack_a", ".study/pack_b"
 DATA_PACK_NAME = "bigbench22.tar.gz"
 BASELINES = ("lora_b", "lora_f")
+STUDY_GATE_KEYS = ("top_k", "attention")  # `gates` keys the study reads itself; the rest go to TrainConfig
+GATE_ATTENTION = ("auto", "einsum", "xla", "cudnn")
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002
@@ -119,7 +121,11 @@ class StudyConfig:
     base_hf: str = _f("", "use this HF checkpoint dir as the base instead of the SmolLM2 GGUF (tests)")
     data: DataConfig = DataConfig()
     adapters: AdapterConfig = AdapterConfig()
-    gates: dict = _f(None, "meteora_jax.train.TrainConfig overrides for gate training (+ top_k: [1, 2])")
+    gates: dict = _f(
+        None,
+        "meteora_jax.train.TrainConfig overrides for gate training (+ top_k: [1, 2], attention: auto|einsum|"
+        "xla|cudnn; auto = cudnn on a GPU where it compiles for the model, else xla; einsum on CPU)",
+    )
     eval: EvalConfig = EvalConfig()
     composite: CompositeConfig = CompositeConfig()
 
@@ -129,12 +135,19 @@ class StudyConfig:
     def gate_top_ks(self) -> tuple[int, ...]:
         return tuple((self.gates or {}).get("top_k", (1, 2)))
 
+    def gate_attention(self) -> str:
+        """``gates.attention``: the attention implementation gate training asks for (``auto`` by default)."""
+        name = str((self.gates or {}).get("attention", "auto"))
+        if name not in GATE_ATTENTION:
+            raise MeteoraInputError(f"gates.attention: {name!r} is not one of {list(GATE_ATTENTION)}")
+        return name
+
     def gate_train_config(self, top_k: int):  # noqa: ANN201 (a TrainConfig)
         """The gate-training config: ``gates`` overrides, typed and checked by train.config's own loader."""
         from meteora_jax.train.config import load_config
 
         over = {"prompt_template": self.prompt_template}
-        over.update({k: v for k, v in (self.gates or {}).items() if k != "top_k"})
+        over.update({k: v for k, v in (self.gates or {}).items() if k not in STUDY_GATE_KEYS})
         over.update(top_k=top_k, seed=self.seed)
         try:
             return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])

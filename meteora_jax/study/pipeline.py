@@ -22,8 +22,8 @@ Design choices, and why:
 * Overlong examples are dropped, never cut: a truncated prompt loses the question or the answer. Counts are
   recorded (``eval.max_prompt_tokens``, ``adapters.max_seq_len``); paragraph_segmentation (prompts up to
   31k tokens) is the task this affects most.
-* Every long loop honours a deadline (``--max-minutes``): adapter training checkpoints, evaluation keeps
-  each finished (system, task) score, and the next ``--resume`` continues. Process wall time is summed into
+* Every long loop honours a deadline (``--max-minutes``): adapter and gate training checkpoint, evaluation
+  keeps each finished (system, task) score, and the next ``--resume`` continues. Process wall time is summed into
   ``device_seconds`` (the machine's start and the transfers are not visible from inside and not counted).
 
 Getting the inputs onto a GPU machine that cannot download anything is described in the module docstring of
@@ -49,9 +49,11 @@ from meteora_jax.study.report import step_report
 from meteora_jax.study.state import Ctx, StudyState, default_tasks, step_names
 from meteora_jax.study.training import step_adapters, step_convert, step_gates
 
-# Steps that cannot stop at the deadline (gate training has no deadline hook; convert and base are one piece)
-# start only with this many minutes left, so that a call does not die at its hard limit half-way through.
-MIN_MINUTES_TO_START = {"base": 2.0, "convert": 2.0, "gates": 4.5, "eval": 2.0, "report": 1.0}
+# A step starts only with this many minutes left, so that a call does not die at its hard limit half-way
+# through (base and convert are one piece) nor start work it cannot keep. Gate training stops at the deadline
+# with a checkpoint, so it needs only load + compile (~70 s measured in float32 on the H200) + one checkpoint
+# interval (200 steps, ~25 s ESTIMATED in bf16) + the finish reserve (training.GATES_FINISH_RESERVE_S).
+MIN_MINUTES_TO_START = {"base": 2.0, "convert": 2.0, "gates": 2.5, "eval": 2.0, "report": 1.0}
 
 
 def run_step(ctx: Ctx, name: str, *, sdist: str | None = None) -> dict | None:

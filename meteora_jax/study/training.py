@@ -136,7 +136,9 @@ def step_convert(ctx: Ctx) -> dict:
     return {"meteora_init": str(init), "pool": str(pool)}
 
 
-def step_gates(ctx: Ctx, top_k: int) -> dict:
+def step_gates(ctx: Ctx, top_k: int) -> dict | None:
+    """Trains the top-k gates; None when ``ctx.deadline`` stopped it (checkpointed: ``--resume`` continues)."""
+    import meteora_jax as mj
     from meteora_jax.train.loop import REPORT_FILE, train_gates
 
     init = ctx.state.outputs("convert")["meteora_init"]
@@ -145,14 +147,101 @@ def step_gates(ctx: Ctx, top_k: int) -> dict:
     tcfg = ctx.cfg.gate_train_config(top_k).replace(
         progress=ctx.progress, work_dir=str(ctx.work / "models" / f".gates_top{top_k}.train")
     )
+    attention = ""
     if not (out / REPORT_FILE).is_file():
-        train_gates(init, data_dir, str(out), tcfg, resume=True, overwrite=True, log=ctx.log)
+        model = mj.load(init, dtype=tcfg.dtype or None)
+        attention = pick_attention(ctx.cfg.gate_attention(), model, max(tcfg.buckets), log=ctx.log)
+        model.set_attention_implementation(attention)
+        # the held-out evaluation and the model's write come after the last step: keep time for them
+        deadline = None if ctx.deadline is None else ctx.deadline - GATES_FINISH_RESERVE_S
+        res = train_gates(
+            init,
+            data_dir,
+            str(out),
+            tcfg,
+            resume=True,
+            overwrite=True,
+            log=ctx.log,
+            model=model,
+            deadline=deadline,
+        )
+        if res.final_step < tcfg.steps:
+            return None
     report = json.loads((out / REPORT_FILE).read_text())
     held = report.get("held_out", {})
     return {
         "model": str(out),
         "top_k": top_k,
+        "attention": attention or None,
+        "dtype": tcfg.dtype or "as saved",
         "routing_acc": held.get("routing_acc"),
+        "routing_acc_response": held.get("routing_acc_response"),
         "routing_acc_contextual": held.get("routing_acc_contextual"),
+        "gate_ce": held.get("gate_ce"),
         "held_out_tokens": held.get("tokens"),
     }
+
+
+# Seconds kept back from ``--max-minutes`` for what follows the last training step (held-out routing over
+# eval_examples_per_task x 22 sequences, the model's write): ESTIMATED, not measured separately on the H200.
+GATES_FINISH_RESERVE_S = 45.0
+
+
+def pick_attention(requested: str, model, seq_len: int, *, log=print) -> str:  # noqa: ANN001
+    """The attention implementation for gate training: ``requested`` unless it is ``auto``.
+
+    ``auto``: ``einsum`` (the reference) off GPU; on a GPU ``cudnn`` (fused flash attention) when the model
+    computes in bf16/fp16 and a forward + backward of this model's attention shape compiles and matches
+    ``xla`` there, else ``xla``. The probe is one small program (batch 2), compiled once per process.
+    """
+    import jax
+
+    if requested != "auto":
+        return requested
+    if jax.default_backend() != "gpu":
+        return "einsum"
+    if model.dtype.itemsize != 2:
+        log(f"attention: xla (cudnn needs bf16/fp16; the model computes in {model.dtype})")
+        return "xla"
+    try:
+        err = _cudnn_mismatch(model.config, model.dtype, seq_len)
+    except Exception as e:  # noqa: BLE001 (any lowering/compile/runtime failure means: not here)
+        log(f"attention: xla (cudnn failed on this GPU: {type(e).__name__}: {str(e)[:200]})")
+        return "xla"
+    if err > 0.05:
+        log(f"attention: xla (cudnn differs from xla by {err:.3f}, relative)")
+        return "xla"
+    log(f"attention: cudnn (matches xla to {err:.4f}, relative)")
+    return "cudnn"
+
+
+def _cudnn_mismatch(cfg, dtype, seq_len: int) -> float:  # noqa: ANN001
+    """Largest relative difference between cudnn and xla attention (outputs and q/k/v gradients) on random
+    inputs of the model's head layout, with a causal + right-padding mask as training batches have."""
+    import jax
+    import jax.numpy as jnp
+
+    from meteora_jax.model.llama import attention
+
+    b, t, n, kv, h = 2, seq_len, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kq, kk, kvv, kc = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (b, t, n, h), dtype)
+    k = jax.random.normal(kk, (b, t, kv, h), dtype)
+    v = jax.random.normal(kvv, (b, t, kv, h), dtype)
+    cot = jax.random.normal(kc, (b, t, n, h), jnp.float32)
+    valid_bs = jnp.arange(t)[None, :] < jnp.array([t, t // 2])[:, None]
+    mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid_bs[:, None, :]
+
+    def run(impl: str) -> tuple:
+        def loss(q, k, v):  # noqa: ANN001, ANN202
+            out = attention(q, k, v, mask_bts, implementation=impl)
+            return jnp.sum(out.astype(jnp.float32) * cot), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return (out, *grads)
+
+    worst = 0.0
+    for a, ref in zip(run("cudnn"), run("xla")):
+        a, ref = jnp.asarray(a, jnp.float32), jnp.asarray(ref, jnp.float32)
+        worst = max(worst, float(jnp.max(jnp.abs(a - ref)) / (jnp.max(jnp.abs(ref)) + 1e-6)))
+    return worst
