@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             sdist=args.sdist,
             progress=not args.quiet,
             started=STARTED,
+            compile_cache=True,
         )
         print(pipeline.status_table(cfg))
         left = [

@@ -147,6 +147,21 @@ def test_gate_attention_choice(monkeypatch):
     assert G.pick_attention("auto", model, 64, log=logs.append) == "xla"
 
 
+def test_compile_cache_keeps_programs_in_the_work_dir(tmp_path):
+    """In a fresh process (the cache is process-global): a compiled program lands in <work>/xla_cache."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax, jax.numpy as jnp; from pathlib import Path; from meteora_jax.study import pipeline; "
+        "pipeline.enable_compile_cache(Path(sys.argv[1]), min_compile_s=0.0); "
+        "print(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum())"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, capture_output=True)
+    assert any((tmp_path / "xla_cache").iterdir())
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 def _toy_datas(names, n=12, seed=0):
     rng = np.random.default_rng(seed)

@@ -56,6 +56,27 @@ from meteora_jax.study.training import step_adapters, step_convert, step_gates
 MIN_MINUTES_TO_START = {"base": 2.0, "convert": 2.0, "gates": 2.5, "eval": 2.0, "report": 1.0}
 
 
+# Programs that compile faster than this are not worth a cache entry; every program the study repeats is far
+# slower (eval generation ~40-70 s each, gate training ~70 s, teacher-forced routing per length bucket).
+CACHE_MIN_COMPILE_S = 0.5
+
+
+def enable_compile_cache(work: Path, min_compile_s: float = CACHE_MIN_COMPILE_S) -> Path:
+    """JAX's persistent compilation cache in ``<work>/xla_cache`` (plus XLA's GPU autotuning results), set
+    before the first compile: a step resumed in a later call, or run again, loads its programs instead of
+    recompiling them (eval: ~110 s of compiles per model). It helps only within one machine's life: the
+    cache lives in the work dir, which goes with the machine (a fresh machine compiles everything again).
+    """
+    import jax
+
+    path = work / "xla_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 def run_step(ctx: Ctx, name: str, *, sdist: str | None = None) -> dict | None:
     """Runs one step; returns its outputs, or None when it stopped early at the deadline."""
     if name == "data":
@@ -92,17 +113,21 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] = print,
     started: float | None = None,
+    compile_cache: bool = False,
 ) -> StudyState:
     """Runs the planned steps in order (see the module docstring), skipping finished ones.
 
     ``steps``: exactly these; ``until``: every step up to and including it; neither: all. A work dir that
     already holds finished steps needs ``resume`` (or explicit ``steps``), so that a typo in ``--work-dir``
     never silently restarts nor silently continues a study. ``max_minutes`` bounds this process: no step
-    starts in its last minute, and long steps checkpoint and stop at it.
+    starts in its last minute, and long steps checkpoint and stop at it. ``compile_cache``: JAX's persistent
+    compilation cache in ``<work>/xla_cache`` (``enable_compile_cache``; the script turns it on).
     """
     started = time.time() if started is None else started
     work = cfg.work_path()
     work.mkdir(parents=True, exist_ok=True)
+    if compile_cache:
+        enable_compile_cache(work)
     state = StudyState(work)
     out = Path(out_dir or os.environ.get("OUT") or "benchmarks/results")
     deadline = None if max_minutes is None else started + 60.0 * max_minutes
