@@ -162,6 +162,47 @@ def test_compile_cache_keeps_programs_in_the_work_dir(tmp_path):
     assert any((tmp_path / "xla_cache").iterdir())
 
 
+def test_out_state_carries_partial_results(tmp_path, monkeypatch):
+    """Every call's $OUT/study_state.json carries the finished scores (no per-example lists) and held-out gate
+    summaries, so a call cut short still brings them back; a failing read never hides the state."""
+    work = tmp_path / "work"
+    row = {"score": 40.0, "n": 3, "examples": [{"pred": "x" * 100, "ref": "y"}], "seconds": 1.0}
+    T.write_json(work / "eval" / "single.json", {"scores": {"base": {"upper": row}}})
+    routing = {"overall": 0.9, "per_task": {"upper": 0.9}}
+    T.write_json(
+        work / "eval" / "meteora.json", {"scores": {"meteora_top2": {"upper": row}}, "routing": routing}
+    )
+    comp = {"3": {"meteora": {"correct": 1.0, "attempted": 2.0, "examples": [1]}}}
+    T.write_json(work / "eval" / "composite.json", {"scores": comp, "routing_plot": {"top1_lt": [[0] * 50]}})
+    held = {"routing_acc": 0.5, "routing_acc_per_layer": {"0": 0.5}, "routing_acc_per_gate": {"g": 0.5}}
+    T.write_json(work / "models" / "meteora_top2" / "training_report.json", {"held_out": held})
+    state = T.StudyState(work)
+    state.step("gates:top2").update(done=True, outputs={"model": str(work / "models" / "meteora_top2")})
+    state.step("gates:top1")  # not finished: not reported
+
+    got = S.out_state(work, state)
+    assert got["steps"] == state.data["steps"]
+    part = got["partial_results"]
+    assert part["eval"]["single"] == {"scores": {"base": {"upper": {"score": 40.0, "n": 3, "seconds": 1.0}}}}
+    assert part["eval"]["meteora"]["routing"] == routing
+    assert part["eval"]["composite"] == {"scores": {"3": {"meteora": {"correct": 1.0, "attempted": 2.0}}}}
+    assert part["gates"] == {"gates:top2": {"routing_acc": 0.5, "routing_acc_per_layer": {"0": 0.5}}}
+
+    monkeypatch.setattr(S, "OUT_STATE_MAX_BYTES", 10)
+    small = S.out_state(work, state)["partial_results"]
+    assert small["truncated"] and small["eval"]["single"]["scores"] == {"base": {"upper": 40.0}}
+    assert small["gates"] == {"gates:top2": {"routing_acc": 0.5}}
+    (work / "models" / "meteora_top2" / "training_report.json").write_text("{not json")
+    assert "error" in S.out_state(work, state)["partial_results"]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    cfg = C.load_study_config(None, [f"work_dir={tmp_path}/w2", f"data.tasks=[{','.join(TASKS)}]"])
+    S.run_study(cfg, steps=["report"], max_minutes=0.01, progress=False, log=lambda s: None)
+    assert "partial_results" in json.loads((out / "study_state.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 def _toy_datas(names, n=12, seed=0):
     rng = np.random.default_rng(seed)

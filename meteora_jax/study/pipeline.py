@@ -33,8 +33,8 @@ Getting the inputs onto a GPU machine that cannot download anything is described
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,7 +46,7 @@ from meteora_jax.study.config import StudyConfig
 from meteora_jax.study.evaluate import step_eval_meteora, step_eval_single
 from meteora_jax.study.packs import step_base, step_data
 from meteora_jax.study.report import step_report
-from meteora_jax.study.state import Ctx, StudyState, default_tasks, step_names
+from meteora_jax.study.state import Ctx, StudyState, default_tasks, step_names, write_json
 from meteora_jax.study.training import step_adapters, step_convert, step_gates
 
 # A step starts only with this many minutes left, so that a call does not die at its hard limit half-way
@@ -180,8 +180,76 @@ def run_study(
         state.data["runs"].append({**run_log, "seconds": round(seconds, 1)})
         state.save()
         if os.environ.get("OUT"):
-            shutil.copyfile(state.path, Path(os.environ["OUT"]) / "study_state.json")
+            write_json(Path(os.environ["OUT"]) / "study_state.json", out_state(work, state))
     return state
+
+
+# $OUT/study_state.json stays under this (the device returns at most 8 files of 16 MiB; this one must not grow).
+OUT_STATE_MAX_BYTES = 1_000_000
+
+
+def out_state(work: Path, state: StudyState) -> dict:
+    """``state.json`` + ``partial_results``: every finished eval score so far and each finished gate training's
+    held-out summary, so that a call cut short (or a session that ends early) still brings its results back
+    in the one file every call returns. Never raises: it runs in ``run_study``'s ``finally``."""
+    try:
+        partial = partial_results(work, state)
+        if len(json.dumps(partial)) > OUT_STATE_MAX_BYTES:  # keep the headline numbers only
+            partial = {"truncated": True, **_headline(partial)}
+    except Exception as e:  # noqa: BLE001 (the state itself must still come back)
+        partial = {"error": f"{type(e).__name__}: {e}"}
+    return {**state.data, "partial_results": partial}
+
+
+def partial_results(work: Path, state: StudyState) -> dict:
+    """``eval``: ``<work>/eval/<name>.json``'s ``scores`` (without the per-example ``examples``) and
+    ``routing``; ``gates``: ``gates:topK`` -> its held-out report without the per-gate lists."""
+    from meteora_jax.train.loop import REPORT_FILE
+
+    out: dict[str, Any] = {"eval": {}, "gates": {}}
+    for path in sorted((work / "eval").glob("*.json")):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        entry = {"scores": _without_examples(res.get("scores", {}))}
+        if "routing" in res:
+            entry["routing"] = res["routing"]
+        out["eval"][path.stem] = entry
+    for name, st in sorted(state.data["steps"].items()):
+        if name.startswith("gates:top") and st.get("done"):
+            report = Path(st["outputs"]["model"]) / REPORT_FILE
+            held = json.loads(report.read_text()).get("held_out", {}) if report.is_file() else {}
+            out["gates"][name] = {k: v for k, v in held.items() if not k.endswith("_per_gate")}
+    return out
+
+
+def _without_examples(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_examples(v) for k, v in node.items() if k != "examples"}
+    return node
+
+
+def _headline(partial: dict) -> dict:
+    """Scores only ((system, task) -> score) and overall accuracies: the fallback when the full form is too big."""
+
+    def scores(node: Any) -> Any:
+        if isinstance(node, dict) and "score" in node:
+            return node["score"]
+        if isinstance(node, dict) and "correct" in node:
+            return {k: node[k] for k in ("correct", "attempted") if k in node}
+        return {k: scores(v) for k, v in node.items()} if isinstance(node, dict) else None
+
+    return {
+        "eval": {
+            n: {"scores": scores(e["scores"]), "routing": (e.get("routing") or {}).get("overall")}
+            for n, e in partial["eval"].items()
+        },
+        "gates": {
+            n: {k: v for k, v in g.items() if not k.endswith("_per_layer")}
+            for n, g in partial["gates"].items()
+        },
+    }
 
 
 def status_table(cfg: StudyConfig) -> str:
