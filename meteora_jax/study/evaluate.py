@@ -9,8 +9,14 @@ Design choices, and why:
   sampler's jit cache keys on the graph, not the weights, so 25 systems cost one compile per shape. "base"
   is that model with the expert's scaling set to 0 (its contribution is exactly zero). Forcing expert e in
   the 22-expert model instead would compile 22 programs (the forced index is static).
-* Few shapes. The sampler pads prompts to ``eval.min_bucket`` (one bucket for nearly every prompt) and every
-  batch to ``eval.batch_size`` rows, so each routing setting compiles once or twice.
+* Few shapes. The sampler pads prompts AND the new-token budget to ``eval.min_bucket`` (1024 >=
+  ``eval.max_prompt_tokens``: every kept prompt falls in one bucket) and every batch is filled to
+  ``eval.batch_size`` rows, so each model compiles ONE prefill and ONE decode program for all 22 tasks.
+  With min_bucket 512 it was two of each (prompt buckets 512 and 1024): ~110-120 s of compiles per model
+  were measured in the first two tasks; about half of that is saved (ESTIMATED). The KV cache is then 2048
+  slots; the decode steps reading it cost well under a second per task.
+* One gate training serves MeteoRA top-1 and top-2: ``eval.meteora_top_ks`` loads the trained gates with k
+  experts per token (``meteora_gates`` records which gates each system used).
 * Every finished (system, task) score is written to ``<work>/eval/<name>.json`` at once, so a run stopped at
   the deadline loses nothing and the next ``--resume`` continues.
 """
@@ -27,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from meteora_jax.study.config import BASELINES
+from meteora_jax.study.config import BASELINES, StudyConfig
 from meteora_jax.study.state import Ctx, write_json
 from meteora_jax.study.training import encode_cfg
 
@@ -72,16 +78,36 @@ def generate_texts(
     sampler: Any, ids: list[list[int]], routing: Any, *, batch_size: int, max_new_tokens: int
 ) -> list[str]:
     """Greedy answers for every prompt, in full batches of ``batch_size`` (static shapes), longest first."""
+    return generate_with_trace(
+        sampler, ids, routing, batch_size=batch_size, max_new_tokens=max_new_tokens, trace_of=None
+    )[0]
+
+
+def generate_with_trace(
+    sampler: Any,
+    ids: list[list[int]],
+    routing: Any,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    trace_of: int | None,
+) -> tuple[list[str], tuple[Any, int] | None]:
+    """``generate_texts``, and with ``trace_of`` = i the routing of prompt i: (its batch's
+    ``GenerationResult``, its row there). Only that batch records routing (a static flag: its own program)."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
+    trace = None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = [ids[i] for i in idx]
         batch += [batch[-1]] * (batch_size - len(batch))  # filler rows: same shape, answers discarded
-        res = sampler.generate(batch, max_new_tokens=max_new_tokens, routing=routing)
+        record = trace_of in idx
+        res = sampler.generate(batch, max_new_tokens=max_new_tokens, routing=routing, return_routing=record)
+        if record:
+            trace = (res, idx.index(trace_of))
         for j, i in enumerate(idx):
             out[i] = res.texts[j]
-    return out
+    return out, trace
 
 
 def headline_metric(task: str) -> str:
@@ -236,12 +262,15 @@ def single_bench(pool_dir: str, dtype: str, min_bucket: int) -> SingleExpertBenc
 
 
 def meteora_system(ctx: Ctx, top_k: int) -> Prepare:
+    """MeteoRA with ``top_k`` experts per token at inference, from the gates ``meteora_gates(ctx.cfg, top_k)``
+    names (one gate training serves every k: ``top_k`` is a load-time routing setting)."""
+
     def prepare(task: str = "") -> tuple[Any, Any]:
         import meteora_jax as mj
         from meteora_jax.generate import Sampler
         from meteora_jax.tokenizer import load_tokenizer
 
-        model_dir = ctx.state.outputs(f"gates:top{top_k}")["model"]
+        model_dir = ctx.state.outputs(meteora_gates(ctx.cfg, top_k)["gates"])["model"]
         key = ("meteora", os.path.abspath(model_dir), ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket, top_k)
         if key not in _MODELS:
             model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
@@ -252,25 +281,40 @@ def meteora_system(ctx: Ctx, top_k: int) -> Prepare:
     return prepare
 
 
+def meteora_gates(cfg: StudyConfig, top_k: int) -> dict:
+    """How system ``meteora_top<top_k>`` was obtained: its gate-training step, the top_k those gates were
+    trained with, and the k it runs with (written into ``eval/meteora.json`` and the report)."""
+    trained = cfg.trained_top_k(top_k)
+    return {"gates": f"gates:top{trained}", "trained_top_k": trained, "eval_top_k": top_k}
+
+
 def step_eval_meteora(ctx: Ctx) -> dict | None:
-    systems = [(f"meteora_top{k}", meteora_system(ctx, k), False) for k in ctx.cfg.gate_top_ks()]
-    out = _eval_loop(ctx, "meteora", systems)
+    ks = ctx.cfg.meteora_top_ks()
+    path = ctx.work / "eval" / "meteora.json"
+    results = load_eval(path)
+    results["systems"] = {f"meteora_top{k}": meteora_gates(ctx.cfg, k) for k in ks}
+    write_json(path, results)
+    out = _eval_loop(ctx, "meteora", [(f"meteora_top{k}", meteora_system(ctx, k), False) for k in ks])
     if out is None:
         return None
-    path = ctx.work / "eval" / "meteora.json"
     results = load_eval(path)
     if "routing" not in results and ctx.cfg.eval.routing_per_task:
         if ctx.time_left() < 60:
             return None
-        results["routing"] = teacher_forced_routing(ctx, max(ctx.cfg.gate_top_ks()))
+        results["routing"] = teacher_forced_routing(ctx, ctx.cfg.main_top_k())
         write_json(path, results)
     return out
 
 
 def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
     """Routing accuracy the harness's way (``eval.routing``): prompt + reference through one forward, share of
-    response tokens whose top-1 expert, at every MoE projection, is the task's. All tasks' pairs go through
-    one call sorted by length, so the forward compiles once per length bucket, not per task."""
+    response tokens whose top-1 expert, at every MoE projection, is the task's.
+
+    ONE compiled program: ``teacher_forced_top1`` pads each batch of ``eval.batch_size`` pairs to the length
+    bucket of its longest pair (and its row count to a power of two), so the pairs are dealt longest-first
+    round-robin over the batches (every batch then holds one of the longest pairs: the same length bucket)
+    and the list is filled up to whole batches with repeats (discarded). Padding is masked; the forward
+    compute it adds is seconds, each extra compile of the 22-expert forward ~15-20 s (ESTIMATED)."""
     from meteora_jax.eval.routing import teacher_forced_top1
 
     sampler, _ = meteora_system(ctx, top_k)()
@@ -284,13 +328,33 @@ def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
             if resp:
                 pairs.append((ids, resp))
                 owner.append(task)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    order = one_bucket_order([len(p) + len(r) for p, r in pairs], ctx.cfg.eval.batch_size)
     top1 = teacher_forced_top1(model, [pairs[i] for i in order], batch_size=ctx.cfg.eval.batch_size)
     hits: dict[str, list[float]] = {t: [0.0, 0.0] for t in ctx.tasks}
+    seen = set()
     for i, top1_tlp in zip(order, top1):
+        if i in seen:  # a filler repeat
+            continue
+        seen.add(i)
         task = owner[i]
         hits[task][0] += float((top1_tlp == model.expert_names.index(task)).sum())
         hits[task][1] += float(top1_tlp.size)
     per_task = {t: (h / n if n else None) for t, (h, n) in hits.items()}
     total = sum(h for h, _ in hits.values()) / max(sum(n for _, n in hits.values()), 1.0)
     return {"overall": total, "per_task": per_task, "top_k": top_k, "pairs": len(pairs)}
+
+
+def one_bucket_order(lengths: list[int], batch_size: int) -> list[int]:
+    """Indices into ``lengths`` such that consecutive chunks of ``batch_size`` all have the same longest
+    length bucket and are all full: the n longest are dealt one per chunk (n = number of chunks), the rest
+    fill the chunks round-robin, and short chunks are topped up with repeats of the longest (to discard)."""
+    if not lengths:
+        return []
+    chunks = -(-len(lengths) // batch_size)
+    by_len = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = [[i] for i in by_len[:chunks]]
+    for j, i in enumerate(by_len[chunks:]):
+        rows[j % chunks].append(i)
+    for r in rows:
+        r += [by_len[0]] * (batch_size - len(r))
+    return [i for r in rows for i in r]

@@ -8,9 +8,11 @@ atomically), and each is sized to fit one <= 9 minute GPU run:
     adapters:A-B         one PEFT LoRA per task A..B (sorted task index), K adapters trained in ONE model
     adapters:baselines   LoRA-B (1,000 balanced samples per task) and LoRA-F (all data), together
     convert              meteora_init (22 experts, top-2) and pool (22 + LoRA-B + LoRA-F, for single-expert evals)
-    gates:top1, gates:top2   gate training, the MeteoRA recipe (``meteora_jax.train.train_gates``)
+    gates:top2           gate training, the MeteoRA recipe (``meteora_jax.train.train_gates``); one step per
+                         ``gates.top_k`` entry (default [2]: one training per seed)
     eval:single          base, oracle (own adapter forced), LoRA-B, LoRA-F on every task's test split
-    eval:meteora         MeteoRA top-1 and top-2 on every task's test split (no task label)
+    eval:meteora         MeteoRA top-1 and top-2 (``eval.meteora_top_ks``: the top-2 gates run with k=1 and
+                         k=2) on every task's test split (no task label)
     eval:composite       composite-3/5/10 (MeteoRA top-2 vs LoRA-B vs LoRA-F), MeteoRA's numbered-answer scoring
     report               bigbench_small.json (the issue's schema), a RESULTS.md section, plots, "must show" table
 
