@@ -164,12 +164,15 @@ ROUTINGS = {
     "top2": {},
     "top1": {"top_k": 1},
     "forced": {"force_expert": "task5"},
-    "no_experts": {"no_experts": True},
 }
 
 
 @pytest.mark.parametrize(
-    "dtype,routings", [("bfloat16", tuple(ROUTINGS)), ("float32", ("top2",))], ids=["bf16", "f32"]
+    # Each (routing, backend) pair compiles a prefill and a decode program, so the cases are split across
+    # dtypes to keep the CPU suite short.
+    "dtype,routings",
+    [("bfloat16", ("top2", "forced")), ("float32", ("top2", "top1"))],
+    ids=["bf16", "f32"],
 )
 def test_greedy_decode_tokens_equal_the_old_dense_path(dtype, routings):
     prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
