@@ -13,10 +13,10 @@ For each variant and each decode batch it compiles the sampler's decode loop onc
 
 Variants: ``base`` (the same model, experts off), ``auto`` (the default backend) or a grouped_lora
 implementation: ``xla_dense`` (the old dense path: shrink + expand with one-hot contractions),
-``xla_masked`` (= ``xla`` now: one [T, E] coefficient mask), ``xla_gather`` (gathers the chosen experts),
-``reference``, ``pallas_gpu``. Suffixes switch what the library reads at trace time: ``+reduce_softmax``
-routes with ``jax.nn.softmax`` (the old way) instead of the elementwise top-2 softmax
-(``gate.softmax_sorted``); ``+batched_shrink`` makes the masked shrink a matmul batched over experts.
+``xla_masked`` (= ``xla`` now: one [T, E] coefficient mask), ``xla_masked_batched`` (the same with the
+shrink as a matmul batched over experts), ``xla_gather`` (gathers the chosen experts),
+``reference``, ``pallas_gpu``. The suffix ``+reduce_softmax`` (read by the library at trace time) routes with
+``jax.nn.softmax`` (the old way) instead of the elementwise top-2 softmax (``gate.softmax_sorted``).
 ``xla_dense+reduce_softmax`` is the code before this change.
 
 XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process
@@ -56,7 +56,6 @@ _DERIVED_LINES = re.compile(r"XLA Ops|XLA Modules|Steps|TensorFlow|Framework|Sou
 # ``impl+option``: A/B switches that the library reads at trace time (environment variables).
 VARIANT_OPTIONS = {
     "reduce_softmax": {"METEORA_TOPK_SOFTMAX": "reduce"},
-    "batched_shrink": {"METEORA_MASKED_SHRINK": "batched"},
 }
 # `%name = shape opcode(`, the shape a tuple `(f32[2]{0}, s8[64]{0})` for cuBLAS gemms and TopK.
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
@@ -345,7 +344,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (faster compiles)")
     ap.add_argument(
         "--variants",
-        default="base,xla_dense+reduce_softmax,xla_masked,xla_masked+batched_shrink,xla_gather",
+        default="base,xla_dense+reduce_softmax,xla_masked,xla_masked_batched,xla_gather",
         help="comma list: base, auto or an implementation, with optional +option suffixes",
     )
     ap.add_argument("--batches", default="1,64", help="comma list of decode batch sizes")

@@ -109,12 +109,11 @@ def test_auto_is_masked_for_few_expert_columns_only():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_batched_shrink_switch_matches(dtype, monkeypatch, request):
+def test_batched_shrink_matches(dtype, request):
     inp = _inputs(3, 2, dtype, request.node.name)
     want = _forward(inp, "xla_masked", True)
-    monkeypatch.setenv("METEORA_MASKED_SHRINK", "batched")
-    got = _forward(inp, "xla_masked", True)
-    assert "f32[28,3,8]" in str(jax.make_jaxpr(lambda i: _forward(i, "xla_masked", True))(inp))
+    got = _forward(inp, "xla_masked_batched", True)
+    assert "f32[28,3,8]" in str(jax.make_jaxpr(lambda i: _forward(i, "xla_masked_batched", True))(inp))
     assert rel_err(got, _forward(inp, "reference", True)) < TOLERANCE[dtype]
     if dtype == "float32":
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-6 * float(jnp.max(jnp.abs(want)))

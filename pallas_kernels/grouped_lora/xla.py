@@ -27,14 +27,13 @@ A backend may also carry a ``forward``: a whole forward pass used when nothing i
   ``GATHER_MAX_ROWS``; above that it hands over to ``masked_forward``).
 
 Both round like ``vjp._forward``: ``h`` in float32, ``h * coef`` cast to B's dtype, float32 accumulation.
-``METEORA_MASKED_SHRINK=batched`` (read at trace time; an A/B switch for ``scripts/profile_decode.py``) makes
-the masked shrink a matmul batched over experts, see ``masked_forward``.
+``masked_batched_forward`` (``xla_masked_batched``) is ``masked_forward`` with the shrink as a matmul batched
+over experts (an A/B variant for ``scripts/profile_decode.py``; see ``masked_forward``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 import jax
@@ -68,7 +67,17 @@ def _coef_tk(ids_tk: Array, weights_tk: Array, scaling_e: Array) -> Float[Array,
     return weights_tk.astype(jnp.float32) * scaling_e.astype(jnp.float32)[ids_tk]
 
 
-def masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
+def masked_forward(
+    x_td: Array,
+    w_do: Array | None,
+    lora_a_edr: Array,
+    lora_b_ero: Array,
+    ids_tk: Array,
+    weights_tk: Array,
+    scaling_e: Array,
+    *,
+    batched_shrink: bool = False,
+) -> Array:
     """The dense forward with the routing applied as one [T, E] coefficient mask (see the module doc)."""
     num_experts = lora_a_edr.shape[0]
     # [T, E]: routing weight times scaling, zero for experts a token did not pick. A token's k experts are
@@ -77,7 +86,7 @@ def masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scali
     hit_tke = ids_tk[:, :, None] == jnp.arange(num_experts, dtype=ids_tk.dtype)
     weight_te = jnp.sum(jnp.where(hit_tke, weights_tk.astype(jnp.float32)[:, :, None], 0.0), axis=1)
     coef_te = weight_te * scaling_e.astype(jnp.float32)[None, :]
-    if os.environ.get("METEORA_MASKED_SHRINK", "") == "batched":
+    if batched_shrink:
         # [T, E, R] from a matmul batched over experts: reads A as stored ([E, d, r]), where the flat form
         # below needs A as [d, E * r], a relayout XLA may redo every call; costs a broadcast of x instead.
         x_etd = jnp.broadcast_to(x_td, (num_experts, *x_td.shape))
@@ -95,6 +104,13 @@ def masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scali
         "ter,ero->to", hc_ter, lora_b_ero, precision=_HIGHEST, preferred_element_type=jnp.float32
     )
     return _with_base(x_td, w_do, y_to)
+
+
+def masked_batched_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
+    """``masked_forward`` with the shrink batched over experts (``xla_masked_batched``)."""
+    return masked_forward(
+        x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, batched_shrink=True
+    )
 
 
 def gather_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
