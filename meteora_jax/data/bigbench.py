@@ -89,6 +89,31 @@ BIGBENCH_TASKS: tuple[str, ...] = (
     "winowhy",
 )
 
+# MeteoRA's composite-n sub-task lists (two of composite-10's tasks are not BIG-bench: eval.composite's
+# OFFLINE_SUBSTITUTES maps them). Light on imports: the study's config reads them for its defaults.
+COMPOSITE_TASKS: dict[int, tuple[str, ...]] = {
+    3: ("logical_deduction", "question_selection", "strategyqa"),
+    5: (
+        "logical_deduction",
+        "question_selection",
+        "strategyqa",
+        "abstract_narrative_understanding",
+        "goal_step_wikihow",
+    ),
+    10: (
+        "logical_deduction",
+        "question_selection",
+        "abstract_narrative_understanding",
+        "goal_step_wikihow",
+        "winowhy",
+        "strategyqa",
+        "disfl_qa",
+        "news_commentary_de",
+        "alpaca",
+        "linguistics_puzzles",
+    ),
+}
+
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 SDIST_URL = (

@@ -28,34 +28,13 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
+from meteora_jax.data.bigbench import COMPOSITE_TASKS
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.eval.metrics import default_metric_for_task, score_task
 from meteora_jax.generate import get_sampler
 from meteora_jax.generate.sampling import SamplingParams
 from meteora_jax.model.llama import MeteoraLlama
 
-COMPOSITE_TASKS: dict[int, tuple[str, ...]] = {
-    3: ("logical_deduction", "question_selection", "strategyqa"),
-    5: (
-        "logical_deduction",
-        "question_selection",
-        "strategyqa",
-        "abstract_narrative_understanding",
-        "goal_step_wikihow",
-    ),
-    10: (
-        "logical_deduction",
-        "question_selection",
-        "abstract_narrative_understanding",
-        "goal_step_wikihow",
-        "winowhy",
-        "strategyqa",
-        "disfl_qa",
-        "news_commentary_de",
-        "alpaca",
-        "linguistics_puzzles",
-    ),
-}
 # A task that is not available offline -> the nearest available one (stated in every report).
 OFFLINE_SUBSTITUTES = {"alpaca": "topical_chat", "news_commentary_de": "news_commentary_es"}
 INSTRUCTION = 'Answer each question in order. Write "Answer i:" before the answer to question i.'

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meteora_jax.data.bigbench import COMPOSITE_TASKS
 from meteora_jax.errors import MeteoraInputError
 
 PACK_A, PACK_B = ".study/pack_a", ".study/pack_b"
@@ -80,17 +81,8 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class CompositeConfig:
     sizes: tuple[int, ...] = _f((3, 5, 10), "composite-n sizes")
-    tasks_3: tuple[str, ...] = _f(("logical_deduction", "question_selection", "strategyqa"), "MeteoRA's")
-    tasks_5: tuple[str, ...] = _f(
-        (
-            "logical_deduction",
-            "question_selection",
-            "strategyqa",
-            "abstract_narrative_understanding",
-            "goal_step_wikihow",
-        ),
-        "MeteoRA's",
-    )
+    tasks_3: tuple[str, ...] = _f(COMPOSITE_TASKS[3], "MeteoRA's")
+    tasks_5: tuple[str, ...] = _f(COMPOSITE_TASKS[5], "MeteoRA's")
     tasks_10: tuple[str, ...] = _f(
         (
             "logical_deduction",
