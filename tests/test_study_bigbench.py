@@ -424,7 +424,15 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     assert any("[adapters:0-1] done earlier; skipped" in line for line in logs)
     assert all(state.done(n) for n in T.step_names(cfg, TASKS))
     report = json.loads((out / "bigbench_small.json").read_text())
-    assert set(report) == {"tasks", "composite", "routing_accuracy", "device_minutes", "seed"}
+    assert set(report) == {
+        "tasks",
+        "composite",
+        "routing_accuracy",
+        "routing_accuracy_per_layer",
+        "routing_accuracy_prompt_majority",
+        "device_minutes",
+        "seed",
+    }
     assert set(report["tasks"]) == set(TASKS)
     for row in report["tasks"].values():
         assert set(row) == {"metric", "base", "oracle", "lora_b", "lora_f", "meteora_top1", "meteora_top2"}
@@ -443,6 +451,11 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     meteora = json.loads((tmp_path / "work" / "eval" / "meteora.json").read_text())
     assert meteora["systems"]["meteora_top1"] == {"gates": "gates:top2", "trained_top_k": 2, "eval_top_k": 1}
     assert meteora["routing"]["top_k"] == 2
+    # per layer: one figure per layer whose mean (equal token counts per layer) is the overall figure
+    per_layer = report["routing_accuracy_per_layer"]
+    num_layers = json.loads((tmp_path / "base" / "config.json").read_text())["num_hidden_layers"]
+    assert len(per_layer) == num_layers and np.isclose(np.mean(per_layer), report["routing_accuracy"])
+    assert 0.0 <= report["routing_accuracy_prompt_majority"] <= 100.0
     section = (out / "bigbench_small_section.md").read_text()
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
     assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section

@@ -48,13 +48,20 @@ def build_report(ctx: Ctx) -> dict:
     # Teacher-forced on the test references (the harness's definition) when measured; else the gate
     # training's held-out figure (same test prompts, every token and gate).
     gates = meteora_gates(ctx.cfg, ctx.cfg.main_top_k())["gates"]
-    acc = load_eval(ctx.work / "eval" / "meteora.json").get("routing", {}).get("overall")
+    routing = load_eval(ctx.work / "eval" / "meteora.json").get("routing", {})
+    acc = routing.get("overall")
     if acc is None:
         acc = ctx.state.data["steps"].get(gates, {}).get("outputs", {}).get("routing_acc")
     return {
         "tasks": tasks,
         "composite": comp,
         "routing_accuracy": None if acc is None else 100.0 * acc,
+        # supplementary, not the must-show: per layer (mean over projections), and per prompt (the expert
+        # most often top-1 over all its response tokens, layers and projections == the task's)
+        "routing_accuracy_per_layer": [100.0 * x for x in routing.get("per_layer", [])],
+        "routing_accuracy_prompt_majority": None
+        if routing.get("prompt_majority") is None
+        else 100.0 * routing["prompt_majority"],
         "device_minutes": round((ctx.state.data["device_seconds"] + time.time() - ctx.started) / 60.0, 2),
         "seed": ctx.cfg.seed,
     }
@@ -127,6 +134,20 @@ def must_show(report: dict) -> list[dict]:
     return rows
 
 
+def _routing_detail(report: dict) -> str:
+    layers = report.get("routing_accuracy_per_layer") or []
+    out = ""
+    if layers:
+        out += f" By layer: {layers[0]:.0f}% at layer 0, {layers[len(layers) // 2]:.0f}% at layer {len(layers) // 2}, "
+        out += f"{layers[-1]:.0f}% at layer {len(layers) - 1}."
+    if report.get("routing_accuracy_prompt_majority") is not None:
+        out += (
+            f" Per prompt (the expert most often top-1 over its response tokens, layers and projections): "
+            f"{report['routing_accuracy_prompt_majority']:.1f}% of test prompts."
+        )
+    return out
+
+
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
 
@@ -162,7 +183,7 @@ def markdown_section(report: dict, checks: list[dict], ctx: Ctx, images: dict[st
     lines += [
         "",
         f"Routing accuracy (top-1 gate == task, every gate and token of the test prompts): "
-        f"{_fmt(report['routing_accuracy'])}%.",
+        f"{_fmt(report['routing_accuracy'])}%." + _routing_detail(report),
         "",
         "| must show | measured | threshold | pass | short by |",
         "| --- | --- | --- | --- | --- |",
