@@ -35,3 +35,34 @@ def test_substitutes_are_stated():
     ]
     tasks, subs = resolve_tasks(10, avail)
     assert subs == {"alpaca": "topical_chat"} and len(tasks) == 10
+
+
+def test_turn_messages_grow_with_the_answers_and_keep_the_shots_first():
+    from meteora_jax.eval.composite import turn_messages
+
+    qs = [Example("strategyqa", "Is ice cold? ", "Yes."), Example("winowhy", "Pick A or B", "A")]
+    shot = [Example("strategyqa", "Is fire hot?", "Yes, hot."), Example("winowhy", "Pick C or D", "D")]
+    first = turn_messages([(shot, shot)], qs, [])
+    assert [m["role"] for m in first] == ["user", "assistant", "user", "assistant", "user"]
+    assert first[1]["content"] == "Yes, hot." and first[-1]["content"] == "Is ice cold?"
+    second = turn_messages([(shot, shot)], qs, [" no "])
+    assert second[:4] == first[:4] and second[4:] == [
+        {"role": "user", "content": "Is ice cold?"},
+        {"role": "assistant", "content": "no"},
+        {"role": "user", "content": "Pick A or B"},
+    ]
+
+
+def test_render_turns_plain_template_and_empty_answers_are_not_attempted():
+    from meteora_jax.eval.composite import render_turns, score_answers
+
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
+    assert render_turns(None, msgs, "Q: {prompt}\nA:") == "Q: q1\nA: a1\n\nQ: q2\nA:"
+    q = [Example("strategyqa", "Is ice cold?", "Yes."), Example("winowhy", "Pick A or B", "A")]
+    scores = score_answers(["strategyqa", "winowhy"], [q, q], [["Yes.", "  "], ["no", "A"]])
+    assert scores["per_task"]["strategyqa"] == {"attempted": 1.0, "correct": 0.5}
+    assert scores["per_task"]["winowhy"] == {"attempted": 0.5, "correct": 0.5}

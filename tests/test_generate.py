@@ -91,6 +91,17 @@ def test_lengths_within_a_bucket_reuse_the_compiled_program(model):
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(3, 1) == 4
 
 
+def test_a_larger_prompt_bucket_changes_no_token(model):
+    """``min_prompt_bucket`` (a conversation's turns share one program) only adds masked left padding."""
+    from meteora_jax.generate import get_sampler
+
+    prompts = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51]]
+    sampler = get_sampler(model)
+    want = sampler.generate(prompts, max_new_tokens=6).token_ids
+    assert sampler.generate(prompts, max_new_tokens=6, min_prompt_bucket=100).token_ids == want
+    assert want == [_greedy_without_cache(model, p, 6) for p in prompts]
+
+
 def test_eos_and_stop_strings(model):
     tok = char_tokenizer()
     sampler = Sampler(model, tok)

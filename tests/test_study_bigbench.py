@@ -397,6 +397,57 @@ def test_must_show_thresholds_and_shortfalls():
     assert rows[2]["shortfall"] == "1.0 points short"
 
 
+def test_turns_protocol_feeds_each_answer_back_under_one_prompt_bucket(tiny_base):
+    """``turns``: question i + 1 is asked after the model's own answer i, in one conversation, and every call
+    of a size pads to the same prompt bucket (one compiled program), which bounds every real prompt."""
+    from types import SimpleNamespace
+
+    from meteora_jax.data.tasks import Example
+    from meteora_jax.study import composite as CO
+    from meteora_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    calls = []
+
+    class Recorder:
+        def generate(self, batch, **kw):  # noqa: ANN001, ANN202
+            calls.append((batch, kw))
+            return SimpleNamespace(texts=[f" answer{len(calls)} " for _ in batch])
+
+    def ex(task, i):  # noqa: ANN001, ANN202
+        return Example(task, f"{task} question {i}?", f"{task} reference {i}")
+
+    tasks = ["upper", "lower", "digits"]
+    items = [
+        {"questions": [ex(t, i) for t in tasks], "shots": [([ex(t, 9) for t in tasks],) * 2]}
+        for i in range(3)
+    ]
+    cc = C.CompositeConfig(batch_size=2, tokens_per_answer=5)
+    # the tiny tokenizer has no chat template: "meteora" ([INST] ... [/INST]) goes through the same code
+    bound = max(CO.turns_length_bound(tok, "meteora", it, [], cc.tokens_per_answer) for it in items)
+    answers, trace = CO._answer_turns(
+        Recorder(), None, tok, "meteora", items, [], cc, bound, want_trace=False
+    )
+    assert trace is None and len(calls) == 3 * 2  # 3 questions x 2 batches (3 items, batch 2)
+    assert answers[0] == ["answer1", "answer3", "answer5"] and answers[2] == ["answer2", "answer4", "answer6"]
+    assert {kw["min_prompt_bucket"] for _, kw in calls} == {bound}
+    assert max(len(ids) for batch, _ in calls for ids in batch) <= bound
+    # the last round (2 calls): each item's conversation holds the shots, then ITS two earlier answers, then
+    # its third question, and no later answer
+    for batch, _ in calls[-2:]:
+        for ids in batch:
+            text = tok.decode(ids)
+            i = next(k for k in range(3) if f"upper question {k}?" in text)
+            a1, a2, a3 = answers[i]
+            assert (
+                text.index("reference 9")
+                < text.index(a1)
+                < text.index(a2)
+                < text.index(f"digits question {i}")
+            )
+            assert a3 not in text
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
@@ -430,6 +481,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         "routing_accuracy",
         "routing_accuracy_per_layer",
         "routing_accuracy_prompt_majority",
+        "composite_protocol",
         "device_minutes",
         "seed",
     }
@@ -438,7 +490,9 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         assert set(row) == {"metric", "base", "oracle", "lora_b", "lora_f", "meteora_top1", "meteora_top2"}
         # one gate training (top-2): meteora_top1 is those gates run with k=1, and both are reported
         assert all(isinstance(row[s], float) and 0.0 <= row[s] <= 100.0 for s in R.SYSTEMS)
-    assert set(report["composite"]) == {"3"}
+    assert set(report["composite"]) == {"3"} and report["composite_protocol"] == "turns"
+    turns = json.loads((tmp_path / "work" / "eval" / "composite_turns.json").read_text())
+    assert turns["scores"]["3"]["meteora"]["protocol"] == "turns"
     assert set(report["composite"]["3"]) == {
         "meteora_correct",
         "meteora_attempted",

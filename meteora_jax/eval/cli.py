@@ -27,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--composite", type=int, action="append", default=None, help="composite-N (3, 5 or 10)")
     p.add_argument("--composite-samples", type=int, default=200)
+    p.add_argument(
+        "--composite-protocol",
+        default="numbered",
+        choices=["numbered", "turns"],
+        help="numbered: all questions, then one generation writing 'Answer i:' for each (MeteoRA's format); "
+        "turns: one multi-turn chat, one answer per turn (small models that end after one answer)",
+    )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="eval_out", help="output directory (results.json, results.md, PNGs)")
     p.set_defaults(func=run)
@@ -61,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
 
         report["composite"] = {
             str(n): evaluate_composite(
-                model, tokenizer, args.data, n, num_samples=args.composite_samples, progress=log
+                model,
+                tokenizer,
+                args.data,
+                n,
+                num_samples=args.composite_samples,
+                protocol=args.composite_protocol,
+                progress=log,
             )
             for n in args.composite
         }

@@ -18,6 +18,19 @@ the task's headline metric (``eval.metrics``, its cleaners included) scores that
 text metrics). Reported: attempted / correct rates per task and their sums over the n tasks (MeteoRA's
 "sum of accuracies").
 
+Two protocols (``PROTOCOLS``):
+
+* ``numbered`` -- the format above, MeteoRA's: every question first, then one generation that must write all
+  n numbered answers. Measured on SmolLM2-135M (benchmarks/RESULTS.md, study seed 0), every system -- MeteoRA,
+  LoRA-B, LoRA-F -- wrote one answer (to the LAST question, nearest the reply) and then ended its turn, so
+  all scored ~0: a 135M chat model does not follow the multi-answer format, and the comparison says nothing.
+* ``turns`` -- the same n questions as one multi-turn chat: each question is a user turn, the model's own
+  answer becomes the assistant turn before the next question, and the 2-shot prefix is ``shots`` earlier
+  rounds of n (question, reference answer) turns from the train splits. The whole conversation is one
+  sequence with no task label; every answer must be routed while the context holds the other tasks' turns.
+  Each answer is one generation call (batched over samples), so the harness, not the model, moves on to the
+  next question: attempted = a non-empty answer.
+
 Sub-task lists (MeteoRA's; ``OFFLINE_SUBSTITUTES`` replaces tasks that the offline BIG-bench import does not
 provide: alpaca -> topical_chat (open-ended text), news_commentary_de stays if present).
 """
@@ -38,6 +51,7 @@ from meteora_jax.model.llama import MeteoraLlama
 # A task that is not available offline -> the nearest available one (stated in every report).
 OFFLINE_SUBSTITUTES = {"alpaca": "topical_chat", "news_commentary_de": "news_commentary_es"}
 INSTRUCTION = 'Answer each question in order. Write "Answer i:" before the answer to question i.'
+PROTOCOLS = ("numbered", "turns")
 
 
 def resolve_tasks(n: int, available: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -76,6 +90,35 @@ def build_sample(shots: Sequence[tuple[list, list]], questions: Sequence) -> str
     return "\n".join(parts)
 
 
+def turn_messages(
+    shots: Sequence[tuple[Sequence, Sequence]], questions: Sequence, answers: Sequence[str]
+) -> list[dict[str, str]]:
+    """The ``turns`` protocol's chat so far: every shot's (question, reference) turns, then the test
+    questions with the answers given to them, then the next question (``questions[len(answers)]``)."""
+    msgs: list[dict[str, str]] = []
+    pairs = [(q.prompt, a.response) for qs, ans in shots for q, a in zip(qs, ans)]
+    pairs += [(q.prompt, a) for q, a in zip(questions, answers)]
+    for q, a in pairs:
+        msgs += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+    msgs.append({"role": "user", "content": questions[len(answers)].prompt.strip()})
+    return msgs
+
+
+def render_turns(tokenizer: object, messages: Sequence[dict[str, str]], template: str = "chat") -> str:
+    """The text of a ``turns`` conversation ending where the model answers the last user turn. ``chat``: the
+    tokenizer's chat template; any other template string with ``{prompt}``: each user turn through it,
+    followed by its answer and a blank line (no template has turns of its own)."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    from meteora_jax.train.config import PROMPT_TEMPLATES
+
+    fmt = PROMPT_TEMPLATES.get(template, template)
+    out = ""
+    for m in messages:
+        out += fmt.replace("{prompt}", m["content"]) if m["role"] == "user" else " " + m["content"] + "\n\n"
+    return out
+
+
 def split_answers(output: str, n: int) -> list[str | None]:
     """The n answers of a generation that continues after "Answer 1:"; None where an answer is missing."""
     text = "Answer 1:" + output
@@ -102,10 +145,16 @@ def evaluate_composite(
     max_new_tokens_per_answer: int = 32,
     batch_size: int = 8,
     systems: Sequence[str] = ("meteora",),
+    protocol: str = "numbered",
+    prompt_template: str = "chat",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Builds ``num_samples`` composite-n prompts (test questions, 2 train shots each) and scores them."""
+    """Builds ``num_samples`` composite-n prompts (test questions, 2 train shots each) and scores them
+    under ``protocol`` (``PROTOCOLS``; ``prompt_template`` is used by ``turns`` only)."""
     from meteora_jax.data.tasks import list_tasks, read_split
+
+    if protocol not in PROTOCOLS:
+        raise MeteoraInputError(f"composite protocol {protocol!r}: choose one of {PROTOCOLS}.")
 
     tasks, subs = resolve_tasks(n, list_tasks(data_dir))
     test, train = read_split(data_dir, "test", tasks), read_split(data_dir, "train", tasks)
@@ -117,12 +166,45 @@ def evaluate_composite(
         for _ in range(2):
             shot = [rng.choice(train[t]) for t in tasks]
             shots.append((shot, shot))
-        samples.append((questions, build_sample(shots, questions)))
+        samples.append((questions, build_sample(shots, questions), shots))
     sampler = get_sampler(model, tokenizer)
     sampler.refresh()
-    report = {"n": n, "tasks": tasks, "substitutes": subs, "num_samples": num_samples, "systems": {}}
+    report = {
+        "n": n,
+        "tasks": tasks,
+        "substitutes": subs,
+        "num_samples": num_samples,
+        "protocol": protocol,
+        "systems": {},
+    }
     for system in systems:
         options = model.routing_options(no_experts=(system == "base"))
+        if protocol == "turns":
+            answers: list[list[str]] = [[] for _ in samples]
+            for _ in range(n):
+                for start in range(0, len(samples), batch_size):
+                    chunk = range(start, min(start + batch_size, len(samples)))
+                    res = sampler.generate(
+                        [
+                            render_turns(
+                                tokenizer,
+                                turn_messages(samples[j][2], samples[j][0], answers[j]),
+                                prompt_template,
+                            )
+                            for j in chunk
+                        ],
+                        max_new_tokens=max_new_tokens_per_answer,
+                        sampling=SamplingParams(),
+                        routing=options,
+                    )
+                    for j, text in zip(chunk, res.texts):
+                        answers[j].append(text.strip())
+            report["systems"][system] = score_answers(tasks, [s[0] for s in samples], answers)
+            if progress:
+                progress(
+                    f"composite-{n} {system}: {report['systems'][system]['sum_correct']:.3f} correct (sum)"
+                )
+            continue
         outputs: list[str] = []
         for start in range(0, len(samples), batch_size):
             res = sampler.generate(
@@ -140,21 +222,27 @@ def evaluate_composite(
 
 
 def score_composite(tasks: Sequence[str], questions: Sequence[Sequence], outputs: Sequence[str]) -> dict:
-    """Attempted and correct rates per task (over samples), and their sums over tasks."""
+    """``numbered``: splits each generation into its n answers, then ``score_answers``."""
+    return score_answers(tasks, questions, [split_answers(out, len(tasks)) for out in outputs])
+
+
+def score_answers(
+    tasks: Sequence[str], questions: Sequence[Sequence], answers: Sequence[Sequence[str | None]]
+) -> dict:
+    """Attempted (a non-empty answer) and correct rates per task (over samples), and their sums over tasks."""
     n = len(tasks)
     attempted = [0] * n
     correct = [0.0] * n
-    for qs, out in zip(questions, outputs):
-        answers = split_answers(out, n)
-        for i, (task, ex, ans) in enumerate(zip(tasks, qs, answers)):
-            if ans is None:
+    for qs, sample_answers in zip(questions, answers):
+        for i, (task, ex, ans) in enumerate(zip(tasks, qs, sample_answers)):
+            if ans is None or not ans.strip():
                 continue
             attempted[i] += 1
             metric = ex.extra.get("metric") if isinstance(ex.extra.get("metric"), str) else None
             metric = metric or default_metric_for_task(task)
             score = score_task(task, [ans], [ex.response], [ex.prompt], metrics=[metric])[metric]
             correct[i] += float(score >= (50.0 if metric == "bleu" else 0.5))
-    total = max(len(outputs), 1)
+    total = max(len(answers), 1)
     per_task = {
         t: {"attempted": attempted[i] / total, "correct": correct[i] / total} for i, t in enumerate(tasks)
     }

@@ -291,8 +291,13 @@ class Sampler:
         return_routing: bool = False,
         stream: Callable[[int, str], None] | None = None,
         chunk_steps: int | None = None,
+        min_prompt_bucket: int | None = None,
     ) -> GenerationResult:
-        """Generates for every prompt at once. ``stream(row, text_delta)`` is called as text appears."""
+        """Generates for every prompt at once. ``stream(row, text_delta)`` is called as text appears.
+
+        ``min_prompt_bucket`` pads the prompts of this call to at least that many tokens (a power of two is
+        used as is), so calls whose prompts grow (a multi-turn conversation) can share one compiled program;
+        the new-token bucket is unaffected."""
         if max_new_tokens < 1:
             raise MeteoraInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         stop = [s for s in (stop or []) if s]
@@ -306,6 +311,8 @@ class Sampler:
         max_new_tokens = min(max_new_tokens, context - longest)
 
         b, p, n = bucket(n_real, 1), bucket(longest, self.min_bucket), bucket(max_new_tokens, self.min_bucket)
+        if min_prompt_bucket is not None:
+            p = max(p, bucket(min_prompt_bucket, self.min_bucket))
         ids_bp = np.full((b, p), self.pad_id, np.int32)
         valid_bp = np.zeros((b, p), np.int32)
         for i, ids in enumerate(prompt_ids):

@@ -1,6 +1,11 @@
-"""The ``eval:composite`` step: composite-3/5/10 prompts (several tasks' questions in one prompt, MeteoRA's
-numbered-answer format and scoring), MeteoRA top-2 vs LoRA-B vs LoRA-F, and one routing trace for the
-report's heatmap.
+"""The ``eval:composite`` step: composite-3/5/10 prompts (several tasks' questions in one sequence, with no
+task label), MeteoRA top-2 vs LoRA-B vs LoRA-F, and one routing trace for the report's heatmap.
+
+``composite.protocol`` picks the format (``eval.composite.PROTOCOLS``): ``numbered`` is MeteoRA's (all
+questions, then one generation of n numbered answers; results in ``eval/composite.json``), ``turns`` one
+multi-turn chat with one generated answer per turn (``eval/composite_turns.json``). ``turns`` generates each
+size's n answers in n calls whose prompts grow; all of them are padded to the bucket of the size's longest
+possible final prompt, so one prefill + one decode program serves the whole size.
 
 Compiled programs: one prefill + one decode per (composite size, graph), two graphs (MeteoRA, the 1-expert
 bench that LoRA-B and LoRA-F share); the new-token budget of every size falls in ``eval.min_bucket``. The
@@ -49,8 +54,9 @@ def build_composite(data_dir: str, tasks: Sequence[str], cfg: CompositeConfig, s
     train = read_split(data_dir, "train", tasks=list(tasks))
     test = read_split(data_dir, "test", tasks=list(tasks))
     rng = random.Random(f"{seed}/composite/{len(tasks)}")
+    limit = {"train": cfg.max_shot_prompt_chars, "test": cfg.max_sub_prompt_chars}
     short = {
-        name: {t: [e for e in split[t] if len(e.prompt) <= cfg.max_sub_prompt_chars] for t in tasks}
+        name: {t: [e for e in split[t] if len(e.prompt) <= limit[name]] for t in tasks}
         for name, split in (("train", train), ("test", test))
     }
     pools = {t: rng.sample(short["test"][t], len(short["test"][t])) for t in tasks}
@@ -62,8 +68,23 @@ def build_composite(data_dir: str, tasks: Sequence[str], cfg: CompositeConfig, s
             shot = [rng.choice(short["train"][t]) for t in tasks]
             shots.append((shot, shot))
         questions = [pools[t][i] for t in tasks]
-        items.append({"prompt": build_sample(shots, questions), "questions": questions})
+        items.append({"prompt": build_sample(shots, questions), "questions": questions, "shots": shots})
     return items
+
+
+def turns_prompt_ids(tok, template: str, item: dict, answers: list[str], bos: list[int]) -> list[int]:  # noqa: ANN001
+    """Token ids of the ``turns`` conversation of ``item`` with ``answers`` so far, ending in the reply cue."""
+    from meteora_jax.eval.composite import render_turns, turn_messages
+
+    text = render_turns(tok, turn_messages(item["shots"], item["questions"], answers), template)
+    return bos + list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def turns_length_bound(tok, template: str, item: dict, bos: list[int], tokens_per_answer: int) -> int:  # noqa: ANN001
+    """An upper bound on the last turn's prompt length: the conversation with every answer empty, plus
+    ``tokens_per_answer`` + 8 per earlier answer (a decoded answer may re-encode a few tokens longer)."""
+    n = len(item["questions"])
+    return len(turns_prompt_ids(tok, template, item, [""] * (n - 1), bos)) + (n - 1) * (tokens_per_answer + 8)
 
 
 def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  # noqa: ANN001
@@ -74,7 +95,7 @@ def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  #
 
 
 def step_eval_composite(ctx: Ctx) -> dict | None:
-    from meteora_jax.eval.composite import score_composite
+    from meteora_jax.eval.composite import PROTOCOLS, score_answers, score_composite
     from meteora_jax.tokenizer import load_tokenizer
     from meteora_jax.train.data import PromptFormatter
 
@@ -85,7 +106,10 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
                 raise MeteoraInputError(
                     f"composite.tasks_{n}: {t!r} is not a study task with an accuracy metric."
                 )
-    path = ctx.work / "eval" / "composite.json"
+    if cc.protocol not in PROTOCOLS:
+        raise MeteoraInputError(f"composite.protocol: {cc.protocol!r} is not one of {list(PROTOCOLS)}.")
+    turns = cc.protocol == "turns"
+    path = ctx.work / "eval" / composite_file(cc.protocol)
     results = load_eval(path)
     data_dir = ctx.state.outputs("data")["data_dir"]
     pool = ctx.state.outputs("convert")["pool"]
@@ -108,10 +132,19 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
     for n in cc.sizes:
         tasks = composite_tasks(cc, n)
         items = build_composite(data_dir, tasks, cc, ctx.cfg.seed)
-        ids = [composite_prompt_ids(tok, fmt, it["prompt"], bos) for it in items]
-        keep = [i for i, x in enumerate(ids) if len(x) <= cc.max_prompt_tokens]
+        if turns:
+            lengths = [
+                turns_length_bound(tok, ctx.cfg.prompt_template, it, bos, cc.tokens_per_answer)
+                for it in items
+            ]
+            ids = [turns_prompt_ids(tok, ctx.cfg.prompt_template, it, [], bos) for it in items]
+        else:
+            ids = [composite_prompt_ids(tok, fmt, it["prompt"], bos) for it in items]
+            lengths = [len(x) for x in ids]
+        keep = [i for i, n_tok in enumerate(lengths) if n_tok <= cc.max_prompt_tokens]
         dropped = len(items) - len(keep)
         items, ids = [items[i] for i in keep], [ids[i] for i in keep]
+        prompt_bucket = max((lengths[i] for i in keep), default=0)
         if not items:
             raise MeteoraInputError(f"composite-{n}: no prompt fits composite.max_prompt_tokens.")
         first_ids = first_ids or ids[0]
@@ -123,18 +156,26 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
             t0 = time.perf_counter()
             sampler, routing = system(name)
             want_trace = name == "meteora" and n == cc.sizes[0] and "routing_plot" not in results
-            texts, trace = generate_with_trace(
-                sampler,
-                ids,
-                routing,
-                batch_size=cc.batch_size,
-                max_new_tokens=n * cc.tokens_per_answer,
-                trace_of=0 if want_trace else None,
-            )
+            if turns:
+                answers, trace = _answer_turns(
+                    sampler, routing, tok, ctx.cfg.prompt_template, items, bos, cc, prompt_bucket, want_trace
+                )
+                texts = ["\n".join(a) for a in answers]
+                row = score_answers(tasks, [it["questions"] for it in items], answers)
+            else:
+                texts, trace = generate_with_trace(
+                    sampler,
+                    ids,
+                    routing,
+                    batch_size=cc.batch_size,
+                    max_new_tokens=n * cc.tokens_per_answer,
+                    trace_of=0 if want_trace else None,
+                )
+                row = score_composite(tasks, [it["questions"] for it in items], texts)
             if trace is not None:
                 results["routing_plot"] = _trace_plot(tok, *trace)
-            row = score_composite(tasks, [it["questions"] for it in items], texts)
             row.update(
+                protocol=cc.protocol,
                 correct=row["sum_correct"],
                 attempted=row["sum_attempted"],
                 prompts=len(items),
@@ -148,12 +189,40 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
             results["scores"].setdefault(str(n), {})[name] = row
             write_json(path, results)
             ctx.log(f"composite-{n}: {name:8s} correct {row['correct']:.2f} attempted {row['attempted']:.2f}")
-    if "routing_plot" not in results and first_ids:  # resumed after the first size's MeteoRA batch
+    if "routing_plot" not in results and first_ids and not turns:  # resumed after the first size's batch
         results["routing_plot"] = _routing_trace(
             system("meteora")[0], tok, first_ids, cc.sizes[0] * cc.tokens_per_answer
         )
         write_json(path, results)
     return {"results": str(path)}
+
+
+def composite_file(protocol: str) -> str:
+    return "composite.json" if protocol == "numbered" else f"composite_{protocol}.json"
+
+
+def _answer_turns(sampler, routing, tok, template, items, bos, cc, prompt_bucket, want_trace):  # noqa: ANN001, ANN202
+    """The ``turns`` protocol: answer question i of every item (batched), append it, ask question i + 1.
+    Returns the answers per item and, with ``want_trace``, the routing of item 0's last turn (whose prompt
+    holds the whole conversation) for the heatmap."""
+    n = len(items[0]["questions"])
+    answers: list[list[str]] = [[] for _ in items]
+    trace = None
+    for i in range(n):
+        ids = [turns_prompt_ids(tok, template, it, answers[j], bos) for j, it in enumerate(items)]
+        texts, tr = generate_with_trace(
+            sampler,
+            ids,
+            routing,
+            batch_size=cc.batch_size,
+            max_new_tokens=cc.tokens_per_answer,
+            trace_of=0 if (want_trace and i == n - 1) else None,
+            min_prompt_bucket=prompt_bucket,
+        )
+        trace = tr if tr is not None else trace
+        for j, text in enumerate(texts):
+            answers[j].append(text.strip())
+    return answers, trace
 
 
 def _routing_trace(sampler, tok, ids: list[int], max_new_tokens: int) -> dict:  # noqa: ANN001

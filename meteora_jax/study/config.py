@@ -99,10 +99,18 @@ class CompositeConfig:
         "MeteoRA's 10 with its 2 non-BIG-bench tasks (news_commentary_de, alpaca) and linguistics_puzzles "
         "(ROUGE, never counted) replaced by 3 BIG-bench accuracy tasks",
     )
+    protocol: str = _f(
+        "turns",
+        "numbered (MeteoRA's format: all questions, then one generation of n numbered answers) | turns "
+        "(one multi-turn chat, one generated answer per turn); eval.composite.PROTOCOLS says why",
+    )
     num_prompts: int = _f(30, "composite prompts per size")
     shots: int = _f(2, "worked composites before the questions (MeteoRA: 2)")
     max_sub_prompt_chars: int = _f(
-        800, "sub-questions longer than this are not used (keeps composite-10 < 8k)"
+        800, "test sub-questions longer than this are not used (keeps composite-10 < 8k)"
+    )
+    max_shot_prompt_chars: int = _f(
+        800, "2-shot prefix questions (train split) longer than this are not used"
     )
     max_prompt_tokens: int = _f(7680, "composite prompts longer than this are dropped (context 8192)")
     batch_size: int = _f(16, "composite prompts per generation batch")

@@ -91,6 +91,7 @@ def generate_with_trace(
     batch_size: int,
     max_new_tokens: int,
     trace_of: int | None,
+    min_prompt_bucket: int | None = None,
 ) -> tuple[list[str], tuple[Any, int] | None]:
     """``generate_texts``, and with ``trace_of`` = i the routing of prompt i: (its batch's
     ``GenerationResult``, its row there). Only that batch records routing (a static flag: its own program)."""
@@ -102,7 +103,13 @@ def generate_with_trace(
         batch = [ids[i] for i in idx]
         batch += [batch[-1]] * (batch_size - len(batch))  # filler rows: same shape, answers discarded
         record = trace_of in idx
-        res = sampler.generate(batch, max_new_tokens=max_new_tokens, routing=routing, return_routing=record)
+        res = sampler.generate(
+            batch,
+            max_new_tokens=max_new_tokens,
+            routing=routing,
+            return_routing=record,
+            min_prompt_bucket=min_prompt_bucket,
+        )
         if record:
             trace = (res, idx.index(trace_of))
         for j, i in enumerate(idx):

@@ -13,7 +13,7 @@ atomically), and each is sized to fit one <= 9 minute GPU run:
     eval:single          base, oracle (own adapter forced), LoRA-B, LoRA-F on every task's test split
     eval:meteora         MeteoRA top-1 and top-2 (``eval.meteora_top_ks``: the top-2 gates run with k=1 and
                          k=2) on every task's test split (no task label)
-    eval:composite       composite-3/5/10 (MeteoRA top-2 vs LoRA-B vs LoRA-F), MeteoRA's numbered-answer scoring
+    eval:composite       composite-3/5/10 (MeteoRA top-2 vs LoRA-B vs LoRA-F), ``composite.protocol`` turns | numbered
     report               bigbench_small.json (the issue's schema), a RESULTS.md section, plots, "must show" table
 
 The steps live by concern: ``packs`` (data, base), ``training`` (adapters, convert, gates), ``evaluate``

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ def build_report(ctx: Ctx) -> dict:
     points (0-100); routing accuracy in percent too. Missing figures are None (never silently 0)."""
     single = load_eval(ctx.work / "eval" / "single.json")["scores"]
     meteora = load_eval(ctx.work / "eval" / "meteora.json")["scores"]
-    composite = load_eval(ctx.work / "eval" / "composite.json")["scores"]
+    composite = load_eval(composite_path(ctx))["scores"]
     scores = {**single, **meteora}
     tasks = {}
     for t in ctx.tasks:
@@ -55,6 +56,7 @@ def build_report(ctx: Ctx) -> dict:
     return {
         "tasks": tasks,
         "composite": comp,
+        "composite_protocol": ctx.cfg.composite.protocol,
         "routing_accuracy": None if acc is None else 100.0 * acc,
         # supplementary, not the must-show: per layer (mean over projections), and per prompt (the expert
         # most often top-1 over all its response tokens, layers and projections == the task's)
@@ -65,6 +67,12 @@ def build_report(ctx: Ctx) -> dict:
         "device_minutes": round((ctx.state.data["device_seconds"] + time.time() - ctx.started) / 60.0, 2),
         "seed": ctx.cfg.seed,
     }
+
+
+def composite_path(ctx: Ctx) -> Path:
+    from meteora_jax.study.composite import composite_file
+
+    return ctx.work / "eval" / composite_file(ctx.cfg.composite.protocol)
 
 
 def must_show(report: dict) -> list[dict]:
@@ -170,7 +178,16 @@ def markdown_section(report: dict, checks: list[dict], ctx: Ctx, images: dict[st
     for t, r in report["tasks"].items():
         lines.append(f"| {t} | {r['metric']} | " + " | ".join(_fmt(r[s]) for s in SYSTEMS) + " |")
     lines += ["", meteora_provenance(ctx)]
+    protocol = report.get("composite_protocol", "numbered")
     lines += [
+        "",
+        f"Composite-n, protocol `{protocol}` (`meteora_jax/eval/composite.py` describes both): "
+        + (
+            "the n questions as one multi-turn chat, one generated answer per turn, no task label."
+            if protocol == "turns"
+            else "all n questions, then one generation that must write n numbered answers (MeteoRA's format)."
+        )
+        + " Correct and attempted are sums over the n sub-questions, per prompt.",
         "",
         "| composite | MeteoRA correct / attempted | LoRA-B correct / attempted | LoRA-F correct |",
         "| --- | ---: | ---: | ---: |",
@@ -265,7 +282,7 @@ def step_report(ctx: Ctx) -> dict:
             ylabel="correct answers",
         )
         images["composite-n"] = f"{stem}_composite.png"
-    trace = load_eval(ctx.work / "eval" / "composite.json").get("routing_plot")
+    trace = load_eval(composite_path(ctx)).get("routing_plot")
     if trace:
         window = 160  # the questions' end and the answers: a whole 2k-token prompt would be unreadable
         top1 = np.asarray(trace["top1_lt"])[:, -window:]
@@ -282,7 +299,7 @@ def step_report(ctx: Ctx) -> dict:
         "must_show": checks,
         "single": load_eval(ctx.work / "eval" / "single.json"),
         "meteora": load_eval(ctx.work / "eval" / "meteora.json"),  # "systems": which gates, which k
-        "composite": load_eval(ctx.work / "eval" / "composite.json"),
+        "composite": load_eval(composite_path(ctx)),
         "steps": {
             k: {"seconds": v["seconds"], "runs": v["runs"]} for k, v in ctx.state.data["steps"].items()
         },
