@@ -2,6 +2,12 @@
 
 Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--impls pallas_gpu,xla]
        [--filter REGEX] [--timer both|profile|fori] [--calls 50] [--reps 50] [--l2 cold|warm] [--tiny]
+       [--decode-max-tokens N]
+
+``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
+(``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS`` runs
+it with those tiles (block_n, block_k, num_warps, num_stages) instead of ``DecodeConfig.for_shape``, so one
+run can sweep them: ``--impls pallas_gpu,pallas_gpu@64x256x4x4,pallas_gpu@32x512x8x3,xla``.
 
 Timing (``pallas_kernels/timing.py`` has the details and the validity rules):
 - ``profile``: GPU kernel time per call from a profiler trace of ``calls`` dispatches; valid at any T.
@@ -21,6 +27,8 @@ kernels, so ``profile`` reports that and the row falls back to ``fori``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -34,13 +42,34 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import timing  # noqa: E402
-from pallas_kernels.grouped_lora import api, shapes  # noqa: E402
+from pallas_kernels.grouped_lora import api, pallas_gpu_decode, shapes  # noqa: E402
 
 TIMERS = ("profile", "fori")
 TINY_CASES = (
     shapes.Case("tiny_64x48_T1_E28_r8_k2_uniform", 1, 64, 48, 28, 8, 2, "uniform", "bfloat16", ("bench",)),
     shapes.Case("tiny_64x48_T16_E28_r8_k2_uniform", 16, 64, 48, 28, 8, 2, "uniform", "bfloat16", ("bench",)),
 )
+
+
+def parse_impl(spec: str) -> tuple[str, pallas_gpu_decode.DecodeConfig | None]:
+    """``name`` or ``name@BNxBKxWxS``: the implementation and the decode-kernel tiles it should run with."""
+    name, _, tiles = spec.partition("@")
+    if not tiles:
+        return name, None
+    block_n, block_k, num_warps, num_stages = (int(v) for v in tiles.split("x"))
+    return name, pallas_gpu_decode.DecodeConfig(block_n, block_k, num_warps=num_warps, num_stages=num_stages)
+
+
+@contextlib.contextmanager
+def decode_config(config: pallas_gpu_decode.DecodeConfig | None):  # noqa: ANN201
+    """Sets the decode kernel's tile override while a row is traced and timed (None: leave it alone)."""
+    saved = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE
+    if config is not None:
+        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = config
+    try:
+        yield
+    finally:
+        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = saved
 
 
 def _num(x: float, digits: int = 2) -> float | None:
@@ -92,20 +121,22 @@ def bench(
         args = (inp["x"], inp["w"], inp["lora_a"], inp["lora_b"], inp["expert_ids"], inp["expert_weights"])
         ref = None
         for impl in impls:
+            impl_name, tiles = parse_impl(impl)
             fn = jax.jit(
-                lambda x, w, a, b, ids, ew, impl=impl, s=inp["scaling"]: api.grouped_lora_fused(
-                    x, w, a, b, ids, ew, scaling=s, implementation=impl
+                lambda x, w, a, b, ids, ew, impl_name=impl_name, s=inp["scaling"]: api.grouped_lora_fused(
+                    x, w, a, b, ids, ew, scaling=s, implementation=impl_name
                 )
             )
             try:
-                compiled = fn.lower(*args).compile()
-                mem = compiled.memory_analysis()
-                peak_mb = (mem.temp_size_in_bytes / 2**20) if mem is not None else float("nan")
-                y = np.asarray(fn(*args), np.float32)
-                if ref is None:
-                    ref = y
-                err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-                impl_t = _time_all(fn, args, timers, calls, n_reps, l2)
+                with decode_config(tiles):  # traced (and retraced by the timers) under these tiles
+                    compiled = fn.lower(*args).compile()
+                    mem = compiled.memory_analysis()
+                    peak_mb = (mem.temp_size_in_bytes / 2**20) if mem is not None else float("nan")
+                    y = np.asarray(fn(*args), np.float32)
+                    if ref is None:
+                        ref = y
+                    err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+                    impl_t = _time_all(fn, args, timers, calls, n_reps, l2)
             except Exception as e:  # keep going: a failing row is reported, not fatal
                 print(f"{case.name} {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -130,6 +161,10 @@ def bench(
                 "timer_valid": impl_t[chosen].valid and base_t[chosen].valid,
                 "l2": l2,
             }
+            if impl_name.startswith("pallas_gpu") and case.num_tokens <= pallas_gpu_decode.DECODE_MAX_TOKENS:
+                shape = case.num_tokens, case.d_in, case.d_out
+                cfg = tiles or pallas_gpu_decode.DecodeConfig.for_shape(*shape)
+                row["decode_config"] = dataclasses.asdict(cfg)
             if chosen != timers[0]:
                 row["timer_note"] = f"{timers[0]} not usable here ({impl_t[timers[0]].note}); used {chosen}"
             for name, t in impl_t.items():  # every timer side by side, with the reason for its verdict
@@ -210,7 +245,15 @@ def main() -> None:
     parser.add_argument("--fori-min-t", type=int, default=0, help="run fori only for T >= this")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: two tiny shapes, xla only")
     parser.add_argument("--jax-triton-check", action="store_true")
+    parser.add_argument(
+        "--decode-max-tokens",
+        type=int,
+        default=None,
+        help=f"pallas_gpu: largest T for the decode kernel (default {pallas_gpu_decode.DECODE_MAX_TOKENS})",
+    )
     opts = parser.parse_args()
+    if opts.decode_max_tokens is not None:
+        pallas_gpu_decode.DECODE_MAX_TOKENS = opts.decode_max_tokens
     if opts.jax_triton_check:
         print(jax_triton_check(), flush=True)
     timers = TIMERS if opts.timer == "both" else (opts.timer,)

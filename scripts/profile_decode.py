@@ -15,7 +15,9 @@ Variants: ``base`` (the same model, experts off), ``auto`` (the default backend)
 implementation: ``xla_dense`` (the old dense path: shrink + expand with one-hot contractions),
 ``xla_masked`` (= ``xla`` now: one [T, E] coefficient mask), ``xla_masked_batched`` (the same with the
 shrink as a matmul batched over experts), ``xla_gather`` (gathers the chosen experts),
-``reference``, ``pallas_gpu``. The suffix ``+reduce_softmax`` (read by the library at trace time) routes with
+``reference``, ``pallas_gpu`` (at decode batches up to ``--decode-max-tokens``, default
+``pallas_gpu_decode.DECODE_MAX_TOKENS`` = 16: one kernel per projection, ``pallas_gpu_decode.py``).
+The suffix ``+reduce_softmax`` (read by the library at trace time) routes with
 ``jax.nn.softmax`` (the old way) instead of the elementwise top-2 softmax (``gate.softmax_sorted``).
 ``xla_dense+reduce_softmax`` is the code before this change.
 
@@ -355,6 +357,12 @@ def main() -> int:
     ap.add_argument("--no-trace", action="store_true", help="skip the profiler run (timings and HLO only)")
     ap.add_argument("--flag-sets", default=None, help="'name=XLA FLAGS;name2=...': one process per set")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/profile_decode.json)")
+    ap.add_argument(
+        "--decode-max-tokens",
+        type=int,
+        default=None,
+        help="pallas_gpu: largest tokens per call (= decode batch) for the one-launch decode kernel",
+    )
     args = ap.parse_args()
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "profile_decode.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -366,6 +374,11 @@ def main() -> int:
     import jax
     from bench_generate import build_model, llama3_8b
     from flax import nnx
+
+    from pallas_kernels.grouped_lora import pallas_gpu_decode
+
+    if args.decode_max_tokens is not None:
+        pallas_gpu_decode.DECODE_MAX_TOKENS = args.decode_max_tokens
 
     cfg = llama3_8b(args.tiny)
     if args.layers is not None:
@@ -381,6 +394,7 @@ def main() -> int:
         "top_k": 2,
         "steps": args.steps,
         "prompt": args.prompt,
+        "decode_max_tokens": pallas_gpu_decode.DECODE_MAX_TOKENS,
         "date": time.strftime("%Y-%m-%d"),
         "rows": [],
     }

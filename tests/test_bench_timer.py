@@ -92,3 +92,23 @@ def test_tiny_bench_writes_the_issue_schema_with_timer_fields(tmp_path):
         assert row["us_profile"] is None and "no GPU kernel events" in row["note_profile"]
         assert row["timer"] == "fori" and "used fori" in row["timer_note"]
         assert row["us"] is not None and row["x_vs_base"] is not None
+
+
+def test_bench_runs_the_decode_kernel_with_the_tiles_named_in_the_impl(tmp_path):
+    """``pallas_gpu@BNxBKxWxS`` rows: parsed, run (interpret mode here) and labelled; the override is undone."""
+    from pallas_kernels.grouped_lora import pallas_gpu_decode
+
+    bench = _bench_module()
+    assert bench.parse_impl("xla") == ("xla", None)
+    name, cfg = bench.parse_impl("pallas_gpu@64x512x8x3")
+    assert name == "pallas_gpu"
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (64, 512, 8, 3)
+
+    out = tmp_path / "rows.json"
+    impls = ["xla", "pallas_gpu_interpret@16x32x4x2"]
+    bench.bench(bench.TINY_CASES[:1], impls, str(out), timers=("fori",), calls=2, reps=5)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == impls
+    assert rows[1]["decode_config"]["block_n"] == 16 and rows[1]["decode_config"]["block_k"] == 32
+    assert rows[1]["rel_err_vs_first_impl"] < 1e-2  # bf16 output, same inputs as the xla row
+    assert pallas_gpu_decode.DECODE_CONFIG_OVERRIDE is None

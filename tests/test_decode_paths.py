@@ -187,9 +187,13 @@ def test_greedy_decode_tokens_equal_the_old_dense_path(dtype, routings):
 
 
 def test_decode_logits_match_the_reference_backend():
-    """Logits of one cached decode step, masked and gathered forwards against ``reference`` (float32)."""
+    """Logits of one cached decode step, masked, gathered and Pallas-decode forwards against ``reference``.
+
+    float32; ``pallas_gpu_interpret`` runs the one-launch decode kernel (``pallas_gpu_decode``) in interpret
+    mode for both the 8-token prefill and the 2-token step.
+    """
     out = {}
-    for impl in ("reference", "xla", "xla_gather"):
+    for impl in ("reference", "xla", "xla_gather", "pallas_gpu_interpret"):
         model = _model("float32", impl)
         cache = model.init_cache(2, 16)
         mask = jnp.zeros((2, 16), jnp.int32).at[:, :4].set(1)
@@ -208,3 +212,4 @@ def test_decode_logits_match_the_reference_backend():
         out[impl] = step.logits
     assert rel_err(out["xla"], out["reference"]) < 1e-5
     assert rel_err(out["xla_gather"], out["reference"]) < 1e-5
+    assert rel_err(out["pallas_gpu_interpret"], out["reference"]) < 1e-5

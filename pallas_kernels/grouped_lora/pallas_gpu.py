@@ -15,6 +15,10 @@ Kernels (all grids static, so ``interpret=True`` runs each one on CPU):
   registers from the slot-major ``hc[t, j, i]`` where ``e_tj == e`` (zeros elsewhere). Blocks of expert
   columns that no token of the tile routes to are skipped (decode touches 2 of 28 experts).
 
+In inference (nothing differentiated) with ``w`` given and at most ``DECODE_MAX_TOKENS`` tokens,
+``PallasGpuOps.forward`` runs instead the one-launch decode kernel of ``pallas_gpu_decode.py`` (base GEMV,
+shrink and expand in one kernel, no routing sort). Training and larger T use the kernels above.
+
 Index arithmetic: masked-off lanes get out-of-range indices, never clamped ones, so a masked store can
 never alias a live row (interpret mode writes masked lanes back, so an alias would lose data) and the
 column indices stay ``start + arange`` so Triton keeps the loads contiguous.
@@ -32,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.grouped_lora import pallas_gpu_decode
 from pallas_kernels.grouped_lora.routing import RoutingPlan, num_work_items, work_items
 
 # Above this many expert columns (E * r) the fused extra-K block costs more than a separate expand.
@@ -410,6 +415,31 @@ class PallasGpuOps:
             interpret=self.interpret,
             name="lora_fused_gemm",
         )(x_td, w_do, hc_tkr.astype(lora_b_ero.dtype), ids_tk, lora_b_ero.reshape(num_experts * rank, d_out))
+
+    def forward(
+        self,
+        x_td: Float[Array, "T D"],
+        w_do: Float[Array, "D O"] | None,
+        lora_a_edr: Float[Array, "E D R"],
+        lora_b_ero: Float[Array, "E R O"],
+        expert_ids_tk: Int[Array, "T K"],
+        expert_weights_tk: Float[Array, "T K"],
+        scaling_e: Float[Array, " E"],
+    ) -> Float[Array, "T O"] | None:
+        """Inference: the one-launch decode kernel for a few tokens; None leaves the call to shrink + expand."""
+        num_tokens = x_td.shape[0]
+        if w_do is None or not 0 < num_tokens <= pallas_gpu_decode.DECODE_MAX_TOKENS:
+            return None
+        return pallas_gpu_decode.decode_forward(
+            x_td,
+            w_do,
+            lora_a_edr,
+            lora_b_ero,
+            expert_ids_tk,
+            expert_weights_tk,
+            scaling_e,
+            interpret=self.interpret,
+        )
 
 
 def make_ops(*, interpret: bool = False) -> PallasGpuOps:

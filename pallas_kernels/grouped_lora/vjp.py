@@ -108,11 +108,14 @@ def grouped_lora_vjp(
     """``x @ w`` (if ``w`` is not None) plus the grouped LoRA term, with the backend ``ops``.
 
     This body runs only when nothing is differentiated (inference): there a backend's ``forward``, which
-    keeps no residuals, replaces shrink + expand. Under differentiation ``_fwd`` runs instead.
+    keeps no residuals, replaces shrink + expand (it may return None for a call it does not serve).
+    Under differentiation ``_fwd`` runs instead.
     """
     forward = getattr(ops, "forward", None)
     if forward is not None:
-        return forward(x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e)
+        y_to = forward(x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e)
+        if y_to is not None:
+            return y_to
     y_to, _ = _forward(ops, x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e)
     return y_to
 

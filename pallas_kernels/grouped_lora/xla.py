@@ -16,8 +16,9 @@ Every backend implements the three ops that ``vjp.py`` composes into the forward
   (it is ``x @ A_flat`` with ``A_flat: [d, E * r]``).
 
 A backend may also carry a ``forward``: a whole forward pass used when nothing is differentiated
-(``vjp.grouped_lora_vjp``'s primal, i.e. inference). The shrink / expand contract is slot-major
-([T, k, ...]) because the backward pass needs per-slot values; an inference forward does not, so:
+(``vjp.grouped_lora_vjp``'s primal, i.e. inference; it may return None to leave a call to shrink +
+expand). The shrink / expand contract is slot-major ([T, k, ...]) because the backward pass needs per-slot
+values; an inference forward does not, so:
 
 * ``masked_forward`` (``xla_masked``): ``(x @ A_flat) * coef_te @ B_flat`` with ``coef_te`` [T, E] the
   routing weight times scaling of each token's chosen experts and zero elsewhere. The dense path without

@@ -1,0 +1,277 @@
+"""Pallas GPU (Triton) decode kernel: ``x @ W`` and the top-k LoRA experts in one launch, for a few tokens.
+
+    y[t] = x[t] @ W + sum_j c[t, j] * (x[t] @ A[e_tj]) @ B[e_tj],    c[t, j] = weight[t, j] * scaling[e_tj]
+
+At decode a projection is a GEMV bound by reading W, and the expert path as separate kernels (routing sort,
+shrink, expand, glue) is bound by launches. Here one ``pallas_call`` takes ``x, W, A, B`` and the routing as
+given (ids, weights, scaling: no sort, no XLA op around it) and writes ``y``.
+
+Grid: one program per ``block_n`` output columns. Each program, in one loop over ``d_in`` in ``block_k`` steps:
+
+* streams its ``[block_k, block_n]`` tile of W (the bandwidth-dominant read) into a tensor-core dot, with
+  the token rows padded to 16 (``tl.dot`` needs every dimension >= 16; the padded rows are masked loads);
+* computes the shrink ``h[t, j] = x[t] @ A[e_tj]`` for *every* token and slot, redundantly in every program
+  (each one needs all of ``h`` for its columns, and programs cannot wait on each other). It gathers the
+  chosen rows ``A[e_tj, k0:k0+block_s, :]`` as one ``[T, block_s, r]`` tile per slot and sub-step and
+  accumulates the products elementwise; the sum over ``d_in`` happens once after the loop, because a
+  reduction inside the loop is a cross-warp shuffle plus a barrier per step.
+
+Then it adds ``sum_j (c h)[t, j] @ B[e_tj][:, cols]`` with broadcasting multiplies in float32 (r = 8 is
+below ``tl.dot``'s 16), and stores ``y`` in x's dtype. The LoRA rows are ``T`` padded to a power of two
+(1 at T = 1), not to 16, so the shrink does almost no work for padded rows.
+
+Cost of the redundancy (why this is for small T; estimates, not measured): every program reads
+``T * k * d_in * r`` A elements (from L2 after the first) and does as many float32 FMAs on CUDA cores. Next
+to its W tile that is a fraction ``T * k * r / block_n`` more bytes: 0.5 at T = 1, k = 2, block_n = 32. At
+T = 16 the FMAs alone are ~1M per program, ~8k cycles at 128 FP32 lanes per SM (~4 us): the size of the
+whole GEMV.
+``DECODE_MAX_TOKENS`` is where ``pallas_gpu`` stops using this kernel; it should be set from the H200 figures.
+
+Masks: rows past T and columns past ``d_out`` use out-of-range indices (never clamped ones: interpret mode
+writes masked lanes back), ``d_in`` need not divide ``block_k`` (the tail step is masked), any rank works
+(padded to a power of two and masked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int
+
+# ``pallas_gpu`` uses this kernel in inference up to this many tokens per call (above: shrink + fused GEMM).
+DECODE_MAX_TOKENS = 16
+Ref = Any  # a Pallas ref: indexed with ``.at[...]`` and read with ``plgpu.load``
+# Rows of the base dot: Triton's dot needs M >= 16.
+_MIN_DOT_ROWS = 16
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes; ``for_shape`` picks them, ``DECODE_CONFIG_OVERRIDE`` replaces them (benchmark sweeps)."""
+
+    block_n: int  # output columns per program
+    block_k: int  # d_in per loop step: the W tile is [block_k, block_n]
+    lora_elems: int = 4096  # float32 shrink accumulator elements per slot ([T, block_s, r]); sets block_s
+    num_warps: int = 4
+    num_stages: int = 4
+
+    @classmethod
+    def for_shape(cls, num_tokens: int, d_in: int, d_out: int) -> DecodeConfig:
+        # block_n = d_out / 128 rounded down to a power of two in [32, 128]: >= 128 column programs (an H200
+        # has 132 SMs) where d_out allows. Not yet tuned: the bench sweeps tiles (pallas_kernels/NOTES.md).
+        del num_tokens, d_in
+        return cls(block_n=max(32, min(128, _floor_pow2(d_out // 128))), block_k=256)
+
+
+DECODE_CONFIG_OVERRIDE: DecodeConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """The static sizes one kernel instance uses, all powers of two."""
+
+    rows: int  # base-dot rows: T padded to >= 16
+    toks: int  # LoRA rows: T padded to a power of two
+    block_n: int
+    block_k: int
+    block_s: int  # d_in per shrink sub-step; divides block_k
+    rank: int  # r padded to a power of two
+
+
+def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int) -> _Tiles:
+    toks, rank_p = _pow2(num_tokens), _pow2(rank)
+    block_k = max(16, min(cfg.block_k, _pow2(d_in)))
+    block_s = max(1, min(block_k, _floor_pow2(max(1, cfg.lora_elems // (toks * rank_p)))))
+    return _Tiles(
+        rows=max(_MIN_DOT_ROWS, toks),
+        toks=toks,
+        block_n=max(16, min(cfg.block_n, _pow2(d_out))),
+        block_k=block_k,
+        block_s=block_s,
+        rank=rank_p,
+    )
+
+
+def _precision(dtype: jnp.dtype) -> lax.Precision | None:
+    # Triton's dot takes float32 operands as TF32 unless asked for IEEE.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _all(*masks: Array | None) -> Array | None:
+    """The conjunction of the masks that exist (``None`` = statically all true), broadcast together."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = out & m
+    return out
+
+
+def _load(ref: Ref, mask: Array | None) -> Array:
+    """A load with zeros where ``mask`` is false; Triton refuses ``other`` without a mask."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+
+
+def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
+    """``y`` as the first L of ``rows`` rows (the rest zero): register tensors cannot be sliced or padded."""
+    toks = y_ln.shape[0]
+    if toks == rows:
+        return y_ln
+    hit_ml = jnp.arange(rows, dtype=jnp.int32)[:, None] == jnp.arange(toks, dtype=jnp.int32)[None, :]
+    return jnp.sum(jnp.where(hit_ml[:, :, None], y_ln[None, :, :], 0.0), axis=1)
+
+
+def _decode_kernel(
+    x_ref: Ref,
+    w_ref: Ref,
+    a_ref: Ref,
+    b_ref: Ref,
+    ids_ref: Ref,
+    weights_ref: Ref,
+    scaling_ref: Ref,
+    o_ref: Ref,
+    *,
+    tiles: _Tiles,
+    top_k: int,
+) -> None:
+    n_tok, d_in = x_ref.shape
+    d_out = o_ref.shape[1]
+    rank = a_ref.shape[2]
+    bn, bk, bs = tiles.block_n, tiles.block_k, tiles.block_s
+    cols = pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32)
+    cmask = None if d_out % bn == 0 else cols < d_out
+    rows = jnp.arange(tiles.rows, dtype=jnp.int32)  # base-dot rows; rows >= T are out of range, masked
+    row_mask = rows < n_tok
+    toks = jnp.arange(tiles.toks, dtype=jnp.int32)  # LoRA rows
+    tmask = None if tiles.toks == n_tok else toks < n_tok
+    ri = jnp.arange(tiles.rank, dtype=jnp.int32)
+    rmask = None if tiles.rank == rank else ri < rank
+    k_tail = d_in % bk != 0
+
+    # [toks] per slot: expert ids, read as given (rows past T read nothing and gather nothing).
+    ids = [_load(ids_ref.at[toks, j], tmask) for j in range(top_k)]
+
+    def kmask_of(kk):  # noqa: ANN001, ANN202
+        return kk < d_in if k_tail else None
+
+    def step(kb, carry):  # noqa: ANN001, ANN202
+        acc_mn, hk = carry
+        k0 = kb * bk
+        kk = k0 + jnp.arange(bk, dtype=jnp.int32)
+        kmask = kmask_of(kk)
+        x_mk = _load(
+            x_ref.at[rows[:, None], kk[None, :]],
+            _all(row_mask[:, None], None if kmask is None else kmask[None, :]),
+        )
+        w_kn = _load(
+            w_ref.at[kk[:, None], cols[None, :]],
+            _all(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
+        )
+        acc_mn = acc_mn + jnp.dot(
+            x_mk.astype(w_kn.dtype),
+            w_kn,
+            preferred_element_type=jnp.float32,
+            precision=_precision(w_kn.dtype),
+        )
+        hk = list(hk)
+        for s in range(bk // bs):  # shrink sub-steps: bounded [toks, bs, r] tiles
+            ks = k0 + s * bs + jnp.arange(bs, dtype=jnp.int32)
+            ksmask = kmask_of(ks)
+            x_ls = _load(
+                x_ref.at[toks[:, None], ks[None, :]],
+                _all(None if tmask is None else tmask[:, None], None if ksmask is None else ksmask[None, :]),
+            ).astype(jnp.float32)
+            a_mask = _all(
+                None if tmask is None else tmask[:, None, None],
+                None if ksmask is None else ksmask[None, :, None],
+                None if rmask is None else rmask[None, None, :],
+            )
+            for j in range(top_k):
+                a_lsr = _load(a_ref.at[ids[j][:, None, None], ks[None, :, None], ri[None, None, :]], a_mask)
+                hk[j] = hk[j] + x_ls[:, :, None] * a_lsr.astype(jnp.float32)
+        return acc_mn, tuple(hk)
+
+    acc_mn = jnp.zeros((tiles.rows, bn), jnp.float32)
+    hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
+    acc_mn, hk = lax.fori_loop(0, _cdiv(d_in, bk), step, (acc_mn, hk))
+
+    # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32.
+    b_mask = _all(
+        None if tmask is None else tmask[:, None, None],
+        None if rmask is None else rmask[None, :, None],
+        None if cmask is None else cmask[None, None, :],
+    )
+    y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
+    for j in range(top_k):
+        weight_l = _load(weights_ref.at[toks, j], tmask).astype(jnp.float32)
+        scale_l = _load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
+        hc_lr = jnp.sum(hk[j], axis=1) * (weight_l * scale_l)[:, None]
+        b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
+        y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
+
+    y_mn = acc_mn + _embed_rows(y_ln, tiles.rows)
+    plgpu.store(
+        o_ref.at[rows[:, None], cols[None, :]],
+        y_mn.astype(o_ref.dtype),
+        mask=_all(row_mask[:, None], None if cmask is None else cmask[None, :]),
+    )
+
+
+def decode_forward(
+    x_td: Float[Array, "T D"],
+    w_do: Float[Array, "D O"],
+    lora_a_edr: Float[Array, "E D R"],
+    lora_b_ero: Float[Array, "E R O"],
+    expert_ids_tk: Int[Array, "T K"],
+    expert_weights_tk: Float[Array, "T K"],
+    scaling_e: Float[Array, " E"],
+    *,
+    interpret: bool = False,
+    config: DecodeConfig | None = None,
+) -> Float[Array, "T O"]:
+    """``x @ w`` plus the top-k LoRA term in one kernel launch; output in x's dtype (see the module doc).
+
+    Valid for any T; efficient only for a few tokens (``DECODE_MAX_TOKENS``), which the caller decides.
+    """
+    num_tokens, d_in = x_td.shape
+    d_out = w_do.shape[1]
+    top_k = expert_ids_tk.shape[1]
+    cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, d_out)
+    tiles = _tiles(cfg, num_tokens, d_in, d_out, lora_a_edr.shape[2])
+    kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, d_out), x_td.dtype),
+        grid=(_cdiv(d_out, tiles.block_n),),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="lora_decode_fused",
+    )(
+        x_td,
+        w_do,
+        lora_a_edr,
+        lora_b_ero,
+        expert_ids_tk.astype(jnp.int32),
+        expert_weights_tk,
+        scaling_e.astype(jnp.float32),
+    )

@@ -1,0 +1,194 @@
+"""The one-launch decode kernel (``pallas_gpu_decode``): interpret mode against the plain-JAX reference, its
+wiring into ``pallas_gpu`` inference, and its lowering for CUDA at Llama-3-8B shapes on a CPU-only host.
+
+The numerical cases use small shapes and small tiles, so the kernel's loops, sub-steps and masks all run:
+several K steps with a masked tail (d_in not a multiple of block_k), a masked last column tile, padded
+token rows (T = 3) and a padded rank (r = 3), repeated experts and a zero routing weight. Their compiled
+twins and a check at Llama-3-8B shapes with the default tiles are marked ``gpu`` (skipped without one).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_lora import api, pallas_gpu, pallas_gpu_decode, shapes
+from pallas_kernels.grouped_lora.reference import grouped_lora_reference
+from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
+from tests.grouped_lora_cases import rel_err
+
+# Tiles small enough that the test shapes take several K steps, shrink sub-steps and column programs.
+SMALL = pallas_gpu_decode.DecodeConfig(block_n=16, block_k=32, lora_elems=512)
+# Relative to the LoRA term's norm: bf16 output rounding of y (~ x @ W + LoRA, both of norm ~ |x|) stays < 1e-2.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _case(t: int, d_in: int, d_out: int, e: int, r: int, k: int, dtype: str) -> shapes.Case:
+    return shapes.Case(f"decode_t{t}_{d_in}x{d_out}_e{e}_r{r}_k{k}", t, d_in, d_out, e, r, k, dtype=dtype)
+
+
+# name -> (shapes, tiles); None = the default tiles (DecodeConfig.for_shape).
+CASES = {
+    "t1_k2_f32_default_tiles": (_case(1, 64, 48, 28, 8, 2, "float32"), None),
+    "t1_k1_bf16_dmod": (_case(1, 100, 40, 28, 8, 1, "bfloat16"), SMALL),
+    "t3_k2_f32_dmod": (_case(3, 72, 40, 5, 8, 2, "float32"), SMALL),
+    "t3_k1_bf16_rank3": (_case(3, 48, 24, 4, 3, 1, "bfloat16"), SMALL),
+    "t16_k2_bf16": (_case(16, 80, 56, 6, 8, 2, "bfloat16"), SMALL),
+    "t16_k1_f32_dmod_rank3": (_case(16, 40, 33, 28, 3, 1, "float32"), SMALL),
+}
+
+
+def _inputs(case: shapes.Case, name: str) -> dict:
+    """Fresh random inputs seeded from the test name (NumPy: no compile), sized like ``shapes.make_inputs``.
+
+    Token 0 routes every slot to one expert; the last slot gets weight 0 (unless it is the only one).
+    """
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    t, d, o, e, r, k = case.num_tokens, case.d_in, case.d_out, case.num_experts, case.rank, case.top_k
+    ids_tk = np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)]).astype(np.int32)
+    ids_tk[0, :] = ids_tk[0, 0]
+    weights_tk = rng.dirichlet(np.ones(k), size=t).astype(np.float32)
+    if t * k > 1:
+        weights_tk[-1, -1] = 0.0
+    dtype = jnp.dtype(case.dtype)
+    normal = lambda *shape, scale: jnp.asarray(rng.standard_normal(shape) * scale, dtype)  # noqa: E731
+    return {
+        "x": normal(t, d, scale=1.0),
+        "w": normal(d, o, scale=d**-0.5),
+        "lora_a": normal(e, d, r, scale=d**-0.5),
+        "lora_b": normal(e, r, o, scale=r**-0.5),
+        "expert_ids": jnp.asarray(ids_tk),
+        "expert_weights": jnp.asarray(weights_tk),
+        "scaling": jnp.asarray(rng.uniform(0.5, 2.0, e), jnp.float32),
+    }
+
+
+@jax.jit
+def _want(inp: dict) -> tuple[jax.Array, jax.Array]:
+    """(x @ W + LoRA, LoRA) in float32, from the plain-JAX reference."""
+    lora_to = grouped_lora_reference(
+        inp["x"].astype(jnp.float32),
+        inp["lora_a"],
+        inp["lora_b"],
+        inp["expert_ids"],
+        inp["expert_weights"],
+        scaling_e=inp["scaling"],
+    )
+    base_to = jnp.dot(
+        inp["x"].astype(jnp.float32), inp["w"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return base_to + lora_to, lora_to
+
+
+def _norm(v: jax.Array) -> float:
+    return float(np.linalg.norm(np.asarray(v, np.float64)))
+
+
+def _args(inp: dict) -> tuple:
+    keys = ("x", "w", "lora_a", "lora_b", "expert_ids", "expert_weights", "scaling")
+    return tuple(inp[k] for k in keys)
+
+
+def _check(
+    case: shapes.Case, config: pallas_gpu_decode.DecodeConfig | None, name: str, *, interpret: bool
+) -> None:
+    inp = _inputs(case, name)
+    y_to = jax.jit(lambda *a: pallas_gpu_decode.decode_forward(*a, interpret=interpret, config=config))(
+        *_args(inp)
+    )
+    want_to, lora_to = _want(inp)
+    assert y_to.dtype == inp["x"].dtype and y_to.shape == want_to.shape
+    # The LoRA term is about the size of the base term, so dropping or misrouting it cannot pass.
+    assert _norm(lora_to) > 0.3 * _norm(want_to - lora_to)
+    assert _norm(y_to.astype(jnp.float32) - want_to) / _norm(lora_to) < TOLERANCE[case.dtype]
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_kernel_matches_reference(name, interpret, request):
+    case, config = CASES[name]
+    _check(case, config, request.node.name, interpret=interpret)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 16])
+@pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
+def test_decode_kernel_compiled_at_llama_shapes(num_tokens, d_in, d_out, request):
+    """Triton-compiled with the default tiles (E=28, r=8, top-2, bf16): registers and shared memory fit."""
+    _check(_case(num_tokens, d_in, d_out, 28, 8, 2, "bfloat16"), None, request.node.name, interpret=False)
+
+
+def test_pallas_gpu_inference_runs_the_decode_kernel_only_for_few_tokens(request):
+    """``grouped_lora_fused(implementation="pallas_gpu")``: decode kernel in inference up to the threshold."""
+    case = _case(3, 32, 32, 6, 8, 2, "float32")
+    inp = _inputs(case, request.node.name)
+
+    def fused(x, implementation="pallas_gpu_interpret"):
+        return api.grouped_lora_fused(
+            x,
+            inp["w"],
+            inp["lora_a"],
+            inp["lora_b"],
+            inp["expert_ids"],
+            inp["expert_weights"],
+            scaling=inp["scaling"],
+            implementation=implementation,
+        )
+
+    jaxpr = str(jax.make_jaxpr(fused)(inp["x"]))
+    assert "lora_decode_fused" in jaxpr and "sort" not in jaxpr and "lora_token_shrink" not in jaxpr
+    want_to, _ = _want(inp)
+    assert rel_err(jax.jit(fused)(inp["x"]), want_to) < TOLERANCE["float32"]
+    # Differentiated calls keep the shrink / fused-GEMM path and its residuals.
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: fused(x).sum()))(inp["x"]))
+    assert "lora_decode_fused" not in grad_jaxpr and "lora_fused_gemm" in grad_jaxpr
+    # Above DECODE_MAX_TOKENS: the old path.
+    many = pallas_gpu_decode.DECODE_MAX_TOKENS + 1
+    x_many = jnp.zeros((many, case.d_in), jnp.float32)
+    ids_many = jnp.zeros((many, case.top_k), jnp.int32)
+    jaxpr_many = str(
+        jax.make_jaxpr(
+            lambda x: api.grouped_lora_fused(
+                x,
+                inp["w"],
+                inp["lora_a"],
+                inp["lora_b"],
+                ids_many,
+                jnp.ones((many, case.top_k)),
+                scaling=inp["scaling"],
+                implementation="pallas_gpu_interpret",
+            )
+        )(x_many)
+    )
+    assert "lora_decode_fused" not in jaxpr_many and "lora_fused_gemm" in jaxpr_many
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16])
+@pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 14336), (14336, 4096), (72, 40)])
+def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out):
+    """Llama-3-8B projections (E=28, r=8, top-2, bf16) lower to Triton for CUDA as one custom call.
+
+    This runs Pallas's lowering to Triton IR on a CPU-only jaxlib; Triton's own compiler passes (layouts,
+    registers, shared memory) run only when XLA compiles the module on a GPU. (72, 40) lowers the masks.
+    """
+    num_experts, rank, top_k = 28, 8, 2
+    spec = jax.ShapeDtypeStruct
+    args = (
+        spec((num_tokens, d_in), jnp.bfloat16),
+        spec((d_in, d_out), jnp.bfloat16),
+        spec((num_experts, d_in, rank), jnp.bfloat16),
+        spec((num_experts, rank, d_out), jnp.bfloat16),
+        spec((num_tokens, top_k), jnp.int32),
+        spec((num_tokens, top_k), jnp.float32),
+        spec((num_experts,), jnp.float32),
+    )
+    ops = pallas_gpu.PallasGpuOps(interpret=False)
+    lowered = jax.jit(lambda *a: grouped_lora_vjp(ops, *a)).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    ops_in_module = {line.split("=", 1)[-1].split()[0] for line in text.splitlines() if "stablehlo." in line}
+    assert ops_in_module == {"stablehlo.custom_call"}, ops_in_module
