@@ -23,16 +23,14 @@ starts no step it cannot checkpoint or finish before then; the last ~48 s are ma
     call 2  carry [".study/pack_b"]   stash && run --resume --max-minutes 9.2
     call 3, 4, ...  carry []          run --resume --max-minutes 9.2     (until it prints "all steps done")
 
-(`stash` and `run` are `python3 scripts/reproduce_bigbench.py stash` / `... run ...`.) Seconds per step on
-one H200: MEASURED in seed 0's run (an earlier config): base 41, convert 9; machine start ~90. ESTIMATED
-for the default config (configs/bigbench_small.yaml says how): adapters:0-10 ~145, adapters:11-21 ~148,
-adapters:baselines ~195, gates:top2 ~320 (the ONE gate training: MeteoRA top-1 is its gates run with k=1),
-eval:single ~170, eval:meteora ~260, eval:composite ~260, report ~10. The expected plan (ESTIMATES): call 1
-~0.4 min (data); call 2 ~9.1 (base, both adapter chunks, the baselines; if they reach the deadline they
-finish in call 3); call 3 ~8.6 (convert, gates:top2, eval:single); call 4 ~8.9 (eval:meteora,
-eval:composite); call 5 ~0.4 (report). About 29 device minutes with the machine start: ~2 minutes OVER the
-27-minute target, inside one 30-minute session with only ~1 minute of slack. The next knob (not turned):
---set gates.steps=1200 (~-55 s); then --set composite.sizes=[3,10] (~-80 s). A seed whose session runs out
+(`stash` and `run` are `python3 scripts/reproduce_bigbench.py stash` / `... run ...`.) MEASURED for seed 0
+with this config (session 3, composite `numbered`), seconds per step on one H200: base 54, adapters:0-10 152,
+adapters:11-21 149, adapters:baselines 183, convert 12, gates:top2 386, eval:single 161, eval:meteora 226,
+eval:composite 169, report 3. The calls went: call 1 7 s (data); call 2 543 s (base, both adapter chunks,
+the baselines); call 3 526 s (convert, gates:top2, most of eval:single); call 4 442 s (the rest, through
+report). 25.0 process minutes; the lease held the machine 26.2 minutes of the session's 30. `turns` (the
+composite default now) is ESTIMATED at ~1 minute more than `numbered`. If a seed runs short:
+--set gates.steps=1200 (~-70 s); then --set composite.sizes=[3,10]. A seed whose session runs out
 is lost at the machine's return (the partial results below still come back).
 
 WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
