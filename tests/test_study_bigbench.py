@@ -107,6 +107,9 @@ def test_config_is_strict_and_typed(tmp_path):
         C.load_study_config(None, ["adapters.stepz=3"])
     with pytest.raises(MeteoraInputError, match="adapters.steps"):
         C.load_study_config(None, ["adapters.steps=many"])
+    with pytest.raises(MeteoraInputError, match="composite.protocol: 'numberd' is not one of"):
+        C.load_study_config(None, ["composite.protocol=numberd"])
+    assert C.load_study_config(None, ["composite.protocol=numbered"]).composite.protocol == "numbered"
     with pytest.raises(MeteoraInputError, match="gates"):
         C.load_study_config(None, ["gates={stepz: 3}"]).gate_train_config(1)
     names = T.step_names(C.load_study_config(None), T.default_tasks())

@@ -95,7 +95,7 @@ def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  #
 
 
 def step_eval_composite(ctx: Ctx) -> dict | None:
-    from meteora_jax.eval.composite import PROTOCOLS, score_answers, score_composite
+    from meteora_jax.eval.composite import score_answers, score_composite
     from meteora_jax.tokenizer import load_tokenizer
     from meteora_jax.train.data import PromptFormatter
 
@@ -106,8 +106,6 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
                 raise MeteoraInputError(
                     f"composite.tasks_{n}: {t!r} is not a study task with an accuracy metric."
                 )
-    if cc.protocol not in PROTOCOLS:
-        raise MeteoraInputError(f"composite.protocol: {cc.protocol!r} is not one of {list(PROTOCOLS)}.")
     turns = cc.protocol == "turns"
     path = ctx.work / "eval" / composite_file(cc.protocol)
     results = load_eval(path)

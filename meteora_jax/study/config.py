@@ -116,6 +116,15 @@ class CompositeConfig:
     batch_size: int = _f(16, "composite prompts per generation batch")
     tokens_per_answer: int = _f(40, "max_new_tokens = n x this")
 
+    def __post_init__(self) -> None:
+        from meteora_jax.eval.composite import PROTOCOLS
+
+        if self.protocol not in PROTOCOLS:
+            raise MeteoraInputError(
+                f"composite.protocol: {self.protocol!r} is not one of {list(PROTOCOLS)} (turns: one multi-turn "
+                "chat, one answer per turn; numbered: MeteoRA's all-questions-then-all-answers format)."
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
