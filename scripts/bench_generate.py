@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from meteora_jax.generate.sampler import DecodeState, _decode, _prefill  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
+from meteora_jax.io import write_text_atomic  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
 from meteora_jax.model.llama import MeteoraLlama  # noqa: E402
 
@@ -45,10 +46,7 @@ def llama3_8b(tiny: bool) -> ModelConfig:
 
 
 def save(path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(RESULTS, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(RESULTS, indent=2))
 
 
 def timed(fn, reps: int) -> float:  # noqa: ANN001

@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from meteora_jax.io import write_text_atomic  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 from pallas_kernels.grouped_lora import api, pallas_gpu_decode, shapes  # noqa: E402
 
@@ -203,10 +204,7 @@ def _write(rows: list[dict], out_path: str) -> None:
         ),
         "rows": rows,
     }
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, out_path)
+    write_text_atomic(out_path, json.dumps(doc, indent=1))
 
 
 def jax_triton_check() -> str:

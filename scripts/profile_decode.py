@@ -51,6 +51,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
+from meteora_jax.io import write_text_atomic  # noqa: E402
+
 # Opcodes that launch nothing (or are free views) in a compiled HLO computation.
 _FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id"}
 # Trace lines that XLA's profiler derives from the kernels (they would count each kernel twice).
@@ -334,10 +336,7 @@ def run_flag_sets(args: argparse.Namespace, out: str) -> int:
 
 
 def _save(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def main() -> int:

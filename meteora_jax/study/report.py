@@ -7,13 +7,13 @@ Missing figures are None in the JSON and "-" in the tables, never silently 0.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from meteora_jax.io import write_text_atomic
 from meteora_jax.study.config import BASELINES
 from meteora_jax.study.evaluate import headline_metric, load_eval, meteora_gates
 from meteora_jax.study.state import Ctx, write_json
@@ -307,9 +307,7 @@ def step_report(ctx: Ctx) -> dict:
     }
     write_json(out / f"{stem}_details.json", details)
     md = markdown_section(report, checks, ctx, images)
-    tmp = out / f".{stem}_section.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / f"{stem}_section.md")
+    write_text_atomic(out / f"{stem}_section.md", md)
     ctx.log(_checks_table(checks))
     return {"json": str(out / f"{stem}.json"), "section": str(out / f"{stem}_section.md"), "images": images}
 
