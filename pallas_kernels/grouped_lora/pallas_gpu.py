@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.grouped_lora import pallas_gpu_decode
+from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 from pallas_kernels.grouped_lora.routing import RoutingPlan, num_work_items, work_items
 
 # Above this many expert columns (E * r) the fused extra-K block costs more than a separate expand.
@@ -45,21 +46,8 @@ FUSED_MAX_EXPERT_COLUMNS = 1024
 TOKEN_SHRINK_MAX_TOKENS = 16
 
 
-def _precision(dtype: jnp.dtype) -> lax.Precision | None:
-    # Triton's dot takes float32 operands as TF32 unless asked for IEEE (seen on jax 0.11.2: 4e-4 error).
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, _pow2(n)))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return max(lo, min(hi, pow2(n)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +111,10 @@ def _gmm_kernel(items_ref, lhs_idx_ref, out_idx_ref, lhs_ref, w_ref, out_ref, *,
                 a_mk.astype(w_kn.dtype),
                 w_kn,
                 preferred_element_type=jnp.float32,
-                precision=_precision(w_kn.dtype),
+                precision=dot_precision(w_kn.dtype),
             )
 
-        acc = lax.fori_loop(0, _cdiv(k_dim, bk), body, jnp.zeros((bm, bn), jnp.float32))
+        acc = lax.fori_loop(0, cdiv(k_dim, bk), body, jnp.zeros((bm, bn), jnp.float32))
         plgpu.store(
             out_ref.at[dst[:, None], cols[None, :]],
             acc.astype(out_ref.dtype),
@@ -157,7 +145,7 @@ def _gmm(
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((out_rows, n_dim), out_dtype),
-        grid=(n_items, _cdiv(n_dim, bn)),
+        grid=(n_items, cdiv(n_dim, bn)),
         compiler_params=_params(4, 3),
         interpret=interpret,
         name="lora_gmm",
@@ -187,7 +175,7 @@ def _tgmm_kernel(off_ref, lhs_idx_ref, rhs_idx_ref, lhs_ref, rhs_ref, out_ref, *
             b_mn,
             dims,
             preferred_element_type=jnp.float32,
-            precision=_precision(b_mn.dtype),
+            precision=dot_precision(b_mn.dtype),
         )
 
     acc = lax.fori_loop(0, (hi - lo + bm - 1) // bm, body, jnp.zeros((bk, bn), jnp.float32))
@@ -228,7 +216,7 @@ def _token_shrink_kernel(ids_ref, x_ref, w_ref, out_ref, *, bt, bk, bn, top_k, t
             prod = x_tk.astype(jnp.float32)[:, :, None] * w_tkn.astype(jnp.float32)
             return acc + jnp.sum(prod, axis=1)
 
-        acc = lax.fori_loop(0, _cdiv(k_dim, bk), body, jnp.zeros((bt, bn), jnp.float32))
+        acc = lax.fori_loop(0, cdiv(k_dim, bk), body, jnp.zeros((bt, bn), jnp.float32))
         plgpu.store(out_ref.at[toks[:, None], j, nn[None, :]], acc, mask=tmask[:, None] & nmask[None, :])
 
 
@@ -248,7 +236,9 @@ def _fused_kernel(x_ref, w_ref, hc_ref, ids_ref, b_ref, o_ref, *, cfg: FusedConf
     def base_body(kb, acc):  # noqa: ANN001, ANN202
         x_mk = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(kb * bk, bk)], mask=rmask[:, None], other=0)
         w_kn = plgpu.load(w_ref.at[pl.ds(kb * bk, bk), pl.ds(col0, bn)], mask=cmask[None, :], other=0)
-        return acc + jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32, precision=_precision(w_kn.dtype))
+        return acc + jnp.dot(
+            x_mk, w_kn, preferred_element_type=jnp.float32, precision=dot_precision(w_kn.dtype)
+        )
 
     if d_in % bk:
         raise NotImplementedError(f"fused kernel needs d_in % {bk} == 0, got {d_in}")
@@ -281,12 +271,12 @@ def _fused_kernel(x_ref, w_ref, hc_ref, ids_ref, b_ref, o_ref, *, cfg: FusedConf
                 h_mc.astype(b_cn.dtype),
                 b_cn,
                 preferred_element_type=jnp.float32,
-                precision=_precision(b_cn.dtype),
+                precision=dot_precision(b_cn.dtype),
             )
 
         return lax.cond(present > 0, add_block, lambda acc: acc, acc)
 
-    acc = lax.fori_loop(0, _cdiv(n_cols, bc), lora_body, acc)
+    acc = lax.fori_loop(0, cdiv(n_cols, bc), lora_body, acc)
     plgpu.store(
         o_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)],
         acc.astype(o_ref.dtype),
@@ -306,7 +296,7 @@ class PallasGpuOps:
     ) -> Float[Array, "T k N"]:
         n_dim = w_ekn.shape[1] if transpose_w else w_ekn.shape[2]
         if plan.num_tokens <= TOKEN_SHRINK_MAX_TOKENS:
-            bt, bn = 16, _pow2(n_dim)
+            bt, bn = 16, pow2(n_dim)
             bk = max(4, 8192 // (bt * bn))
             kernel = functools.partial(
                 _token_shrink_kernel, bt=bt, bk=bk, bn=bn, top_k=plan.top_k, transpose_w=transpose_w
@@ -315,7 +305,7 @@ class PallasGpuOps:
             return pl.pallas_call(
                 kernel,
                 out_shape=jax.ShapeDtypeStruct((plan.num_tokens, plan.top_k, n_dim), jnp.float32),
-                grid=(_cdiv(plan.num_tokens, bt),),
+                grid=(cdiv(plan.num_tokens, bt),),
                 compiler_params=_params(4, 2),
                 interpret=self.interpret,
                 name="lora_token_shrink",
@@ -381,7 +371,7 @@ class PallasGpuOps:
         return pl.pallas_call(
             functools.partial(_tgmm_kernel, bm=bm, bk=bk, bn=bn),
             out_shape=jax.ShapeDtypeStruct((plan.num_experts, k_dim, n_dim), out_dtype),
-            grid=(plan.num_experts, _cdiv(k_dim, bk), _cdiv(n_dim, bn)),
+            grid=(plan.num_experts, cdiv(k_dim, bk), cdiv(n_dim, bn)),
             compiler_params=_params(4, 3),
             interpret=self.interpret,
             name="lora_tgmm",
@@ -410,7 +400,7 @@ class PallasGpuOps:
         return pl.pallas_call(
             kernel,
             out_shape=jax.ShapeDtypeStruct((plan.num_tokens, d_out), out_dtype),
-            grid=(_cdiv(plan.num_tokens, cfg.block_t), _cdiv(d_out, cfg.block_o)),
+            grid=(cdiv(plan.num_tokens, cfg.block_t), cdiv(d_out, cfg.block_o)),
             compiler_params=_params(cfg.num_warps, cfg.num_stages),
             interpret=self.interpret,
             name="lora_fused_gemm",

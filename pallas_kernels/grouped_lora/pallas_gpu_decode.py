@@ -45,6 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
+
 # ``pallas_gpu`` uses this kernel in inference up to this many tokens per call (above: shrink + fused GEMM).
 DECODE_MAX_TOKENS = 16
 Ref = Any  # a Pallas ref: indexed with ``.at[...]`` and read with ``plgpu.load``
@@ -52,16 +54,8 @@ Ref = Any  # a Pallas ref: indexed with ``.at[...]`` and read with ``plgpu.load`
 _MIN_DOT_ROWS = 16
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _floor_pow2(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,22 +92,17 @@ class _Tiles:
 
 
 def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int) -> _Tiles:
-    toks, rank_p = _pow2(num_tokens), _pow2(rank)
-    block_k = max(16, min(cfg.block_k, _pow2(d_in)))
+    toks, rank_p = pow2(num_tokens), pow2(rank)
+    block_k = max(16, min(cfg.block_k, pow2(d_in)))
     block_s = max(1, min(block_k, _floor_pow2(max(1, cfg.lora_elems // (toks * rank_p)))))
     return _Tiles(
         rows=max(_MIN_DOT_ROWS, toks),
         toks=toks,
-        block_n=max(16, min(cfg.block_n, _pow2(d_out))),
+        block_n=max(16, min(cfg.block_n, pow2(d_out))),
         block_k=block_k,
         block_s=block_s,
         rank=rank_p,
     )
-
-
-def _precision(dtype: jnp.dtype) -> lax.Precision | None:
-    # Triton's dot takes float32 operands as TF32 unless asked for IEEE.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _all(*masks: Array | None) -> Array | None:
@@ -191,7 +180,7 @@ def _decode_kernel(
             x_mk.astype(w_kn.dtype),
             w_kn,
             preferred_element_type=jnp.float32,
-            precision=_precision(w_kn.dtype),
+            precision=dot_precision(w_kn.dtype),
         )
         hk = list(hk)
         for s in range(bk // bs):  # shrink sub-steps: bounded [toks, bs, r] tiles
@@ -213,7 +202,7 @@ def _decode_kernel(
 
     acc_mn = jnp.zeros((tiles.rows, bn), jnp.float32)
     hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
-    acc_mn, hk = lax.fori_loop(0, _cdiv(d_in, bk), step, (acc_mn, hk))
+    acc_mn, hk = lax.fori_loop(0, cdiv(d_in, bk), step, (acc_mn, hk))
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32.
     b_mask = _all(
@@ -262,7 +251,7 @@ def decode_forward(
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_tokens, d_out), x_td.dtype),
-        grid=(_cdiv(d_out, tiles.block_n),),
+        grid=(cdiv(d_out, tiles.block_n),),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="lora_decode_fused",

@@ -52,16 +52,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.grouped_lora.common import cdiv, dot_precision
 from pallas_kernels.grouped_lora.routing import RoutingPlan, work_items
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _precision(dtype: jnp.dtype) -> lax.Precision | None:
-    # The MXU takes float32 operands as one bf16 pass by default; HIGHEST keeps f32 within 1e-5.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def block_rows_for(num_rows: int) -> int:
@@ -115,7 +107,7 @@ def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, w_ref, out_ref, ac
             w,
             dims,
             preferred_element_type=jnp.float32,
-            precision=_precision(w.dtype),
+            precision=dot_precision(w.dtype),
         )
 
     @pl.when((hi > lo) & (k_i == pl.num_programs(2) - 1))
@@ -194,7 +186,7 @@ def _tgmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
             lhs_mk.T.astype(in_dtype),
             rhs_mn.astype(in_dtype),
             preferred_element_type=jnp.float32,
-            precision=_precision(in_dtype),
+            precision=dot_precision(in_dtype),
         )
 
     @pl.when((item == n_items - 1) | (next_group != group))
@@ -259,7 +251,7 @@ class PallasTpuOps:
 
     def _blocking(self, plan: RoutingPlan) -> tuple[int, int]:
         bm = block_rows_for(plan.num_rows)
-        return bm, _cdiv(plan.num_rows, bm) * bm
+        return bm, cdiv(plan.num_rows, bm) * bm
 
     def shrink(
         self, x_td: Float[Array, "T K"], w_ekn: Array, plan: RoutingPlan, *, transpose_w: bool = False

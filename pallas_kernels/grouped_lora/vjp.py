@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.grouped_lora import common
 from pallas_kernels.grouped_lora.routing import RoutingPlan, make_plan
 
 
@@ -71,26 +72,16 @@ def _named(name: str, fn, *args):  # noqa: ANN001, ANN202
     return jax.jit(wrapped)(*args)
 
 
-def _dot_precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _forward(ops: KernelOps, x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e):  # noqa: ANN001, ANN202
     plan = make_plan(expert_ids_tk, lora_a_edr.shape[0])
-    # [T, k]: per-slot coefficient, in float32 whatever the input dtype.
-    coef_tk = expert_weights_tk.astype(jnp.float32) * scaling_e.astype(jnp.float32)[expert_ids_tk]
+    coef_tk = common.coef_tk(expert_ids_tk, expert_weights_tk, scaling_e)  # [T, k], float32
     h_tkr = ops.shrink(x_td, lora_a_edr, plan)
     hc_tkr = (h_tkr * coef_tk[..., None]).astype(lora_b_ero.dtype)
     y_to = None
     if w_do is not None and ops.fused is not None:  # a backend may decline a shape by returning None
         y_to = ops.fused(x_td, w_do, hc_tkr, lora_b_ero, plan, x_td.dtype)
     if y_to is None:
-        y_to = ops.expand(hc_tkr, lora_b_ero, plan, out_dtype=jnp.float32)
-        if w_do is not None:
-            y_to = y_to + jnp.dot(
-                x_td, w_do, preferred_element_type=jnp.float32, precision=_dot_precision(x_td.dtype)
-            )
-        y_to = y_to.astype(x_td.dtype)
+        y_to = common.add_base(x_td, w_do, ops.expand(hc_tkr, lora_b_ero, plan, out_dtype=jnp.float32))
     return y_to, (plan, coef_tk, h_tkr, hc_tkr)
 
 
@@ -167,12 +158,12 @@ def _bwd(ops, residuals, dy_to):  # noqa: ANN001, ANN202
         dx = ops.expand(gc_tkr, lora_a_edr, plan, transpose_w=True, out_dtype=jnp.float32)
         if w_do is not None:
             dx = dx + jnp.dot(
-                dy_to, w_do.T, preferred_element_type=jnp.float32, precision=_dot_precision(x_td.dtype)
+                dy_to, w_do.T, preferred_element_type=jnp.float32, precision=common.dot_precision(x_td.dtype)
             )
         dx = dx.astype(x_td.dtype)
     if needs.w:
         dw = jnp.dot(
-            x_td.T, dy_to, preferred_element_type=jnp.float32, precision=_dot_precision(x_td.dtype)
+            x_td.T, dy_to, preferred_element_type=jnp.float32, precision=common.dot_precision(x_td.dtype)
         ).astype(w_do.dtype)
     if needs.a:
         tgmm = functools.partial(ops.tgmm, out_dtype=lora_a_edr.dtype)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from pallas_kernels.grouped_lora import common
 from pallas_kernels.grouped_lora.routing import RoutingPlan
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -49,23 +50,6 @@ _HIGHEST = lax.Precision.HIGHEST
 DENSE_MAX_EXPERT_COLUMNS = 1024
 # Above this many rows (T * k) gathering per-row expert weights copies more than the dense path reads.
 GATHER_MAX_ROWS = 64
-
-
-def _dot_precision(dtype: jnp.dtype) -> lax.Precision | None:
-    return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _with_base(x_td: Array, w_do: Array | None, y_to: Float[Array, "T O"]) -> Array:
-    """``y + x @ w`` (when ``w`` is given) in float32, cast to x's dtype, as ``vjp._forward`` does."""
-    if w_do is not None:
-        y_to = y_to + jnp.dot(
-            x_td, w_do, preferred_element_type=jnp.float32, precision=_dot_precision(x_td.dtype)
-        )
-    return y_to.astype(x_td.dtype)
-
-
-def _coef_tk(ids_tk: Array, weights_tk: Array, scaling_e: Array) -> Float[Array, "T k"]:
-    return weights_tk.astype(jnp.float32) * scaling_e.astype(jnp.float32)[ids_tk]
 
 
 def masked_forward(
@@ -104,7 +88,7 @@ def masked_forward(
     y_to = jnp.einsum(
         "ter,ero->to", hc_ter, lora_b_ero, precision=_HIGHEST, preferred_element_type=jnp.float32
     )
-    return _with_base(x_td, w_do, y_to)
+    return common.add_base(x_td, w_do, y_to)
 
 
 def masked_batched_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
@@ -118,13 +102,13 @@ def gather_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scali
     """Reads only each token's k experts; hands over to ``masked_forward`` above ``GATHER_MAX_ROWS``."""
     if ids_tk.size > GATHER_MAX_ROWS:
         return masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e)
-    coef_tk = _coef_tk(ids_tk, weights_tk, scaling_e)
+    coef_tk = common.coef_tk(ids_tk, weights_tk, scaling_e)
     a_tkdr = jnp.take(lora_a_edr, ids_tk, axis=0)
     h_tkr = jnp.einsum("td,tkdr->tkr", x_td, a_tkdr, precision=_HIGHEST, preferred_element_type=jnp.float32)
     hc_tkr = (h_tkr * coef_tk[:, :, None]).astype(lora_b_ero.dtype)
     b_tkro = jnp.take(lora_b_ero, ids_tk, axis=0)
     y_to = jnp.einsum("tkr,tkro->to", hc_tkr, b_tkro, precision=_HIGHEST, preferred_element_type=jnp.float32)
-    return _with_base(x_td, w_do, y_to)
+    return common.add_base(x_td, w_do, y_to)
 
 
 def _slot_rows(v: Array, plan: RoutingPlan) -> Array:
