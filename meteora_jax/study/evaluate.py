@@ -337,32 +337,26 @@ def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
                 owner.append(task)
     order = one_bucket_order([len(p) + len(r) for p, r in pairs], ctx.cfg.eval.batch_size)
     top1 = teacher_forced_top1(model, [pairs[i] for i in order], batch_size=ctx.cfg.eval.batch_size)
-    hits: dict[str, list[float]] = {t: [0.0, 0.0] for t in ctx.tasks}
-    # prompt level: the expert most often top-1 over all of a prompt's response tokens, layers and projections
-    majority: dict[str, list[int]] = {t: [0, 0] for t in ctx.tasks}
-    layer_hits, layer_n = None, 0
+    # per task: one [T_resp, L, P] hit array (top-1 == the task's expert) and one prompt-level hit per example;
+    # prompt level = the expert most often top-1 over all its response tokens, layers and projections
+    hits: dict[str, list[np.ndarray]] = {t: [] for t in ctx.tasks}
+    majority: dict[str, list[bool]] = {t: [] for t in ctx.tasks}
     seen = set()
     for i, top1_tlp in zip(order, top1):
         if i in seen:  # a filler repeat
             continue
         seen.add(i)
-        task = owner[i]
-        hit_tlp = top1_tlp == model.expert_names.index(task)
-        hits[task][0] += float(hit_tlp.sum())
-        hits[task][1] += float(top1_tlp.size)
-        majority[task][0] += int(np.bincount(top1_tlp.ravel()).argmax() == model.expert_names.index(task))
-        majority[task][1] += 1
-        layer_hits = hit_tlp.sum(axis=(0, 2)) + (0 if layer_hits is None else layer_hits)
-        layer_n += hit_tlp.shape[0] * hit_tlp.shape[2]
-    per_task = {t: (h / n if n else None) for t, (h, n) in hits.items()}
-    total = sum(h for h, _ in hits.values()) / max(sum(n for _, n in hits.values()), 1.0)
+        expert = model.expert_names.index(owner[i])
+        hits[owner[i]].append(top1_tlp == expert)
+        majority[owner[i]].append(bool(np.bincount(top1_tlp.ravel()).argmax() == expert))
+    all_hits = [h for hs in hits.values() for h in hs]
+    all_tlp = np.concatenate(all_hits) if all_hits else np.zeros((0, 0, 0), bool)
     return {
-        "overall": total,
-        "per_task": per_task,
-        "per_layer": [] if layer_hits is None else [float(x) / layer_n for x in layer_hits],
-        "prompt_majority": sum(h for h, _ in majority.values())
-        / max(sum(n for _, n in majority.values()), 1),
-        "prompt_majority_per_task": {t: (h / n if n else None) for t, (h, n) in majority.items()},
+        "overall": float(all_tlp.mean()) if all_tlp.size else 0.0,
+        "per_task": {t: float(np.concatenate(hs).mean()) if hs else None for t, hs in hits.items()},
+        "per_layer": [float(x) for x in all_tlp.mean(axis=(0, 2))] if all_tlp.size else [],
+        "prompt_majority": float(np.mean([m for ms in majority.values() for m in ms])) if all_hits else 0.0,
+        "prompt_majority_per_task": {t: float(np.mean(ms)) if ms else None for t, ms in majority.items()},
         "top_k": top_k,
         "pairs": len(pairs),
     }
