@@ -162,9 +162,7 @@ def train_gates(
         os.makedirs(work_dir, exist_ok=True)
         metrics_path = os.path.join(work_dir, METRICS_FILE)
         if resume and ckpt.latest_step(ckpt_dir) is not None:
-            start, trees, _ = ckpt.restore_checkpoint(
-                ckpt_dir, {"trainable": state.trainable, "opt": state.opt}, cfg
-            )
+            start, trees, _ = ckpt.restore_checkpoint(ckpt_dir, _trees(state), cfg)
             state.trainable, state.opt = trees["trainable"], trees["opt"]
             _truncate_metrics(metrics_path, start)
             log(f"resumed from step {start} ({ckpt_dir})")
@@ -195,7 +193,7 @@ def train_gates(
                 log(f"deadline reached at step {reached}/{cfg.steps}: checkpoint saved in {ckpt_dir}")
             return TrainResult(out_dir, work_dir, reached, {}, notes)
         if start < cfg.steps or ckpt.latest_step(ckpt_dir) != cfg.steps:
-            ckpt.save_checkpoint(ckpt_dir, cfg.steps, {"trainable": state.trainable, "opt": state.opt}, cfg)
+            ckpt.save_checkpoint(ckpt_dir, cfg.steps, _trees(state), cfg)
         held = evaluate_held_out(state, cfg, data, names, pad_id, eval_step, place)
         final_model = state.model()
         if jax.process_count() > 1:
@@ -235,6 +233,11 @@ def train_gates(
         )
     log(f"wrote {out_dir}")
     return TrainResult(out_dir, work_dir, cfg.steps, held, notes)
+
+
+def _trees(state: Any) -> dict:
+    """What a checkpoint holds: the trainable (gate) params and the optimizer state."""
+    return {"trainable": state.trainable, "opt": state.opt}
 
 
 def _run(
@@ -303,15 +306,14 @@ def _run(
             bar.update(1)
             saved = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps)
             if saved:
-                ckpt.save_checkpoint(ckpt_dir, done, {"trainable": state.trainable, "opt": state.opt}, cfg)
+                ckpt.save_checkpoint(ckpt_dir, done, _trees(state), cfg)
             if deadline is not None and done < end:
                 # keep one step in flight: the clock then measures work done, not work queued by async dispatch
                 jax.block_until_ready(in_flight)
                 in_flight = m
                 if time.time() >= deadline:
                     if not saved:
-                        trees = {"trainable": state.trainable, "opt": state.opt}
-                        ckpt.save_checkpoint(ckpt_dir, done, trees, cfg)
+                        ckpt.save_checkpoint(ckpt_dir, done, _trees(state), cfg)
                     bar.close()
                     return done
     bar.close()
