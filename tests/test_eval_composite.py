@@ -66,3 +66,14 @@ def test_render_turns_plain_template_and_empty_answers_are_not_attempted():
     scores = score_answers(["strategyqa", "winowhy"], [q, q], [["Yes.", "  "], ["no", "A"]])
     assert scores["per_task"]["strategyqa"] == {"attempted": 1.0, "correct": 0.5}
     assert scores["per_task"]["winowhy"] == {"attempted": 0.5, "correct": 0.5}
+
+
+def test_unknown_protocol_is_a_clear_error_before_any_work(tmp_path):
+    import pytest
+
+    from meteora_jax.errors import MeteoraInputError
+    from meteora_jax.eval.composite import evaluate_composite
+
+    with pytest.raises(MeteoraInputError, match="composite protocol 'numberd': choose one of"):
+        evaluate_composite(None, None, str(tmp_path / "no_such_data"), 3, protocol="numberd")
+    assert list(tmp_path.iterdir()) == []
