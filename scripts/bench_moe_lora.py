@@ -5,9 +5,11 @@ Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.
        [--decode-max-tokens N]
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
-(``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS`` runs
-it with those tiles (block_n, block_k, num_warps, num_stages) instead of ``DecodeConfig.for_shape``, so one
-run can sweep them: ``--impls pallas_gpu,pallas_gpu@64x256x4x4,pallas_gpu@32x512x8x3,xla``.
+(``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK]``
+runs it with those tiles (block_n, block_k, num_warps, num_stages, and split_k: 1 = none, 0 or left out =
+chosen from the shape) instead of ``DecodeConfig.for_shape``, so one run can sweep them:
+``--impls pallas_gpu,pallas_gpu@64x256x4x4,pallas_gpu@32x512x4x3x1,xla``. ``pallas_gpu_decode`` is the
+automatic GPU choice for few experts: that kernel at T=1, ``xla`` otherwise.
 
 Timing (``pallas_kernels/timing.py`` has the details and the validity rules):
 - ``profile``: GPU kernel time per call from a profiler trace of ``calls`` dispatches; valid at any T.
@@ -53,12 +55,16 @@ TINY_CASES = (
 
 
 def parse_impl(spec: str) -> tuple[str, pallas_gpu_decode.DecodeConfig | None]:
-    """``name`` or ``name@BNxBKxWxS``: the implementation and the decode-kernel tiles it should run with."""
+    """``name`` or ``name@BNxBKxWxS[xK]``: the implementation and the decode-kernel tiles it should run with."""
     name, _, tiles = spec.partition("@")
     if not tiles:
         return name, None
-    block_n, block_k, num_warps, num_stages = (int(v) for v in tiles.split("x"))
-    return name, pallas_gpu_decode.DecodeConfig(block_n, block_k, num_warps=num_warps, num_stages=num_stages)
+    block_n, block_k, num_warps, num_stages, *split = (int(v) for v in tiles.split("x"))
+    if len(split) > 1:
+        raise ValueError(f"{spec!r}: expected name@BNxBKxWxS or name@BNxBKxWxSxK")
+    return name, pallas_gpu_decode.DecodeConfig(
+        block_n, block_k, num_warps=num_warps, num_stages=num_stages, split_k=split[0] if split else 0
+    )
 
 
 @contextlib.contextmanager
@@ -166,6 +172,8 @@ def bench(
                 shape = case.num_tokens, case.d_in, case.d_out
                 cfg = tiles or pallas_gpu_decode.DecodeConfig.for_shape(*shape)
                 row["decode_config"] = dataclasses.asdict(cfg)
+                # split_k as run (0 in the config means "from the shape")
+                row["decode_split_k"] = pallas_gpu_decode._tiles(cfg, *shape, case.rank).split_k
             if chosen != timers[0]:
                 row["timer_note"] = f"{timers[0]} not usable here ({impl_t[timers[0]].note}); used {chosen}"
             for name, t in impl_t.items():  # every timer side by side, with the reason for its verdict

@@ -102,7 +102,10 @@ def test_bench_runs_the_decode_kernel_with_the_tiles_named_in_the_impl(tmp_path)
     assert bench.parse_impl("xla") == ("xla", None)
     name, cfg = bench.parse_impl("pallas_gpu@64x512x8x3")
     assert name == "pallas_gpu"
-    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (64, 512, 8, 3)
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k) == (64, 512, 8, 3, 0)
+    assert bench.parse_impl("pallas_gpu@32x256x4x4x2")[1].split_k == 2
+    with pytest.raises(ValueError, match="BNxBKxWxS"):
+        bench.parse_impl("pallas_gpu@32x256x4x4x2x1")
 
     out = tmp_path / "rows.json"
     impls = ["xla", "pallas_gpu_interpret@16x32x4x2"]

@@ -9,6 +9,7 @@ twins and a check at Llama-3-8B shapes with the default tiles are marked ``gpu``
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -39,6 +40,10 @@ CASES = {
     "t3_k1_bf16_rank3": (_case(3, 48, 24, 4, 3, 1, "bfloat16"), SMALL),
     "t16_k2_bf16": (_case(16, 80, 56, 6, 8, 2, "bfloat16"), SMALL),
     "t16_k1_f32_dmod_rank3": (_case(16, 40, 33, 28, 3, 1, "float32"), SMALL),
+    # split-K: 4 steps in 2 splits; 3 steps in 2 splits (the last split's second step lies past d_in)
+    "t1_k2_bf16_split2": (_case(1, 128, 40, 28, 8, 2, "bfloat16"), dataclasses.replace(SMALL, split_k=2)),
+    "t3_k2_f32_dmod_split2": (_case(3, 72, 40, 5, 8, 2, "float32"), dataclasses.replace(SMALL, split_k=2)),
+    "t1_k1_f32_split_auto": (_case(1, 256, 48, 6, 4, 1, "float32"), dataclasses.replace(SMALL, split_k=0)),
 }
 
 
@@ -109,9 +114,10 @@ def _check(
 
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(CASES))
-def test_decode_kernel_matches_reference(name, interpret, request):
+def test_decode_kernel_matches_reference(name, interpret):
     case, config = CASES[name]
-    _check(case, config, request.node.name, interpret=interpret)
+    # Seeded by the case, not the test id: the compiled run sees the inputs the interpret run checked.
+    _check(case, config, name, interpret=interpret)
 
 
 @pytest.mark.gpu
@@ -124,7 +130,7 @@ def test_decode_kernel_compiled_at_llama_shapes(num_tokens, d_in, d_out, request
 
 def test_pallas_gpu_inference_runs_the_decode_kernel_only_for_few_tokens(request):
     """``grouped_lora_fused(implementation="pallas_gpu")``: decode kernel in inference up to the threshold."""
-    case = _case(3, 32, 32, 6, 8, 2, "float32")
+    case = _case(pallas_gpu_decode.DECODE_MAX_TOKENS, 32, 32, 6, 8, 2, "float32")
     inp = _inputs(case, request.node.name)
 
     def fused(x, implementation="pallas_gpu_interpret"):
@@ -167,14 +173,62 @@ def test_pallas_gpu_inference_runs_the_decode_kernel_only_for_few_tokens(request
     assert "lora_decode_fused" not in jaxpr_many and "lora_fused_gemm" in jaxpr_many
 
 
+@pytest.mark.parametrize("num_tokens,want_kernel", [(1, True), (2, False)])
+def test_pallas_gpu_decode_takes_the_kernel_only_for_one_token(num_tokens, want_kernel, monkeypatch):
+    """``implementation="pallas_gpu_decode"``: the kernel in inference at T <= DECODE_MAX_TOKENS, else ``xla``.
+
+    Values match the reference either way, and a differentiated call is all ``xla`` (no Pallas kernel).
+    """
+    monkeypatch.setattr(pallas_gpu_decode, "DECODE_MAX_TOKENS", 1)
+    d_in = 72
+    case = _case(num_tokens, d_in, 40, 6, 8, 2, "float32")
+    inp = _inputs(case, f"hybrid_{num_tokens}_{d_in}")
+
+    def fused(x, w):
+        return api.grouped_lora_fused(
+            x,
+            w,
+            inp["lora_a"],
+            inp["lora_b"],
+            inp["expert_ids"],
+            inp["expert_weights"],
+            scaling=inp["scaling"],
+            implementation="pallas_gpu_decode_interpret",
+        )
+
+    jaxpr = str(jax.make_jaxpr(fused)(inp["x"], inp["w"]))
+    assert ("lora_decode_fused" in jaxpr) == want_kernel
+    want_to, _ = _want(inp)
+    assert rel_err(jax.jit(fused)(inp["x"], inp["w"]), want_to) < TOLERANCE["float32"]
+    grad = lambda x: jax.grad(lambda x_: fused(x_, inp["w"]).sum())(x)  # noqa: E731
+    assert "pallas_call" not in str(jax.make_jaxpr(grad)(inp["x"]))
+    ref_grad = jax.grad(
+        lambda x: (
+            grouped_lora_reference(
+                x,
+                inp["lora_a"],
+                inp["lora_b"],
+                inp["expert_ids"],
+                inp["expert_weights"],
+                scaling_e=inp["scaling"],
+            ).sum()
+            + (x @ inp["w"]).sum()
+        )
+    )(inp["x"])
+    assert rel_err(jax.jit(grad)(inp["x"]), ref_grad) < TOLERANCE["float32"]
+
+
 @pytest.mark.parametrize("num_tokens", [1, 16])
 @pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 14336), (14336, 4096), (72, 40)])
-def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out):
+def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out, monkeypatch):
     """Llama-3-8B projections (E=28, r=8, top-2, bf16) lower to Triton for CUDA as one custom call.
 
-    This runs Pallas's lowering to Triton IR on a CPU-only jaxlib; Triton's own compiler passes (layouts,
-    registers, shared memory) run only when XLA compiles the module on a GPU. (72, 40) lowers the masks.
+    The only other ops allowed are the sum of the split-K partials (reshape, reduce, convert), present
+    exactly when the default tiles split d_in. This runs Pallas's lowering to Triton IR on a CPU-only
+    jaxlib; Triton's own compiler passes (layouts, registers, shared memory) run only when XLA compiles the
+    module on a GPU. (72, 40) lowers the masks.
     """
+    monkeypatch.setattr(pallas_gpu_decode, "DECODE_MAX_TOKENS", 16)  # the kernel itself serves any T
     num_experts, rank, top_k = 28, 8, 2
     spec = jax.ShapeDtypeStruct
     args = (
@@ -190,5 +244,11 @@ def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out):
     lowered = jax.jit(lambda *a: grouped_lora_vjp(ops, *a)).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
-    ops_in_module = {line.split("=", 1)[-1].split()[0] for line in text.splitlines() if "stablehlo." in line}
-    assert ops_in_module == {"stablehlo.custom_call"}, ops_in_module
+    ops_in_module = {
+        line.split("=", 1)[-1].split()[0].split("(")[0] for line in text.splitlines() if "stablehlo." in line
+    }
+    cfg = pallas_gpu_decode.DecodeConfig.for_shape(num_tokens, d_in, d_out)
+    split = pallas_gpu_decode._tiles(cfg, num_tokens, d_in, d_out, rank).split_k
+    partial_sum = {"stablehlo.reshape", "stablehlo.reduce", "stablehlo.convert", "stablehlo.constant"}
+    want = {"stablehlo.custom_call"} | (partial_sum if split > 1 else set())
+    assert ops_in_module == want, (split, ops_in_module)

@@ -184,7 +184,9 @@ class MeteoraLlama(nnx.Module):
         self.config, self.moe_config, self.dtype = cfg, moe, dtype
         # What `implementation=None` (or the configured name) resolves to on this platform, for the record;
         # the saved config keeps the user's choice so that a model moved to another platform re-resolves.
-        self.kernel_implementation = resolve_implementation(moe.implementation)
+        self.kernel_implementation = resolve_implementation(
+            moe.implementation, expert_columns=len(moe.expert_names) * moe.rank
+        )
         self.embed_vd = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype),
             logical_axes=("vocab", "embed"),

@@ -23,6 +23,7 @@ from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 
 IMPLEMENTATIONS = (
     "pallas_gpu",
+    "pallas_gpu_decode",
     "pallas_tpu",
     "xla",
     "xla_ragged",
@@ -34,16 +35,20 @@ IMPLEMENTATIONS = (
 )
 _AUTO = {"gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla"), "cpu": ("xla",)}
 # Measured on the H200 (benchmarks/RESULTS.md): with few expert columns (E * r <= 1024) XLA's dense
-# path beats the Pallas kernels at every token count, so auto on GPU starts there for those shapes.
-_AUTO_GPU_SMALL_EXPERTS = ("xla", "pallas_gpu")
+# path beats the Pallas kernels at every token count but one: single-token decode, where the one-launch
+# decode kernel wins at every Llama-3-8B shape. ``pallas_gpu_decode`` is exactly that split.
+_AUTO_GPU_SMALL_EXPERTS = ("pallas_gpu_decode", "xla", "pallas_gpu")
 
 
-def resolve_implementation(name_or_none: str | None = None) -> str:
+def resolve_implementation(name_or_none: str | None = None, expert_columns: int | None = None) -> str:
     """The backend name that ``implementation=name_or_none`` starts from on this platform.
 
-    Meant for recording in a model config: ``None`` resolves to the platform's first choice.
+    Meant for recording in a model config: ``None`` resolves to the platform's first choice, for
+    ``expert_columns`` (E * r) when given, since the automatic choice on GPU depends on it.
     """
     if name_or_none is None:
+        if expert_columns is not None:
+            return _candidates(None, expert_columns)[0]
         return _AUTO.get(jax.default_backend(), ("xla",))[0]
     base = name_or_none.removesuffix("_interpret")
     if base not in IMPLEMENTATIONS or (name_or_none != base and not base.startswith("pallas")):
@@ -82,6 +87,10 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
     if base == "xla_gather":  # gathered experts in inference; training as xla
         ops = xla.DenseOps if dense else xla.RaggedOps
         return ops("xla_gather", xla.gather_forward)
+    if base == "pallas_gpu_decode":  # the decode kernel at T = 1 in inference, ``xla`` for everything else
+        from pallas_kernels.grouped_lora import pallas_gpu_decode
+
+        return pallas_gpu_decode.make_decode_ops(_ops("xla", num_experts, rank), interpret=interpret)
     if base == "pallas_gpu":
         from pallas_kernels.grouped_lora import pallas_gpu
 

@@ -6,7 +6,9 @@ At decode a projection is a GEMV bound by reading W, and the expert path as sepa
 shrink, expand, glue) is bound by launches. Here one ``pallas_call`` takes ``x, W, A, B`` and the routing as
 given (ids, weights, scaling: no sort, no XLA op around it) and writes ``y``.
 
-Grid: one program per ``block_n`` output columns. Each program, in one loop over ``d_in`` in ``block_k`` steps:
+Grid: one program per ``block_n`` output columns and K split (``split_k`` programs share a column block's
+``d_in``, so that narrow outputs still fill the SMs; with several splits each writes float32 partials and one
+XLA reduction sums them). Each program, in one loop over its part of ``d_in`` in ``block_k`` steps:
 
 * streams its ``[block_k, block_n]`` tile of W (the bandwidth-dominant read) into a tensor-core dot, with
   the token rows padded to 16 (``tl.dot`` needs every dimension >= 16; the padded rows are masked loads);
@@ -20,12 +22,18 @@ Then it adds ``sum_j (c h)[t, j] @ B[e_tj][:, cols]`` with broadcasting multipli
 below ``tl.dot``'s 16), and stores ``y`` in x's dtype. The LoRA rows are ``T`` padded to a power of two
 (1 at T = 1), not to 16, so the shrink does almost no work for padded rows.
 
-Cost of the redundancy (why this is for small T; estimates, not measured): every program reads
-``T * k * d_in * r`` A elements (from L2 after the first) and does as many float32 FMAs on CUDA cores. Next
-to its W tile that is a fraction ``T * k * r / block_n`` more bytes: 0.5 at T = 1, k = 2, block_n = 32. At
-T = 16 the FMAs alone are ~1M per program, ~8k cycles at 128 FP32 lanes per SM (~4 us): the size of the
-whole GEMV.
-``DECODE_MAX_TOKENS`` is where ``pallas_gpu`` stops using this kernel; it should be set from the H200 figures.
+Cost of the redundancy (why this is for small T): every program reads ``T * k * d_in * r`` A elements (from
+L2 after the first) and does as many float32 FMAs on CUDA cores. Next to its W tile that is a fraction
+``T * k * r / block_n`` more bytes: 0.5 at T = 1, k = 2, block_n = 32. At T = 16 the FMAs alone are ~1M per
+program, ~8k cycles at 128 FP32 lanes per SM (~4 us): the size of the whole GEMV.
+
+Measured on the H200 (E=28, r=8, k=2, bf16, T = 1; benchmarks/RESULTS.md), time over XLA's plain base GEMV
+in the same run: 1.28x (4096->4096), 0.49x (4096->1024, 64 x 256 tiles: faster than XLA's GEMV alone,
+which gets only ~0.5 TB/s there), 1.16x (4096->14336), 1.22x (14336->4096), where XLA's masked path
+takes 1.68x, 1.50x, 1.25x and 1.34x. Before split-K (one program per 32 columns) the same kernel took 1.72x,
+1.08x, 1.15x and 1.87x. At T = 16 it is 4-19x (the redundant shrink). Hence ``DECODE_MAX_TOKENS = 1``, and
+``make_decode_ops`` (``implementation="pallas_gpu_decode"``, the automatic first choice on GPU for few
+experts) takes it for single-token calls only.
 
 Masks: rows past T and columns past ``d_out`` use out-of-range indices (never clamped ones: interpret mode
 writes masked lanes back), ``d_in`` need not divide ``block_k`` (the tail step is masked), any rank works
@@ -48,10 +56,13 @@ from jaxtyping import Array, Float, Int
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 
 # ``pallas_gpu`` uses this kernel in inference up to this many tokens per call (above: shrink + fused GEMM).
-DECODE_MAX_TOKENS = 16
+# Measured: it wins at T = 1 on some shapes and loses 4-19x at T = 16 (module doc); T in 2..15 is untimed.
+DECODE_MAX_TOKENS = 1
 Ref = Any  # a Pallas ref: indexed with ``.at[...]`` and read with ``plgpu.load``
 # Rows of the base dot: Triton's dot needs M >= 16.
 _MIN_DOT_ROWS = 16
+# Programs that keep an H200's 132 SMs streaming W (about two each), for ``DecodeConfig.split_for``.
+_TARGET_PROGRAMS = 256
 
 
 def _floor_pow2(n: int) -> int:
@@ -67,13 +78,31 @@ class DecodeConfig:
     lora_elems: int = 4096  # float32 shrink accumulator elements per slot ([T, block_s, r]); sets block_s
     num_warps: int = 4
     num_stages: int = 4
+    # Programs per column block, each over 1/split_k of d_in; >1 writes float32 partials [split_k, T, d_out]
+    # that one XLA reduction sums (deterministic: no atomics). 0 = pick from the shape (``split_for``).
+    split_k: int = 1
 
     @classmethod
     def for_shape(cls, num_tokens: int, d_in: int, d_out: int) -> DecodeConfig:
-        # block_n = d_out / 128 rounded down to a power of two in [32, 128]: >= 128 column programs (an H200
-        # has 132 SMs) where d_out allows. Not yet tuned: the bench sweeps tiles (pallas_kernels/NOTES.md).
+        # Measured on the H200 at T=1 (benchmarks/results/moe_lora_h200_decode_split.json): 32 columns x 512
+        # rows, 4 warps, 3 stages, split-K from the shape was the fastest at 4096->4096, 4096->14336 and
+        # 14336->4096 (within 4% of the best config there); at d_out 1024, 64 x 256 x 4 warps x 4 stages
+        # was 18% faster (7.7 vs 9.4 us). Without split-K a 32-column block gives only 32 (d_out 1024) or
+        # 128 (4096) programs for 132 SMs, and took 1.1-1.8x the time.
         del num_tokens, d_in
-        return cls(block_n=max(32, min(128, _floor_pow2(d_out // 128))), block_k=256)
+        if d_out <= 1024:
+            return cls(block_n=64, block_k=256, num_stages=4, split_k=0)
+        return cls(block_n=32, block_k=512, num_stages=3, split_k=0)
+
+    def split_for(self, d_in: int, d_out: int) -> int:
+        """``split_k``, or for 0: enough K splits for ~2 programs per SM, each >= 2 ``block_k`` steps."""
+        if self.split_k > 0:
+            return self.split_k
+        blocks, steps = cdiv(d_out, self.block_n), cdiv(d_in, self.block_k)
+        split = 1
+        while blocks * split < _TARGET_PROGRAMS and steps // (2 * split) >= 2:
+            split *= 2
+        return split
 
 
 DECODE_CONFIG_OVERRIDE: DecodeConfig | None = None
@@ -89,19 +118,28 @@ class _Tiles:
     block_k: int
     block_s: int  # d_in per shrink sub-step; divides block_k
     rank: int  # r padded to a power of two
+    split_k: int  # programs per column block along d_in
+    split_steps: int  # block_k steps per split
 
 
 def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int) -> _Tiles:
     toks, rank_p = pow2(num_tokens), pow2(rank)
     block_k = max(16, min(cfg.block_k, pow2(d_in)))
     block_s = max(1, min(block_k, _floor_pow2(max(1, cfg.lora_elems // (toks * rank_p)))))
+    block_n = max(16, min(cfg.block_n, pow2(d_out)))
+    steps = cdiv(d_in, block_k)
+    split_k = max(
+        1, min(steps, dataclasses.replace(cfg, block_k=block_k, block_n=block_n).split_for(d_in, d_out))
+    )
     return _Tiles(
         rows=max(_MIN_DOT_ROWS, toks),
         toks=toks,
-        block_n=max(16, min(cfg.block_n, pow2(d_out))),
+        block_n=block_n,
         block_k=block_k,
         block_s=block_s,
         rank=rank_p,
+        split_k=split_k,
+        split_steps=cdiv(steps, split_k),
     )
 
 
@@ -148,6 +186,7 @@ def _decode_kernel(
     rank = a_ref.shape[2]
     bn, bk, bs = tiles.block_n, tiles.block_k, tiles.block_s
     cols = pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32)
+    split = pl.program_id(1)  # this program's share of d_in: steps [split * split_steps, ...)
     cmask = None if d_out % bn == 0 else cols < d_out
     rows = jnp.arange(tiles.rows, dtype=jnp.int32)  # base-dot rows; rows >= T are out of range, masked
     row_mask = rows < n_tok
@@ -155,7 +194,8 @@ def _decode_kernel(
     tmask = None if tiles.toks == n_tok else toks < n_tok
     ri = jnp.arange(tiles.rank, dtype=jnp.int32)
     rmask = None if tiles.rank == rank else ri < rank
-    k_tail = d_in % bk != 0
+    # A split's last steps may lie past d_in when the steps do not divide evenly: those loads are masked too.
+    k_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
 
     # [toks] per slot: expert ids, read as given (rows past T read nothing and gather nothing).
     ids = [_load(ids_ref.at[toks, j], tmask) for j in range(top_k)]
@@ -165,7 +205,7 @@ def _decode_kernel(
 
     def step(kb, carry):  # noqa: ANN001, ANN202
         acc_mn, hk = carry
-        k0 = kb * bk
+        k0 = (split * tiles.split_steps + kb) * bk
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = kmask_of(kk)
         x_mk = _load(
@@ -202,9 +242,10 @@ def _decode_kernel(
 
     acc_mn = jnp.zeros((tiles.rows, bn), jnp.float32)
     hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
-    acc_mn, hk = lax.fori_loop(0, cdiv(d_in, bk), step, (acc_mn, hk))
+    acc_mn, hk = lax.fori_loop(0, tiles.split_steps, step, (acc_mn, hk))
 
-    # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32.
+    # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
+    # split expands its partial shrink and the partials' sum is the whole term.
     b_mask = _all(
         None if tmask is None else tmask[:, None, None],
         None if rmask is None else rmask[None, :, None],
@@ -219,8 +260,10 @@ def _decode_kernel(
         y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
 
     y_mn = acc_mn + _embed_rows(y_ln, tiles.rows)
+    # With split-K, o_ref holds float32 partials [split_k * T, d_out]: this split's rows start at split * T.
+    out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
     plgpu.store(
-        o_ref.at[rows[:, None], cols[None, :]],
+        o_ref.at[out_rows[:, None], cols[None, :]],
         y_mn.astype(o_ref.dtype),
         mask=_all(row_mask[:, None], None if cmask is None else cmask[None, :]),
     )
@@ -248,10 +291,14 @@ def decode_forward(
     cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, d_out)
     tiles = _tiles(cfg, num_tokens, d_in, d_out, lora_a_edr.shape[2])
     kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k)
-    return pl.pallas_call(
+    if tiles.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((num_tokens, d_out), x_td.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((tiles.split_k * num_tokens, d_out), jnp.float32)
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_tokens, d_out), x_td.dtype),
-        grid=(cdiv(d_out, tiles.block_n),),
+        out_shape=out_shape,
+        grid=(cdiv(d_out, tiles.block_n), tiles.split_k),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="lora_decode_fused",
@@ -264,3 +311,36 @@ def decode_forward(
         expert_weights_tk,
         scaling_e.astype(jnp.float32),
     )
+    if tiles.split_k == 1:
+        return out
+    return jnp.sum(out.reshape(tiles.split_k, num_tokens, d_out), axis=0).astype(x_td.dtype)
+
+
+def make_decode_ops(fallback: Any, *, interpret: bool = False) -> Any:
+    """``fallback`` (an XLA ops object) whose inference forward is this kernel where it measured faster.
+
+    The kernel serves a call with ``w`` given and ``0 < T <= DECODE_MAX_TOKENS``;
+    every other call, and all of training (shrink, expand, backward), is ``fallback``'s.
+    """
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError("pallas_gpu_decode needs a GPU (or the _interpret variant)")
+
+    def forward(x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e):  # noqa: ANN001, ANN202
+        if w_do is not None and 0 < x_td.shape[0] <= DECODE_MAX_TOKENS:
+            return decode_forward(
+                x_td,
+                w_do,
+                lora_a_edr,
+                lora_b_ero,
+                expert_ids_tk,
+                expert_weights_tk,
+                scaling_e,
+                interpret=interpret,
+            )
+        if fallback.forward is None:
+            return None
+        return fallback.forward(
+            x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e
+        )
+
+    return dataclasses.replace(fallback, name="pallas_gpu_decode", forward=forward)
