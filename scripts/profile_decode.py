@@ -16,10 +16,8 @@ implementation: ``xla_dense`` (the old dense path: shrink + expand with one-hot 
 ``xla_masked`` (= ``xla`` now: one [T, E] coefficient mask), ``xla_masked_batched`` (the same with the
 shrink as a matmul batched over experts), ``xla_gather`` (gathers the chosen experts),
 ``reference``, ``pallas_gpu`` (at decode batches up to ``--decode-max-tokens``, default
-``pallas_gpu_decode.DECODE_MAX_TOKENS`` = 16: one kernel per projection, ``pallas_gpu_decode.py``).
-The suffix ``+reduce_softmax`` (read by the library at trace time) routes with
-``jax.nn.softmax`` (the old way) instead of the elementwise top-2 softmax (``gate.softmax_sorted``).
-``xla_dense+reduce_softmax`` is the code before this change.
+``pallas_gpu_decode.DECODE_MAX_TOKENS`` = 1: one kernel per projection, ``pallas_gpu_decode.py``),
+``pallas_gpu_decode`` (that kernel at T=1, ``xla`` otherwise; what ``auto`` picks on GPU for 28 experts).
 
 XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process
 starts: ``XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_decode.py``. ``--flag-sets``
@@ -57,10 +55,6 @@ from meteora_jax.io import write_text_atomic  # noqa: E402
 _FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id"}
 # Trace lines that XLA's profiler derives from the kernels (they would count each kernel twice).
 _DERIVED_LINES = re.compile(r"XLA Ops|XLA Modules|Steps|TensorFlow|Framework|Source|Launch Stats|Host", re.I)
-# ``impl+option``: A/B switches that the library reads at trace time (environment variables).
-VARIANT_OPTIONS = {
-    "reduce_softmax": {"METEORA_TOPK_SOFTMAX": "reduce"},
-}
 # `%name = shape opcode(`, the shape a tuple `(f32[2]{0}, s8[64]{0})` for cuBLAS gemms and TopK.
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 
@@ -222,17 +216,9 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
     from meteora_jax.generate.sampler import _decode
     from meteora_jax.generate.sampling import SamplingParams
 
-    impl, *opts = variant.split("+")
-    unknown = set(opts) - set(VARIANT_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown variant option(s) {sorted(unknown)}; known: {sorted(VARIANT_OPTIONS)}")
-    base = impl == "base"
-    set_lora_implementation(model, None if base or impl == "auto" else impl)
-    # Options are environment switches read while tracing: set them around the lowering only.
-    saved = {k: os.environ.get(k) for o in opts for k in VARIANT_OPTIONS[o]}
-    for o in opts:
-        os.environ.update(VARIANT_OPTIONS[o])
-    jax.clear_caches()  # the switches are invisible to jit's cache keys: trace afresh
+    base = variant == "base"
+    set_lora_implementation(model, None if base or variant == "auto" else variant)
+    jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     routing = model.routing_options(no_experts=base)
     graphdef, state = nnx.split(model)
     stop, pad, eos = jnp.int32(args.steps + 1), jnp.int32(0), jnp.asarray([-1], jnp.int32)
@@ -249,11 +235,6 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
         params=SamplingParams(),
         return_routing=False,
     ).compile()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     row: dict = {"variant": variant, "batch": batch, "compile_s": time.perf_counter() - t0}
     row["hlo"] = hlo_step_summary(compiled.as_text())
 
@@ -345,8 +326,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (faster compiles)")
     ap.add_argument(
         "--variants",
-        default="base,xla_dense+reduce_softmax,xla_masked,xla_masked_batched,xla_gather",
-        help="comma list: base, auto or an implementation, with optional +option suffixes",
+        default="base,auto,xla_masked",
+        help="comma list: base, auto or a grouped_lora implementation",
     )
     ap.add_argument("--batches", default="1,64", help="comma list of decode batch sizes")
     ap.add_argument("--steps", type=int, default=32, help="tokens per timed decode call")

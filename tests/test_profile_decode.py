@@ -100,10 +100,3 @@ def test_kernel_summary_from_a_trace(prof, tmp_path):
     assert s["memcpy_per_token"] == 0.5
     assert s["busy_us_per_token"] == 13.0  # 26 us of intervals, none overlapping
     assert s["top_kernels"][0] == {"name": "gemv", "calls_per_token": 1.0, "us_per_token": 10.0}
-
-
-def test_unknown_variant_option_is_refused_before_any_work(prof):
-    with pytest.raises(
-        ValueError, match=r"unknown variant option\(s\) \['nope'\]; known: \['reduce_softmax'\]"
-    ):
-        prof.profile_variant(None, "xla_masked+nope", 1, None)
