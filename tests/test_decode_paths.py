@@ -211,3 +211,27 @@ def test_decode_logits_match_the_reference_backend():
     assert rel_err(out["xla"], out["reference"]) < 1e-5
     assert rel_err(out["xla_gather"], out["reference"]) < 1e-5
     assert rel_err(out["pallas_gpu_interpret"], out["reference"]) < 1e-5
+
+
+def test_shared_gate_logits_are_each_projections_own():
+    """q/k/v (and gate/up) route from one concatenated GEMV: same logits as each gate alone, None where a
+    projection has no experts or no routing is needed."""
+    from meteora_jax.model.gate import RoutingOptions
+    from meteora_jax.model.moe_lora import gate_logits, shared_gate_logits
+
+    cfg = ModelConfig.tiny(vocab_size=99)
+    moe = MoEConfig(expert_names=("a", "b", "c"), top_k=2, target_modules=("q_proj", "v_proj", "up_proj"))
+    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(7))
+    attn = model.layers[0].attn
+    x_btd = jax.random.normal(key_for("shared_gate"), (2, 5, cfg.hidden_size))
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    lq, lk, lv = shared_gate_logits(projs, x_btd, RoutingOptions())
+    assert lk is None  # k_proj carries no experts here
+    x_td = x_btd.reshape(-1, cfg.hidden_size)
+    for got, proj in ((lq, attn.q_proj), (lv, attn.v_proj)):
+        want = gate_logits(x_td, proj.gate_de[...])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert shared_gate_logits(projs, x_btd, RoutingOptions(force_expert=1)) == [None] * 3
+    assert shared_gate_logits(projs, x_btd, RoutingOptions(no_experts=True)) == [None] * 3
+    mlp = model.layers[0].mlp  # only up_proj routes: nothing to share
+    assert shared_gate_logits((mlp.gate_proj, mlp.up_proj), x_btd, RoutingOptions()) == [None, None]
