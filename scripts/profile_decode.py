@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import re
@@ -50,11 +48,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 from meteora_jax.io import write_text_atomic  # noqa: E402
+from pallas_kernels import timing  # noqa: E402
 
 # Opcodes that launch nothing (or are free views) in a compiled HLO computation.
 _FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id"}
-# Trace lines that XLA's profiler derives from the kernels (they would count each kernel twice).
-_DERIVED_LINES = re.compile(r"XLA Ops|XLA Modules|Steps|TensorFlow|Framework|Source|Launch Stats|Host", re.I)
 # `%name = shape opcode(`, the shape a tuple `(f32[2]{0}, s8[64]{0})` for cuBLAS gemms and TopK.
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 
@@ -130,45 +127,11 @@ def hlo_step_summary(hlo_text: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- profiler trace
-def _load_trace(trace_dir: str) -> dict | None:
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-    files += sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json"), recursive=True))
-    if not files:
-        return None
-    opener = gzip.open if files[-1].endswith(".gz") else open
-    with opener(files[-1], "rt") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {"traceEvents": data}
-
-
-def device_kernels(trace: dict) -> list[tuple[str, float, float]]:
-    """(name, start us, duration us) of every kernel / memcpy on a device stream of a perfetto trace."""
-    events = trace.get("traceEvents", [])
-    proc, thread = {}, {}
-    for ev in events:
-        if ev.get("ph") != "M":
-            continue
-        if ev.get("name") == "process_name":
-            proc[ev.get("pid")] = str(ev.get("args", {}).get("name", ""))
-        elif ev.get("name") == "thread_name":
-            thread[(ev.get("pid"), ev.get("tid"))] = str(ev.get("args", {}).get("name", ""))
-    device_pids = {p for p, n in proc.items() if re.search(r"/device:(GPU|TPU)|GPU:|TPU:", n)}
-    complete = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
-    stream_tids = {k for k, n in thread.items() if k[0] in device_pids and n.lower().startswith("stream")}
-    out = []
-    for e in complete:
-        key = (e.get("pid"), e.get("tid"))
-        if stream_tids and key not in stream_tids:
-            continue
-        if not stream_tids and _DERIVED_LINES.search(thread.get(key, "")):
-            continue
-        out.append((str(e.get("name", "?")), float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
-    return out
-
-
-def kernel_summary(kernels: list[tuple[str, float, float]], steps: int, top: int) -> dict:
-    """Per-token kernel counts and times; ``busy_us`` is the union of kernel intervals (streams overlap)."""
+def kernel_summary(kernels: list[tuple[float, float, str]], steps: int, top: int) -> dict:
+    """Per-token kernel counts and times from ``timing.gpu_kernel_events``' (start us, duration us, name)
+    events; ``busy_us`` is the union of the intervals (streams overlap), memcpy/memset counted apart."""
     is_copy = re.compile(r"memcpy|memset|MemcpyD2H|MemcpyH2D", re.I)
+    kernels = [(name, ts, dur) for ts, dur, name in kernels]
     kern = [k for k in kernels if not is_copy.search(k[0])]
     copies = [k for k in kernels if is_copy.search(k[0])]
     busy, end = 0.0, float("-inf")
@@ -254,11 +217,14 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
                 carry = fresh()
                 with jax.profiler.trace(tmp, create_perfetto_trace=True):
                     compiled(state, carry, stop, pad, eos).out_bn.block_until_ready()
-                trace = _load_trace(tmp)
+                try:
+                    trace = timing.read_trace(tmp)
+                except FileNotFoundError:
+                    trace = None
         except Exception as e:  # no profiler on this image: keep the timings and the HLO counts
             row["trace"] = {"note": f"profiler failed: {type(e).__name__}: {str(e)[:200]}"}
             return row
-        kernels = device_kernels(trace) if trace is not None else []
+        kernels = timing.gpu_kernel_events(trace) if trace is not None else []
         if not kernels:
             row["trace"] = {"note": "no device kernels in the trace (CPU backend, or no trace file written)"}
         else:

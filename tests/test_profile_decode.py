@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels import timing
+
 _PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "profile_decode.py"
 )
@@ -92,9 +94,10 @@ def test_kernel_summary_from_a_trace(prof, tmp_path):
         ev("fusion_1", 2, 9, 15.0, 5.0),  # a derived line: not counted twice
         ev("python", 1, 1, 0.0, 100.0),  # host: not a kernel
     ]
-    trace = prof._load_trace(_trace(tmp_path, events))
-    kernels = prof.device_kernels(trace)
-    assert sorted(k[0] for k in kernels) == ["MemcpyD2H", "fusion_1", "gemv", "gemv"]
+    # The trace reader is pallas_kernels.timing's, shared with the kernel benchmark.
+    trace = timing.read_trace(_trace(tmp_path, events))
+    kernels = timing.gpu_kernel_events(trace)
+    assert sorted(k[2] for k in kernels) == ["MemcpyD2H", "fusion_1", "gemv", "gemv"]
     s = prof.kernel_summary(kernels, steps=2, top=5)
     assert s["kernels_per_token"] == 1.5 and s["kernel_us_per_token"] == 12.5
     assert s["memcpy_per_token"] == 0.5
