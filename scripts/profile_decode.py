@@ -162,14 +162,6 @@ def kernel_summary(kernels: list[tuple[float, float, str]], steps: int, top: int
 
 
 # ----------------------------------------------------------------------------- the runs
-def set_lora_implementation(model, name: str | None) -> None:  # noqa: ANN001
-    from meteora_jax.model.moe_lora import MoELoRALinear
-
-    for _, module in model.iter_modules():
-        if isinstance(module, MoELoRALinear):
-            module.implementation = name
-
-
 def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -> dict:  # noqa: ANN001
     import jax
     import jax.numpy as jnp
@@ -180,7 +172,7 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
     from meteora_jax.generate.sampling import SamplingParams
 
     base = variant == "base"
-    set_lora_implementation(model, None if base or variant == "auto" else variant)
+    model.set_lora_implementation(None if base or variant == "auto" else variant)
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     routing = model.routing_options(no_experts=base)
     graphdef, state = nnx.split(model)

@@ -235,3 +235,17 @@ def test_shared_gate_logits_are_each_projections_own():
     assert shared_gate_logits(projs, x_btd, RoutingOptions(no_experts=True)) == [None] * 3
     mlp = model.layers[0].mlp  # only up_proj routes: nothing to share
     assert shared_gate_logits((mlp.gate_proj, mlp.up_proj), x_btd, RoutingOptions()) == [None, None]
+
+
+def test_set_lora_implementation_reaches_every_moe_projection():
+    from meteora_jax.model.moe_lora import MoELoRALinear
+
+    model = _model("float32", None)
+    model.set_lora_implementation("reference")
+    impls = {m.implementation for _, m in nnx.iter_modules(model) if isinstance(m, MoELoRALinear)}
+    assert impls == {"reference"} and model.kernel_implementation == "reference"
+    with pytest.raises(ValueError, match="unknown grouped_lora implementation"):
+        model.set_lora_implementation("cuda_magic")
+    assert {m.implementation for _, m in nnx.iter_modules(model) if isinstance(m, MoELoRALinear)} == {
+        "reference"
+    }

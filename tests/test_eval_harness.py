@@ -57,6 +57,8 @@ def test_eval_cli_errors(dirs, capsys):
     assert "Unknown task" in capsys.readouterr().err
     assert main(["eval", "--model", model, "--data", data, "--baseline", "adapter:zeta"]) == 2
     assert "not an expert" in capsys.readouterr().err
+    assert main(["eval", "--model", model, "--data", data, "--lora-impl", "cuda_magic"]) == 2
+    assert "unknown grouped_lora implementation" in capsys.readouterr().err
 
 
 def test_switch_points_and_token_experts():

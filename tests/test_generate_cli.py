@@ -36,6 +36,7 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
         (["--prompt", "hi", "--force-expert", "delta"], "not an expert"),
         (["--prompt", "   "], "empty"),
         (["--prompt", "x" * 400], "context"),
+        (["--prompt", "hi", "--lora-impl", "cuda_magic"], "unknown grouped_lora implementation"),
     ],
 )
 def test_bad_input_exits_2(model_dir, extra, match, capsys):
@@ -52,3 +53,15 @@ def test_model_dir_without_tokenizer(tmp_path, capsys):
 def test_missing_model_dir_is_named(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "no such model directory" in capsys.readouterr().err
+
+
+def test_lora_impl_picks_the_kernel_backend_at_run_time(model_dir, tmp_path):
+    """``--lora-impl reference`` (plain JAX, float32) answers with the automatic backend's greedy text."""
+    outs = {}
+    for impl in ("auto", "reference"):
+        out = tmp_path / f"{impl}.jsonl"
+        extra = [] if impl == "auto" else ["--lora-impl", impl]
+        args = ["generate", "--model", model_dir, "--prompt", "a longer prompt", "--out", str(out)]
+        assert main([*args, "--max-new-tokens", "6", *extra]) == 0
+        outs[impl] = json.loads(out.read_text())["text"]
+    assert outs["reference"] == outs["auto"]

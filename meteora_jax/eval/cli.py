@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "turns: one multi-turn chat, one answer per turn (small models that end after one answer)",
     )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--lora-impl",
+        default=None,
+        help="grouped-LoRA kernel backend: reference, xla, pallas_gpu, pallas_gpu_decode, ... "
+        "(default: the model's, else the fastest for this platform)",
+    )
     p.add_argument("--out", default="eval_out", help="output directory (results.json, results.md, PNGs)")
     p.set_defaults(func=run)
 
@@ -53,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         examples = {t: ex[: args.limit] for t, ex in examples.items()}
     model = mj.load(args.model, dtype=args.dtype)
+    if args.lora_impl:
+        try:
+            model.set_lora_implementation(args.lora_impl)
+        except ValueError as e:
+            raise MeteoraInputError(f"--lora-impl: {e}.") from e
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = evaluate(
         model,

@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attention", default=None, choices=["einsum", "xla", "cudnn"], help="attention implementation"
     )
+    p.add_argument(
+        "--lora-impl",
+        default=None,
+        help="grouped-LoRA kernel backend: reference, xla, xla_ragged, pallas_gpu, pallas_gpu_decode, "
+        "pallas_tpu, ... (default: the model's, else the fastest for this platform)",
+    )
     p.set_defaults(func=run)
 
 
@@ -79,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     model = mj.load(args.model, dtype=args.dtype)
     if args.attention:
         model.set_attention_implementation(args.attention)
+    if args.lora_impl:
+        try:
+            model.set_lora_implementation(args.lora_impl)
+        except ValueError as e:
+            raise MeteoraInputError(f"--lora-impl: {e}.") from e
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     streaming = args.prompt is not None and args.out is None and sys.stdout.isatty()
     kwargs = dict(

@@ -339,6 +339,18 @@ class MeteoraLlama(nnx.Module):
         for layer in self.layers:
             layer.attn.attention_impl = name
 
+    def set_lora_implementation(self, name: str | None) -> None:
+        """Selects the grouped-LoRA backend at run time (``None`` = automatic; see ``pallas_kernels``).
+
+        A static attribute of each MoE projection, like the attention choice: jitted callers recompile once.
+        """
+        self.kernel_implementation = resolve_implementation(
+            name, expert_columns=len(self.moe_config.expert_names) * self.moe_config.rank
+        )  # validates the name first
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, MoELoRALinear):
+                module.implementation = name
+
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
         return KVCache.zeros(
             num_layers=self.config.num_hidden_layers,
