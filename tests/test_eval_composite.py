@@ -1,4 +1,6 @@
-"""Composite-n prompt building and scoring on hand-worked outputs (no model needed)."""
+"""Composite-n prompt building and scoring on hand-worked outputs, and the ``turns`` protocol on a tiny model."""
+
+import json
 
 from meteora_jax.data.tasks import Example
 from meteora_jax.eval.composite import build_sample, resolve_tasks, score_composite, split_answers
@@ -77,3 +79,51 @@ def test_unknown_protocol_is_a_clear_error_before_any_work(tmp_path):
     with pytest.raises(MeteoraInputError, match="composite protocol 'numberd': choose one of"):
         evaluate_composite(None, None, str(tmp_path / "no_such_data"), 3, protocol="numberd")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_answer_in_turns_feeds_each_answer_into_the_next_round():
+    from meteora_jax.eval.composite import answer_in_turns
+
+    seen = []
+
+    def generate(prompts, turn):
+        seen.append((turn, prompts))
+        return [f" {p}:{turn} " for p in prompts]
+
+    answers = answer_in_turns(2, 3, lambda j, so_far: f"item{j}[{'|'.join(so_far)}]", generate)
+    assert [t for t, _ in seen] == [0, 1, 2]
+    assert seen[1][1] == ["item0[item0[]:0]", "item1[item1[]:0]"]  # round 1 sees round 0's stripped answer
+    assert answers[1] == ["item1[]:0", "item1[item1[]:0]:1", "item1[item1[]:0|item1[item1[]:0]:1]:2"]
+
+
+def test_evaluate_composite_turns_end_to_end(tmp_path):
+    """``protocol="turns"`` on a tiny model: n answers per sample, scored per sub-task."""
+    import meteora_jax as mj
+    from meteora_jax.data.bigbench import COMPOSITE_TASKS
+    from meteora_jax.eval.composite import evaluate_composite
+    from meteora_jax.tokenizer import load_tokenizer
+    from tests.test_generate_fixtures import tiny_model_dir
+
+    model_dir = tiny_model_dir(tmp_path / "model", seed=4)
+    for task in COMPOSITE_TASKS[3]:
+        for split in ("train", "test"):
+            (tmp_path / "data" / task).mkdir(parents=True, exist_ok=True)
+            rows = [{"prompt": f"q{i}", "response": "yes"} for i in range(3)]
+            (tmp_path / "data" / task / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows)
+            )
+    report = evaluate_composite(
+        mj.load(model_dir),
+        load_tokenizer(model_dir),
+        str(tmp_path / "data"),
+        3,
+        num_samples=2,
+        max_new_tokens_per_answer=2,
+        protocol="turns",
+        prompt_template="Q: {prompt}\nA:",
+        systems=("meteora", "base"),
+    )
+    assert report["protocol"] == "turns" and report["tasks"] == list(COMPOSITE_TASKS[3])
+    for system in ("meteora", "base"):
+        assert 0.0 <= report["systems"][system]["sum_correct"] <= 3.0
+        assert set(report["systems"][system]["per_task"]) == set(COMPOSITE_TASKS[3])

@@ -40,6 +40,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from meteora_jax.data.bigbench import COMPOSITE_TASKS
 from meteora_jax.errors import MeteoraInputError
@@ -102,6 +103,23 @@ def turn_messages(
         msgs += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
     msgs.append({"role": "user", "content": questions[len(answers)].prompt.strip()})
     return msgs
+
+
+def answer_in_turns(
+    num_items: int,
+    num_turns: int,
+    prompt_for: Callable[[int, list[str]], Any],
+    generate: Callable[[list, int], Sequence[str]],
+) -> list[list[str]]:
+    """The ``turns`` protocol's rounds: in round i, ``generate(prompts, i)`` answers question i of every
+    item at once (``prompt_for(item, answers so far)`` builds each prompt); the stripped answer joins that
+    item's conversation before round i + 1. Returns the answers, one list of ``num_turns`` per item."""
+    answers: list[list[str]] = [[] for _ in range(num_items)]
+    for i in range(num_turns):
+        texts = generate([prompt_for(j, answers[j]) for j in range(num_items)], i)
+        for j, text in enumerate(texts):
+            answers[j].append(text.strip())
+    return answers
 
 
 def render_turns(tokenizer: object, messages: Sequence[dict[str, str]], template: str = "chat") -> str:
@@ -180,25 +198,25 @@ def evaluate_composite(
     for system in systems:
         options = model.routing_options(no_experts=(system == "base"))
         if protocol == "turns":
-            answers: list[list[str]] = [[] for _ in samples]
-            for _ in range(n):
-                for start in range(0, len(samples), batch_size):
-                    chunk = range(start, min(start + batch_size, len(samples)))
+
+            def prompt_for(j: int, answers_j: list[str]) -> str:
+                return render_turns(
+                    tokenizer, turn_messages(samples[j][2], samples[j][0], answers_j), prompt_template
+                )
+
+            def generate(prompts: list, _turn: int, options=options) -> list[str]:  # noqa: ANN001
+                texts: list[str] = []
+                for start in range(0, len(prompts), batch_size):
                     res = sampler.generate(
-                        [
-                            render_turns(
-                                tokenizer,
-                                turn_messages(samples[j][2], samples[j][0], answers[j]),
-                                prompt_template,
-                            )
-                            for j in chunk
-                        ],
+                        prompts[start : start + batch_size],
                         max_new_tokens=max_new_tokens_per_answer,
                         sampling=SamplingParams(),
                         routing=options,
                     )
-                    for j, text in zip(chunk, res.texts):
-                        answers[j].append(text.strip())
+                    texts.extend(res.texts)
+                return texts
+
+            answers = answer_in_turns(len(samples), n, prompt_for, generate)
             report["systems"][system] = score_answers(tasks, [s[0] for s in samples], answers)
             if progress:
                 progress(

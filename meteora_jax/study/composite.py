@@ -203,24 +203,27 @@ def _answer_turns(sampler, routing, tok, template, items, bos, cc, prompt_bucket
     """The ``turns`` protocol: answer question i of every item (batched), append it, ask question i + 1.
     Returns the answers per item and, with ``want_trace``, the routing of item 0's last turn (whose prompt
     holds the whole conversation) for the heatmap."""
+    from meteora_jax.eval.composite import answer_in_turns
+
     n = len(items[0]["questions"])
-    answers: list[list[str]] = [[] for _ in items]
-    trace = None
-    for i in range(n):
-        ids = [turns_prompt_ids(tok, template, it, answers[j], bos) for j, it in enumerate(items)]
+    traces: list[dict] = []
+
+    def generate(ids: list, turn: int) -> list[str]:
         texts, tr = generate_with_trace(
             sampler,
             ids,
             routing,
             batch_size=cc.batch_size,
             max_new_tokens=cc.tokens_per_answer,
-            trace_of=0 if (want_trace and i == n - 1) else None,
+            trace_of=0 if (want_trace and turn == n - 1) else None,
             min_prompt_bucket=prompt_bucket,
         )
-        trace = tr if tr is not None else trace
-        for j, text in enumerate(texts):
-            answers[j].append(text.strip())
-    return answers, trace
+        traces.extend([tr] if tr is not None else [])
+        return texts
+
+    prompt_for = lambda j, answers_j: turns_prompt_ids(tok, template, items[j], answers_j, bos)  # noqa: E731
+    answers = answer_in_turns(len(items), n, prompt_for, generate)
+    return answers, (traces[-1] if traces else None)
 
 
 def _routing_trace(sampler, tok, ids: list[int], max_new_tokens: int) -> dict:  # noqa: ANN001
