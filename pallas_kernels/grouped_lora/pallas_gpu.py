@@ -417,10 +417,7 @@ class PallasGpuOps:
         scaling_e: Float[Array, " E"],
     ) -> Float[Array, "T O"] | None:
         """Inference: the one-launch decode kernel for a few tokens; None leaves the call to shrink + expand."""
-        num_tokens = x_td.shape[0]
-        if w_do is None or not 0 < num_tokens <= pallas_gpu_decode.DECODE_MAX_TOKENS:
-            return None
-        return pallas_gpu_decode.decode_forward(
+        return pallas_gpu_decode.forward_if_few_tokens(
             x_td,
             w_do,
             lora_a_edr,

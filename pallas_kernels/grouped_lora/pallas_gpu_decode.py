@@ -317,31 +317,39 @@ def decode_forward(
     return jnp.sum(out.reshape(tiles.split_k, num_tokens, d_out), axis=0).astype(x_td.dtype)
 
 
+def forward_if_few_tokens(
+    x_td: Float[Array, "T D"],
+    w_do: Float[Array, "D O"] | None,
+    lora_a_edr: Float[Array, "E D R"],
+    lora_b_ero: Float[Array, "E R O"],
+    expert_ids_tk: Int[Array, "T K"],
+    expert_weights_tk: Float[Array, "T K"],
+    scaling_e: Float[Array, " E"],
+    *,
+    interpret: bool = False,
+) -> Float[Array, "T O"] | None:
+    """An ops ``forward``: this kernel for a call it serves (``w`` given, ``0 < T <= DECODE_MAX_TOKENS``),
+    else None (the caller's other path). Shared by ``pallas_gpu`` and ``pallas_gpu_decode``."""
+    if w_do is None or not 0 < x_td.shape[0] <= DECODE_MAX_TOKENS:
+        return None
+    return decode_forward(
+        x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e, interpret=interpret
+    )
+
+
 def make_decode_ops(fallback: Any, *, interpret: bool = False) -> Any:
     """``fallback`` (an XLA ops object) whose inference forward is this kernel where it measured faster.
 
-    The kernel serves a call with ``w`` given and ``0 < T <= DECODE_MAX_TOKENS``;
-    every other call, and all of training (shrink, expand, backward), is ``fallback``'s.
+    The kernel serves what ``forward_if_few_tokens`` serves; every other call, and all of training (shrink,
+    expand, backward), is ``fallback``'s.
     """
     if not interpret and jax.default_backend() != "gpu":
         raise NotImplementedError("pallas_gpu_decode needs a GPU (or the _interpret variant)")
 
-    def forward(x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e):  # noqa: ANN001, ANN202
-        if w_do is not None and 0 < x_td.shape[0] <= DECODE_MAX_TOKENS:
-            return decode_forward(
-                x_td,
-                w_do,
-                lora_a_edr,
-                lora_b_ero,
-                expert_ids_tk,
-                expert_weights_tk,
-                scaling_e,
-                interpret=interpret,
-            )
-        if fallback.forward is None:
-            return None
-        return fallback.forward(
-            x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e
-        )
+    def forward(*args):  # noqa: ANN002, ANN202
+        y_to = forward_if_few_tokens(*args, interpret=interpret)
+        if y_to is None and fallback.forward is not None:
+            y_to = fallback.forward(*args)
+        return y_to
 
     return dataclasses.replace(fallback, name="pallas_gpu_decode", forward=forward)
