@@ -1,6 +1,8 @@
-"""Composite-n prompt building and scoring on hand-worked outputs, and the ``turns`` protocol on a tiny model."""
+"""Composite-n prompt building and scoring on hand-worked outputs, and both protocols on a tiny model."""
 
 import json
+
+import pytest
 
 from meteora_jax.data.tasks import Example
 from meteora_jax.eval.composite import build_sample, resolve_tasks, score_composite, split_answers
@@ -71,8 +73,6 @@ def test_render_turns_plain_template_and_empty_answers_are_not_attempted():
 
 
 def test_unknown_protocol_is_a_clear_error_before_any_work(tmp_path):
-    import pytest
-
     from meteora_jax.errors import MeteoraInputError
     from meteora_jax.eval.composite import evaluate_composite
 
@@ -96,15 +96,14 @@ def test_answer_in_turns_feeds_each_answer_into_the_next_round():
     assert answers[1] == ["item1[]:0", "item1[item1[]:0]:1", "item1[item1[]:0|item1[item1[]:0]:1]:2"]
 
 
-def test_evaluate_composite_turns_end_to_end(tmp_path):
-    """``protocol="turns"`` on a tiny model: n answers per sample, scored per sub-task."""
-    import meteora_jax as mj
+@pytest.mark.parametrize("protocol", ["turns", "numbered"])
+def test_evaluate_composite_end_to_end(tmp_path, protocol):
+    """Either protocol on a tiny model: n answers per sample, scored per sub-task. (A 1024-token context:
+    the character tokenizer makes a numbered composite-3 prompt ~475 tokens.)"""
     from meteora_jax.data.bigbench import COMPOSITE_TASKS
     from meteora_jax.eval.composite import evaluate_composite
-    from meteora_jax.tokenizer import load_tokenizer
-    from tests.test_generate_fixtures import tiny_model_dir
+    from tests.test_generate_fixtures import char_tokenizer, tiny_model
 
-    model_dir = tiny_model_dir(tmp_path / "model", seed=4)
     for task in COMPOSITE_TASKS[3]:
         for split in ("train", "test"):
             (tmp_path / "data" / task).mkdir(parents=True, exist_ok=True)
@@ -113,17 +112,17 @@ def test_evaluate_composite_turns_end_to_end(tmp_path):
                 "".join(json.dumps(r) + "\n" for r in rows)
             )
     report = evaluate_composite(
-        mj.load(model_dir),
-        load_tokenizer(model_dir),
+        tiny_model(4, max_position_embeddings=1024),
+        char_tokenizer(),
         str(tmp_path / "data"),
         3,
         num_samples=2,
         max_new_tokens_per_answer=2,
-        protocol="turns",
+        protocol=protocol,
         prompt_template="Q: {prompt}\nA:",
         systems=("meteora", "base"),
     )
-    assert report["protocol"] == "turns" and report["tasks"] == list(COMPOSITE_TASKS[3])
+    assert report["protocol"] == protocol and report["tasks"] == list(COMPOSITE_TASKS[3])
     for system in ("meteora", "base"):
         assert 0.0 <= report["systems"][system]["sum_correct"] <= 3.0
         assert set(report["systems"][system]["per_task"]) == set(COMPOSITE_TASKS[3])

@@ -37,6 +37,7 @@ provide: alpaca -> topical_chat (open-ended text), news_commentary_de stays if p
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -44,9 +45,9 @@ from typing import Any
 
 from meteora_jax.data.bigbench import COMPOSITE_TASKS
 from meteora_jax.errors import MeteoraInputError
+from meteora_jax.eval.harness import greedy_texts
 from meteora_jax.eval.metrics import default_metric_for_task, score_task
 from meteora_jax.generate import get_sampler
-from meteora_jax.generate.sampling import SamplingParams
 from meteora_jax.model.llama import MeteoraLlama
 
 # A task that is not available offline -> the nearest available one (stated in every report).
@@ -195,47 +196,38 @@ def evaluate_composite(
         "protocol": protocol,
         "systems": {},
     }
+    questions = [s[0] for s in samples]
+
+    def prompt_for(j: int, answers_j: list[str]) -> str:
+        return render_turns(
+            tokenizer, turn_messages(samples[j][2], samples[j][0], answers_j), prompt_template
+        )
+
     for system in systems:
-        options = model.routing_options(no_experts=(system == "base"))
+        generate = functools.partial(
+            greedy_texts,
+            sampler,
+            batch_size=batch_size,
+            routing=model.routing_options(no_experts=(system == "base")),
+        )
         if protocol == "turns":
-
-            def prompt_for(j: int, answers_j: list[str]) -> str:
-                return render_turns(
-                    tokenizer, turn_messages(samples[j][2], samples[j][0], answers_j), prompt_template
-                )
-
-            def generate(prompts: list, _turn: int, options=options) -> list[str]:  # noqa: ANN001
-                texts: list[str] = []
-                for start in range(0, len(prompts), batch_size):
-                    res = sampler.generate(
-                        prompts[start : start + batch_size],
-                        max_new_tokens=max_new_tokens_per_answer,
-                        sampling=SamplingParams(),
-                        routing=options,
-                    )
-                    texts.extend(res.texts)
-                return texts
-
-            answers = answer_in_turns(len(samples), n, prompt_for, generate)
-            report["systems"][system] = score_answers(tasks, [s[0] for s in samples], answers)
-            if progress:
-                progress(
-                    f"composite-{n} {system}: {report['systems'][system]['sum_correct']:.3f} correct (sum)"
-                )
-            continue
-        outputs: list[str] = []
-        for start in range(0, len(samples), batch_size):
-            res = sampler.generate(
-                [s[1] for s in samples[start : start + batch_size]],
+            answers = answer_in_turns(
+                len(samples),
+                n,
+                prompt_for,
+                lambda p, _turn, generate=generate: generate(p, max_new_tokens=max_new_tokens_per_answer),
+            )
+            scores = score_answers(tasks, questions, answers)
+        else:
+            outputs = generate(
+                [s[1] for s in samples],
                 max_new_tokens=max_new_tokens_per_answer * n,
-                sampling=SamplingParams(),
-                routing=options,
                 stop=["\nQuestion 1:", f"Answer {n + 1}:"],
             )
-            outputs.extend(res.texts)
-        report["systems"][system] = score_composite(tasks, [s[0] for s in samples], outputs)
+            scores = score_composite(tasks, questions, outputs)
+        report["systems"][system] = scores
         if progress:
-            progress(f"composite-{n} {system}: {report['systems'][system]['sum_correct']:.3f} correct (sum)")
+            progress(f"composite-{n} {system}: {scores['sum_correct']:.3f} correct (sum)")
     return report
 
 

@@ -56,6 +56,30 @@ def parse_systems(baselines: Sequence[str], expert_names: Sequence[str]) -> list
     return systems
 
 
+def greedy_texts(
+    sampler: object,
+    prompts: Sequence,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    routing: object,
+    stop: Sequence[str] | None = None,
+) -> list[str]:
+    """Greedy completions of ``prompts`` in batches of ``batch_size``, in order (the harness's and
+    composite-n's generation loop)."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        res = sampler.generate(
+            list(prompts[start : start + batch_size]),
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(),
+            routing=routing,
+            stop=stop,
+        )
+        texts.extend(res.texts)
+    return texts
+
+
 def evaluate(
     model: MeteoraLlama,
     tokenizer: object,
@@ -90,15 +114,9 @@ def evaluate(
                 continue
             options = model.routing_options(force_expert=force, no_experts=system.no_experts)
             t0 = time.perf_counter()
-            preds = []
-            for start in range(0, len(prompts), batch_size):
-                res = sampler.generate(
-                    prompts[start : start + batch_size],
-                    max_new_tokens=max_new_tokens,
-                    sampling=SamplingParams(),
-                    routing=options,
-                )
-                preds.extend(res.texts)
+            preds = greedy_texts(
+                sampler, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, routing=options
+            )
             entry["scores"][system.name] = score_task(task, preds, refs, prompts)
             if system.name == "meteora":
                 entry["predictions"] = preds[:5]  # a few, to eyeball
