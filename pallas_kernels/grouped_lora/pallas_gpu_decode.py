@@ -95,11 +95,11 @@ class DecodeConfig:
             return cls(block_n=64, block_k=256, num_stages=4, split_k=0)
         return cls(block_n=32, block_k=512, num_stages=3, split_k=0)
 
-    def split_for(self, d_in: int, d_out: int) -> int:
-        """``split_k``, or for 0: enough K splits for ~2 programs per SM, each >= 2 ``block_k`` steps."""
+    def split_for(self, blocks: int, steps: int) -> int:
+        """``split_k``, or for 0: enough K splits of ``steps`` K steps for ~2 programs per SM over ``blocks``
+        column blocks, each split >= 2 steps."""
         if self.split_k > 0:
             return self.split_k
-        blocks, steps = cdiv(d_out, self.block_n), cdiv(d_in, self.block_k)
         split = 1
         while blocks * split < _TARGET_PROGRAMS and steps // (2 * split) >= 2:
             split *= 2
@@ -129,9 +129,7 @@ def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int)
     block_s = max(1, min(block_k, _floor_pow2(max(1, cfg.lora_elems // (toks * rank_p)))))
     block_n = max(16, min(cfg.block_n, pow2(d_out)))
     steps = cdiv(d_in, block_k)
-    split_k = max(
-        1, min(steps, dataclasses.replace(cfg, block_k=block_k, block_n=block_n).split_for(d_in, d_out))
-    )
+    split_k = max(1, min(steps, cfg.split_for(cdiv(d_out, block_n), steps)))
     return _Tiles(
         rows=max(_MIN_DOT_ROWS, toks),
         toks=toks,
