@@ -65,3 +65,37 @@ def test_switch_points_and_token_experts():
     assert switch_points(np.array([0, 0, 0, 1, 0, 0, 2, 2, 2, 2])) == [(0, 0), (6, 2)]
     top1_tlp = np.array([[[1, 1], [1, 0]], [[2, 2], [2, 2]], [[-1, -1], [-1, -1]]])
     assert token_experts(top1_tlp).tolist() == [1, 2, -1]
+
+
+def test_teacher_forced_top1_with_prompt_matches_unpadded_forwards(dirs):
+    """Batched, right-padded routing equals one unpadded forward per pair; ``include_prompt`` only prepends the
+    prompt's rows (the response rows are the default result)."""
+    import jax.numpy as jnp
+
+    import meteora_jax as mj
+    from meteora_jax.eval.routing import teacher_forced_top1
+
+    model = mj.load(dirs[0], dtype="float32")
+    gen = np.random.default_rng(7)
+    vocab = model.config.vocab_size
+    pairs = [
+        (gen.integers(3, vocab, n).tolist(), gen.integers(3, vocab, m).tolist())
+        for n, m in [(5, 3), (9, 1), (2, 6)]
+    ]
+    full = teacher_forced_top1(model, pairs, batch_size=2, include_prompt=True)
+    resp = teacher_forced_top1(model, pairs, batch_size=2)
+    layers = model.config.num_hidden_layers
+    for (p, r), f, tail in zip(pairs, full, resp):
+        out = model.forward(jnp.asarray([p + r]), return_routing=True)
+        want = np.stack([np.asarray(e["expert_ids"][:, 0]) for e in out.routing], axis=-1)
+        assert f.shape == (len(p) + len(r), layers, len(out.routing) // layers)
+        np.testing.assert_array_equal(f.reshape(len(p) + len(r), -1), want)
+        np.testing.assert_array_equal(f[len(p) :], tail)
+
+
+def test_common_prefix_len():
+    from meteora_jax.study.evaluate import common_prefix_len
+
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2], [1, 2, 3]]) == 2
+    assert common_prefix_len([[9], [1]]) == 0 and common_prefix_len([]) == 0

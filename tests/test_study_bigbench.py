@@ -484,6 +484,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         "routing_accuracy",
         "routing_accuracy_per_layer",
         "routing_accuracy_prompt_majority",
+        "routing_accuracy_prompt_tokens",
         "composite_protocol",
         "device_minutes",
         "seed",
@@ -513,6 +514,11 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     num_layers = json.loads((tmp_path / "base" / "config.json").read_text())["num_hidden_layers"]
     assert len(per_layer) == num_layers and np.isclose(np.mean(per_layer), report["routing_accuracy"])
     assert 0.0 <= report["routing_accuracy_prompt_majority"] <= 100.0
+    prompt = report["routing_accuracy_prompt_tokens"]
+    assert prompt["shared_prefix_tokens"] > 0  # the chat template's system turn + user header
+    for part in ("shared_prefix", "task_text", "last_prompt_token"):
+        assert 0.0 <= prompt[part]["overall"] <= 1.0 and len(prompt[part]["per_layer"]) == num_layers
+    assert prompt["last_prompt_token"]["tokens"] == meteora["routing"]["pairs"]
     section = (out / "bigbench_small_section.md").read_text()
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
     assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section

@@ -33,9 +33,14 @@ def _top1_routing(
 
 
 def teacher_forced_top1(
-    model: MeteoraLlama, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 8
+    model: MeteoraLlama,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    *,
+    include_prompt: bool = False,
 ) -> list[np.ndarray]:
-    """For each (prompt ids, response ids): the top-1 experts of the response tokens, [T_resp, L, P]."""
+    """For each (prompt ids, response ids): the top-1 experts of the response tokens, [T_resp, L, P];
+    with ``include_prompt``, of the prompt's tokens too, [T_prompt + T_resp, L, P] (same forward)."""
     graphdef, state = nnx.split(model)
     num_layers = model.config.num_hidden_layers
     out = []
@@ -51,8 +56,9 @@ def teacher_forced_top1(
             valid[i, : lengths[i]] = 1
         top1_btn = np.asarray(_top1_routing(graphdef, state, jnp.asarray(ids), jnp.asarray(valid)))
         for i, (p, r) in enumerate(chunk):
-            resp = top1_btn[i, len(p) : len(p) + len(r)]
-            out.append(resp.reshape(len(r), num_layers, -1))
+            first = 0 if include_prompt else len(p)
+            rows = top1_btn[i, first : len(p) + len(r)]
+            out.append(rows.reshape(len(rows), num_layers, -1))
     return out
 
 

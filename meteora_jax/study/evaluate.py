@@ -336,19 +336,28 @@ def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
                 pairs.append((ids, resp))
                 owner.append(task)
     order = one_bucket_order([len(p) + len(r) for p, r in pairs], ctx.cfg.eval.batch_size)
-    top1 = teacher_forced_top1(model, [pairs[i] for i in order], batch_size=ctx.cfg.eval.batch_size)
+    top1 = teacher_forced_top1(
+        model, [pairs[i] for i in order], batch_size=ctx.cfg.eval.batch_size, include_prompt=True
+    )
     # per task: one [T_resp, L, P] hit array (top-1 == the task's expert) and one prompt-level hit per example;
     # prompt level = the expert most often top-1 over all its response tokens, layers and projections
     hits: dict[str, list[np.ndarray]] = {t: [] for t in ctx.tasks}
     majority: dict[str, list[bool]] = {t: [] for t in ctx.tasks}
+    prompt_hits: dict[str, list[np.ndarray]] = {"shared_prefix": [], "task_text": [], "last_prompt_token": []}
+    prefix = common_prefix_len([p for p, _ in pairs])
     seen = set()
-    for i, top1_tlp in zip(order, top1):
+    for i, full_tlp in zip(order, top1):
         if i in seen:  # a filler repeat
             continue
         seen.add(i)
         expert = model.expert_names.index(owner[i])
+        lp = len(pairs[i][0])
+        top1_tlp = full_tlp[lp:]
         hits[owner[i]].append(top1_tlp == expert)
         majority[owner[i]].append(bool(np.bincount(top1_tlp.ravel()).argmax() == expert))
+        prompt_hits["shared_prefix"].append(full_tlp[:prefix] == expert)
+        prompt_hits["task_text"].append(full_tlp[prefix : lp - 1] == expert)
+        prompt_hits["last_prompt_token"].append(full_tlp[lp - 1 : lp] == expert)
     all_hits = [h for hs in hits.values() for h in hs]
     all_tlp = np.concatenate(all_hits) if all_hits else np.zeros((0, 0, 0), bool)
     return {
@@ -357,9 +366,39 @@ def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
         "per_layer": [float(x) for x in all_tlp.mean(axis=(0, 2))] if all_tlp.size else [],
         "prompt_majority": float(np.mean([m for ms in majority.values() for m in ms])) if all_hits else 0.0,
         "prompt_majority_per_task": {t: float(np.mean(ms)) if ms else None for t, ms in majority.items()},
+        "prompt_tokens": prompt_token_routing(prompt_hits, prefix),
         "top_k": top_k,
         "pairs": len(pairs),
     }
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares (the chat template's system turn and user header):
+    tokens whose routing cannot depend on the task, since a causal model has seen no task text yet."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    for j in range(n):
+        if any(s[j] != seqs[0][j] for s in seqs):
+            return j
+    return n
+
+
+def prompt_token_routing(parts: dict[str, list[np.ndarray]], prefix: int) -> dict:
+    """Supplementary routing figures over PROMPT tokens (the must-show counts response tokens only): the
+    oracle runs its task's adapter on every prompt token too, so misrouted prompt tokens change the KV cache
+    MeteoRA answers from. ``shared_prefix``: the template tokens before any task text; ``task_text``: the rest
+    but the last; ``last_prompt_token``: the token whose hidden state predicts the answer's first token."""
+    out: dict[str, Any] = {"shared_prefix_tokens": prefix}
+    for name, hs in parts.items():
+        hs = [h for h in hs if h.size]
+        tlp = np.concatenate(hs) if hs else np.zeros((0, 0, 0), bool)
+        out[name] = {
+            "overall": float(tlp.mean()) if tlp.size else None,
+            "per_layer": [float(x) for x in tlp.mean(axis=(0, 2))] if tlp.size else [],
+            "tokens": int(tlp.shape[0]),
+        }
+    return out
 
 
 def one_bucket_order(lengths: list[int], batch_size: int) -> list[int]:

@@ -64,6 +64,8 @@ def build_report(ctx: Ctx) -> dict:
         "routing_accuracy_prompt_majority": None
         if routing.get("prompt_majority") is None
         else 100.0 * routing["prompt_majority"],
+        # supplementary: the same gates on the PROMPT's tokens (shared template prefix / task text / last token)
+        "routing_accuracy_prompt_tokens": routing.get("prompt_tokens"),
         "device_minutes": round((ctx.state.data["device_seconds"] + time.time() - ctx.started) / 60.0, 2),
         "seed": ctx.cfg.seed,
     }
@@ -152,6 +154,16 @@ def _routing_detail(report: dict) -> str:
         out += (
             f" Per prompt (the expert most often top-1 over its response tokens, layers and projections): "
             f"{report['routing_accuracy_prompt_majority']:.1f}% of test prompts."
+        )
+    prompt = report.get("routing_accuracy_prompt_tokens") or {}
+    parts = [(k, prompt.get(k) or {}) for k in ("shared_prefix", "task_text", "last_prompt_token")]
+    if all(p.get("overall") is not None for _, p in parts):
+        (_, pre), (_, text), (_, last) = parts
+        out += (
+            f" Prompt tokens (not in the must-show; the oracle runs its adapter on them too): the "
+            f"{prompt['shared_prefix_tokens']} template tokens every prompt starts with {100 * pre['overall']:.1f}%, "
+            f"the task text {100 * text['overall']:.1f}%, the last prompt token (it predicts the answer's first "
+            f"token) {100 * last['overall']:.1f}% (layer 0: {100 * last['per_layer'][0]:.0f}%)."
         )
     return out
 
