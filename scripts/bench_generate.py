@@ -241,7 +241,9 @@ def bench_hf(
         with torch.no_grad():
 
             def fwd() -> None:
-                m(ids, use_cache=False)  # full logits, as our prefill computes
+                # the last position's logits alone, as our prefill (and HF's own generate) computes them;
+                # until 2026-11-29 both sides computed every position's (the 127.1 ms anchor was that)
+                m(ids, use_cache=False, logits_to_keep=1)
                 sync()
 
             RESULTS[f"{prefix}prefill_{prefill_t}_ms"] = 1e3 * timed(fwd, 3)

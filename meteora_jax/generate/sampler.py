@@ -95,6 +95,7 @@ def _prefill(
         positions=positions_bp,
         cache=cache,
         return_routing=return_routing,
+        last_logits_only=True,
     )
     first_b = sample_next(out.logits[:, -1], jax.random.fold_in(key, 0), params)
     prompt_routing = _stack_routing(out.routing, model.config.num_hidden_layers, b, p)

@@ -104,22 +104,50 @@ class Attention(nnx.Module):
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 
+# Query rows per block of the einsum path's scores: prompts longer than this are attended block by block
+# (``lax.map``), so a prefill holds [B, N, QUERY_BLOCK, S] float32 scores instead of [B, N, T, S]. An 8k-token
+# composite prompt at batch 8 needs 20 GB for the whole [B, 9, 8192, 9216] block, and its softmax more: it ran
+# the H200 out of memory (benchmarks/RESULTS.md, BIG-bench seed 1). Each query row is independent, so the
+# blocks give the same numbers.
+QUERY_BLOCK = 1024
+
+
 def attention(
     q_btnh: Float[Array, "B T N H"],
     k_bskh: Float[Array, "B S K H"],
     v_bskh: Float[Array, "B S K H"],
     mask_bts: Bool[Array, "B T S"],
     implementation: str = "einsum",
+    query_block: int = QUERY_BLOCK,
 ) -> Float[Array, "B T N H"]:
     """Grouped-query attention; scores and softmax in float32 as transformers does.
 
-    ``einsum``: the reference below. ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that
-    implementation (cuDNN's fused flash attention on GPU; bf16/fp16 only).
+    ``einsum``: the reference below, in blocks of ``query_block`` query rows when T is a larger multiple of
+    it. ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash
+    attention on GPU; bf16/fp16 only).
     """
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None, :, :], implementation=implementation
         )
+    b, t, n, h = q_btnh.shape
+    if t > query_block and t % query_block == 0:
+        blocks = t // query_block
+        q_jbqnh = jnp.moveaxis(q_btnh.reshape(b, blocks, query_block, n, h), 1, 0)
+        mask_jbqs = jnp.moveaxis(mask_bts.reshape(b, blocks, query_block, -1), 1, 0)
+        out_jbqnh = jax.lax.map(
+            lambda qm: _einsum_attention(qm[0], k_bskh, v_bskh, qm[1]), (q_jbqnh, mask_jbqs)
+        )
+        return jnp.moveaxis(out_jbqnh, 0, 1).reshape(b, t, n, h)
+    return _einsum_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+
+
+def _einsum_attention(
+    q_btnh: Float[Array, "B T N H"],
+    k_bskh: Float[Array, "B S K H"],
+    v_bskh: Float[Array, "B S K H"],
+    mask_bts: Bool[Array, "B T S"],
+) -> Float[Array, "B T N H"]:
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
@@ -274,8 +302,14 @@ class MeteoraLlama(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
         return_routing: bool = False,
+        last_logits_only: bool = False,
     ) -> ModelOutput:
         """The full forward.
+
+        ``last_logits_only``: logits of the last position alone ([B, 1, V]), as a prefill needs. XLA does not
+        push the caller's ``[:, -1]`` slice through the unembedding, so otherwise the prefill computes (and
+        writes, in float32) every position's logits: for Llama-3-8B at 4096 tokens, 4.3 TFLOP and 2.1 GB per
+        row that are thrown away.
 
         Without a cache, ``attention_mask`` [B, T] (1 = real token) masks padding and sets positions
         (cumulative count, as transformers' ``generate`` does with left padding). With a cache,
@@ -321,6 +355,8 @@ class MeteoraLlama(nnx.Module):
             new_layers.append(layer_cache)
             if aux is not None:
                 aux.extend({"layer": i, **entry} for entry in layer_aux)
+        if last_logits_only:
+            x_btd = x_btd[:, -1:]
         x_btd = self.final_norm(x_btd)
         unembed_vd = self.embed_vd[...] if self.unembed_vd is None else self.unembed_vd[...]
         logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd, preferred_element_type=jnp.float32)

@@ -1,0 +1,65 @@
+"""Attention in blocks of query rows equals a float64 NumPy reference; the prefill unembeds the last position
+only (its compiled program holds no [B*P, V] logits)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from test_generate_fixtures import tiny_model
+
+from meteora_jax.generate import sampler as S
+from meteora_jax.model.llama import attention
+
+
+def _reference(q, k, v, mask):  # noqa: ANN001, ANN202
+    """float64 grouped-query attention: query head i reads kv head i // (N // K)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, n, h = q.shape
+    rep = n // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
+    s = np.where(np.asarray(mask)[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+def test_blocked_attention_matches_float64_reference(rng):
+    b, t, s, n, kv, h = 2, 16, 24, 6, 2, 8
+    q = rng.standard_normal((b, t, n, h), np.float32)
+    k = rng.standard_normal((b, s, kv, h), np.float32)
+    v = rng.standard_normal((b, s, kv, h), np.float32)
+    # a cache-style mask: queries sit at slots 4..19 of 24, row 1 left-padded by 3
+    slots = np.arange(s)
+    mask = slots[None, None, :] <= (4 + np.arange(t))[None, :, None]
+    mask = np.broadcast_to(mask, (b, t, s)).copy()
+    mask[1, :, :3] = False
+    want = _reference(q, k, v, mask)
+    for block in (4, 8, 1024):  # 4 and 8: blocked; 1024: one block (T below it)
+        got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), query_block=block)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"block {block}")
+
+
+def test_prefill_unembeds_only_the_last_position():
+    model = tiny_model(0)
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, model.config.vocab_size, (2, 9)), jnp.int32)
+    full = model.forward(ids).logits
+    last = model.forward(ids, last_logits_only=True).logits
+    assert last.shape == (2, 1, model.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-5)
+
+    b, p, v = 2, 64, model.config.vocab_size
+    graphdef, state = nnx.split(model)
+    args = (graphdef, state, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32), jax.random.key(0))
+    hlo = S._prefill.lower(
+        *args,
+        jnp.int32(0),
+        jnp.asarray([1], jnp.int32),
+        routing=model.routing_options(),
+        params=S.GREEDY,
+        return_routing=False,
+        new_bucket=16,
+    ).as_text()
+    assert f"tensor<{b}x1x{v}xf32>" in hlo  # the last position's logits ...
+    for rows in (f"{p}x{v}x", f"{b * p}x{v}x"):  # ... and no [B, P, V] or [B*P, V] ones
+        assert rows not in hlo, rows
