@@ -28,8 +28,12 @@ with this config (session 3, composite `numbered`), seconds per step on one H200
 adapters:11-21 149, adapters:baselines 183, convert 12, gates:top2 386, eval:single 161, eval:meteora 226,
 eval:composite 169, report 3. The calls went: call 1 7 s (data); call 2 543 s (base, both adapter chunks,
 the baselines); call 3 526 s (convert, gates:top2, most of eval:single); call 4 442 s (the rest, through
-report). 25.0 process minutes; the lease held the machine 26.2 minutes of the session's 30. `turns` (the
-composite default now) is ESTIMATED at ~1 minute more than `numbered`. If a seed runs short:
+report). 25.0 process minutes; the lease held the machine 26.2 minutes of the session's 30. Seed 1
+(session 5, `turns`, the composite default now) took 1,236 s before eval:composite and 246 s in it for
+composite-3 and -5, when composite-10 ran out of GPU memory (fixed since: blocked attention, batch 16);
+composite-10 is ESTIMATED at 200-300 s more, so a whole `turns` seed overruns one 30-minute session. To
+measure composite alone: `run --seed S --until gates:top2`, then `run --seed S --resume --step
+eval:composite --step report` (~15 + ~7 minutes, ESTIMATED). If a seed runs short:
 --set gates.steps=1200 (~-70 s); then --set composite.sizes=[3,10]. A seed whose session runs out
 is lost at the machine's return (the partial results below still come back).
 
