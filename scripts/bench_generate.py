@@ -118,9 +118,10 @@ def build_model(
 def prefill_flops(cfg: ModelConfig, t: int) -> float:
     linear = sum(np.prod(cfg.projection_shape(p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
     linear += sum(np.prod(cfg.projection_shape(p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    per_token = 2 * (linear * cfg.num_hidden_layers + cfg.hidden_size * cfg.vocab_size)
+    per_token = 2 * linear * cfg.num_hidden_layers
+    unembed = 2 * cfg.hidden_size * cfg.vocab_size  # the last position's logits only (as _prefill computes)
     attention = 2 * cfg.num_hidden_layers * t * t * cfg.q_dim  # QK^T and PV, causal half of 4*T^2*d
-    return float(per_token * t + attention)
+    return float(per_token * t + unembed + attention)
 
 
 def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:

@@ -1,17 +1,15 @@
 """The benchmark timers: trace parsing on a hand-written trace, the validity rules, and one CPU smoke row."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
+from script_loader import load_script
 
 from pallas_kernels import timing
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 ROW_KEYS = {"d_in", "d_out", "T", "E", "r", "k", "routing", "impl", "us", "x_vs_base", "bound", "peak_mb"}
 
 
@@ -69,10 +67,7 @@ def test_cold_copies_are_separate_buffers_of_the_same_values():
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_moe_lora", REPO / "scripts" / "bench_moe_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_moe_lora")
 
 
 def test_tiny_bench_writes_the_issue_schema_with_timer_fields(tmp_path):

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
+from script_loader import load_script
 
 from pallas_kernels import timing
-
-_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "profile_decode.py"
-)
 
 
 @pytest.fixture(scope="module")
 def prof():
-    spec = importlib.util.spec_from_file_location("profile_decode", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_decode")
 
 
 def test_hlo_step_summary_counts_the_loop_body_only(prof):
