@@ -80,6 +80,7 @@ def toy_overrides(tmp):
         "eval.batch_size=4",
         "eval.min_bucket=256",  # one prompt bucket for single-task and composite prompts: shared compiles
         "eval.routing_per_task=4",  # 12 pairs = 3 full batches: one compile
+        "eval.oracle_layers=[1]",  # the ablation system meteora_top2_oracle_first1
         "composite.sizes=[3]",
         f"composite.tasks_3=[{','.join(TASKS)}]",
         "composite.num_prompts=2",
@@ -485,6 +486,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         "routing_accuracy_per_layer",
         "routing_accuracy_prompt_majority",
         "routing_accuracy_prompt_tokens",
+        "ablations",
         "composite_protocol",
         "device_minutes",
         "seed",
@@ -509,6 +511,11 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     meteora = json.loads((tmp_path / "work" / "eval" / "meteora.json").read_text())
     assert meteora["systems"]["meteora_top1"] == {"gates": "gates:top2", "trained_top_k": 2, "eval_top_k": 1}
     assert meteora["routing"]["top_k"] == 2
+    assert set(meteora["scores"]["meteora_top2_oracle_first1"]) == set(TASKS)
+    abl = report["ablations"]["meteora_top2_oracle_first1"]
+    assert abl["plain_name"] == "meteora_top2" and abl["system"]["tasks"] == abl["plain"]["tasks"] == len(
+        TASKS
+    )
     # per layer: one figure per layer whose mean (equal token counts per layer) is the overall figure
     per_layer = report["routing_accuracy_per_layer"]
     num_layers = json.loads((tmp_path / "base" / "config.json").read_text())["num_hidden_layers"]
@@ -521,6 +528,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     assert prompt["last_prompt_token"]["tokens"] == meteora["routing"]["pairs"]
     section = (out / "bigbench_small_section.md").read_text()
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
+    assert "| meteora_top2_oracle_first1 | 3 |" in section
     assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section
     assert {p.name for p in out.glob("*.png")} == {
         "bigbench_small_tasks.png",
@@ -540,3 +548,10 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     logs.clear()
     S.run_study(cfg, steps=["report"], redo=True, out_dir=out, progress=False, log=logs.append)
     assert any("[report] done" in line for line in logs)
+
+
+def test_oracle_layers_knob_is_checked():
+    assert C.load_study_config(None).oracle_layers() == ()
+    assert C.load_study_config(None, ["eval.oracle_layers=[4, 12]"]).oracle_layers() == (4, 12)
+    with pytest.raises(MeteoraInputError, match="oracle_layers"):
+        C.load_study_config(None, ["eval.oracle_layers=[0]"]).oracle_layers()

@@ -76,6 +76,11 @@ class EvalConfig:
         "MeteoRA systems evaluated (meteora_top<k>), k = experts per token at inference; each uses the gates "
         "trained with this top_k, else those of the largest gates.top_k (routing is a run-time knob)",
     )
+    oracle_layers: tuple[int, ...] = _f(
+        (),
+        "ablation systems meteora_top<k>_oracle_first<L>: MeteoRA (the main k) with its first L layers "
+        "answered by the task's own adapter and its gates elsewhere (eval.ablation; ~2 device min each)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +163,13 @@ class StudyConfig:
         each token mixes at inference)."""
         ks = self.gate_top_ks()
         return k if k in ks else max(ks)
+
+    def oracle_layers(self) -> tuple[int, ...]:
+        """``eval.oracle_layers``, checked (each L >= 1; the model's layer count is checked when it loads)."""
+        ls = tuple(int(n) for n in self.eval.oracle_layers)
+        if any(n < 1 for n in ls):
+            raise MeteoraInputError(f"eval.oracle_layers: each L must be >= 1 (got {list(ls)})")
+        return ls
 
     def main_top_k(self) -> int:
         """The k of the MeteoRA system the composite, the routing accuracy and the must-show table use: 2

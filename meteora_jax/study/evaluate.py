@@ -288,6 +288,37 @@ def meteora_system(ctx: Ctx, top_k: int) -> Prepare:
     return prepare
 
 
+def oracle_layers_system(ctx: Ctx, top_k: int, layers: int) -> Prepare:
+    """The ablation ``meteora_top<k>_oracle_first<L>`` (``eval.ablation.FirstLayersForced``): its own copy of
+    the MeteoRA model (the weights change per task), same graph, so the compiled programs are shared."""
+
+    def prepare(task: str) -> tuple[Any, Any]:
+        import meteora_jax as mj
+        from meteora_jax.eval.ablation import FirstLayersForced
+        from meteora_jax.generate import Sampler
+        from meteora_jax.tokenizer import load_tokenizer
+
+        model_dir = ctx.state.outputs(meteora_gates(ctx.cfg, top_k)["gates"])["model"]
+        key = (
+            "oracle_layers",
+            os.path.abspath(model_dir),
+            ctx.cfg.eval.dtype,
+            ctx.cfg.eval.min_bucket,
+            top_k,
+            layers,
+        )
+        if key not in _MODELS:
+            model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
+            sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
+            _MODELS[key] = (sampler, model.routing_options(), FirstLayersForced(model, layers))
+        sampler, routing, ablation = _MODELS[key]
+        ablation.use(task)
+        sampler.refresh()
+        return sampler, routing
+
+    return prepare
+
+
 def meteora_gates(cfg: StudyConfig, top_k: int) -> dict:
     """How system ``meteora_top<top_k>`` was obtained: its gate-training step, the top_k those gates were
     trained with, and the k it runs with (written into ``eval/meteora.json`` and the report)."""
@@ -301,7 +332,13 @@ def step_eval_meteora(ctx: Ctx) -> dict | None:
     results = load_eval(path)
     results["systems"] = {f"meteora_top{k}": meteora_gates(ctx.cfg, k) for k in ks}
     write_json(path, results)
-    out = _eval_loop(ctx, "meteora", [(f"meteora_top{k}", meteora_system(ctx, k), False) for k in ks])
+    systems = [(f"meteora_top{k}", meteora_system(ctx, k), False) for k in ks]
+    main_k = ctx.cfg.main_top_k()
+    systems += [
+        (f"meteora_top{main_k}_oracle_first{n}", oracle_layers_system(ctx, main_k, n), True)
+        for n in ctx.cfg.oracle_layers()
+    ]
+    out = _eval_loop(ctx, "meteora", systems)
     if out is None:
         return None
     results = load_eval(path)

@@ -135,6 +135,7 @@ def run_study(
     deadline = None if max_minutes is None else started + 60.0 * max_minutes
     ctx = Ctx(cfg, work, state, deadline, out, progress, log, started)
     plan = step_names(cfg, ctx.tasks)
+    cfg.meteora_top_ks(), cfg.oracle_layers()  # a bad knob fails now, not after the device minutes before it
     for s in [*steps, *([until] if until else [])]:
         if s not in plan:
             raise MeteoraInputError(f"unknown step {s!r}; the steps are: {', '.join(plan)}")

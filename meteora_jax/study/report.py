@@ -66,6 +66,7 @@ def build_report(ctx: Ctx) -> dict:
         else 100.0 * routing["prompt_majority"],
         # supplementary: the same gates on the PROMPT's tokens (shared template prefix / task text / last token)
         "routing_accuracy_prompt_tokens": routing.get("prompt_tokens"),
+        "ablations": ablations(meteora, single.get("oracle", {}), ctx.tasks),
         "device_minutes": round((ctx.state.data["device_seconds"] + time.time() - ctx.started) / 60.0, 2),
         "seed": ctx.cfg.seed,
     }
@@ -168,6 +169,48 @@ def _routing_detail(report: dict) -> str:
     return out
 
 
+def ablations(meteora: dict, oracle: dict, tasks: list[str]) -> dict:
+    """Supplementary systems of ``eval/meteora.json`` beyond SYSTEMS (``meteora_top<k>_oracle_first<L>``):
+    mean score and tasks within 1 point of the oracle, beside the plain MeteoRA system they modify."""
+    out = {}
+    for name in sorted(meteora):
+        if name in SYSTEMS:
+            continue
+        base = name.split("_oracle_first")[0]
+        rows = {}
+        for system in (base, name):
+            got = {t: meteora.get(system, {}).get(t, {}).get("score") for t in tasks}
+            done = [t for t in tasks if got[t] is not None and oracle.get(t, {}).get("score") is not None]
+            rows[system] = {
+                "tasks": len(done),
+                "mean": float(np.mean([got[t] for t in done])) if done else None,
+                "within_1_of_oracle": sum(got[t] >= oracle[t]["score"] - 1.0 for t in done),
+            }
+        out[name] = {"system": rows[name], "plain": rows[base], "plain_name": base}
+    return out
+
+
+def _ablation_lines(report: dict) -> list[str]:
+    abl = report.get("ablations") or {}
+    if not abl:
+        return []
+    lines = [
+        "",
+        "Ablation (not a must-show): the first L layers answered by the task's own adapter (every expert slot "
+        "holds it, gates zeroed: `meteora_jax/eval/ablation.py`), the trained gates elsewhere.",
+        "",
+        "| system | tasks | mean score | within 1 point of the oracle | plain MeteoRA: mean / within 1 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, a in abl.items():
+        s, p = a["system"], a["plain"]
+        lines.append(
+            f"| {name} | {s['tasks']} | {_fmt(s['mean'])} | {s['within_1_of_oracle']} | "
+            f"{_fmt(p['mean'])} / {p['within_1_of_oracle']} |"
+        )
+    return lines
+
+
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
 
@@ -189,7 +232,7 @@ def markdown_section(report: dict, checks: list[dict], ctx: Ctx, images: dict[st
     ]
     for t, r in report["tasks"].items():
         lines.append(f"| {t} | {r['metric']} | " + " | ".join(_fmt(r[s]) for s in SYSTEMS) + " |")
-    lines += ["", meteora_provenance(ctx)]
+    lines += ["", meteora_provenance(ctx), *_ablation_lines(report)]
     protocol = report.get("composite_protocol", "numbered")
     lines += [
         "",
