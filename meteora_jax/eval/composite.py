@@ -124,13 +124,15 @@ def answer_in_turns(
 
 
 def render_turns(tokenizer: object, messages: Sequence[dict[str, str]], template: str = "chat") -> str:
-    """The text of a ``turns`` conversation ending where the model answers the last user turn. ``chat``: the
-    tokenizer's chat template; any other template string with ``{prompt}``: each user turn through it,
-    followed by its answer and a blank line (no template has turns of its own)."""
-    if template == "chat":
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    from meteora_jax.train.config import PROMPT_TEMPLATES
+    """The text of a ``turns`` conversation ending where the model answers the last user turn. ``chat`` /
+    ``chat_no_system``: the tokenizer's chat template (``train.data.render_chat``); any other template string
+    with ``{prompt}``: each user turn through it, followed by its answer and a blank line (no template has
+    turns of its own)."""
+    from meteora_jax.train.config import CHAT_TEMPLATES, PROMPT_TEMPLATES
+    from meteora_jax.train.data import render_chat
 
+    if template in CHAT_TEMPLATES:
+        return render_chat(tokenizer, messages, template)
     fmt = PROMPT_TEMPLATES.get(template, template)
     out = ""
     for m in messages:

@@ -125,7 +125,9 @@ class StudyConfig:
     seed: int = _f(
         0, "seed of adapter init/data order, gate init and training (report it; rerun with another)"
     )
-    prompt_template: str = _f("chat", "template for adapters, gates and eval alike: chat | meteora | plain")
+    prompt_template: str = _f(
+        "chat", "template for adapters, gates and eval alike: chat | chat_no_system | meteora | plain"
+    )
     work_dir: str = _f("runs/bigbench_small/seed{seed}", "where every step writes ({seed} is filled in)")
     stash_dir: str = _f("/tmp/meteora-study-stash", "where `stash` keeps carried files between device calls")
     base_hf: str = _f("", "use this HF checkpoint dir as the base instead of the SmolLM2 GGUF (tests)")

@@ -23,6 +23,9 @@ PROMPT_TEMPLATES = {
     "meteora": "[INST] {prompt} [/INST]\n",
     "plain": "{prompt}\n",
 }
+# The tokenizer's own chat template; ``chat_no_system`` drops the system turn a template inserts by itself
+# when none is given (train.data.render_chat says why).
+CHAT_TEMPLATES = ("chat", "chat_no_system")
 MODES = ("gate", "gate_and_experts")
 SAMPLING = ("natural", "balanced")
 OVERLONG = ("truncate", "error")
@@ -60,7 +63,9 @@ class TrainConfig:
     routing: str = _f("", "routing order while training ('' = the model's; MeteoRA trains softmax_then_topk)")
     # -- data
     prompt_template: str = _f(
-        "meteora", "meteora ('[INST] {prompt} [/INST]\\n'), chat, plain, or a '{prompt}' format"
+        "meteora",
+        "meteora ('[INST] {prompt} [/INST]\\n'), chat (the tokenizer's template), chat_no_system (the same "
+        "without the system turn it adds by itself), plain, or a '{prompt}' format",
     )
     add_bos: bool = _f(True, "prepend the tokenizer's BOS token (if it has one)")
     add_eos: bool = _f(
@@ -98,11 +103,12 @@ class TrainConfig:
             raise bad("overlong", f"{self.overlong!r} is not one of {list(OVERLONG)}")
         if self.steps < 0 or self.batch_size < 1 or self.max_seq_len < 2:
             raise bad("steps/batch_size/max_seq_len", "need steps >= 0, batch_size >= 1, max_seq_len >= 2")
-        if not (self.prompt_template in PROMPT_TEMPLATES or self.prompt_template == "chat"):
+        if not (self.prompt_template in PROMPT_TEMPLATES or self.prompt_template in CHAT_TEMPLATES):
             if "{prompt}" not in self.prompt_template:
                 raise bad(
                     "prompt_template",
-                    f"{self.prompt_template!r} is neither meteora/chat/plain nor a format containing {{prompt}}",
+                    f"{self.prompt_template!r} is neither meteora/chat/chat_no_system/plain nor a format containing "
+                    "{prompt}",
                 )
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise bad("held_out_fraction", f"{self.held_out_fraction} must be in [0, 1)")

@@ -27,7 +27,7 @@ import numpy as np
 
 from meteora_jax.data.tasks import Example, read_split, split_train_test
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.train.config import PROMPT_TEMPLATES, TrainConfig
+from meteora_jax.train.config import CHAT_TEMPLATES, PROMPT_TEMPLATES, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +67,50 @@ class EncodedSet:
         return np.flatnonzero(self.task == t)
 
 
+def render_chat(tokenizer, messages: Sequence[dict[str, str]], template: str = "chat") -> str:  # noqa: ANN001
+    """``messages`` through the tokenizer's chat template, ending where the assistant answers.
+
+    ``chat_no_system`` leaves out the system turn that some templates insert by themselves when none is given
+    (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."; Llama-3.1: a knowledge-date turn). MeteoRA's
+    own task data had no system prompt, and a prefix every prompt shares is tokens whose routing cannot depend
+    on the task (the 24-token SmolLM2 prefix went to one expert for all 22 BIG-bench tasks,
+    benchmarks/RESULTS.md). How: render with a placeholder system turn, cut that turn off, and put back a BOS
+    the template writes before it unless the turns themselves start with it (SmolLM2's BOS is its turn marker).
+    """
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    if template == "chat":
+        return render(list(messages), True)
+    placeholder = [{"role": "system", "content": "placeholder"}]
+    try:
+        head, full = render(placeholder, False), render(placeholder + list(messages), True)
+    except Exception as e:  # noqa: BLE001 (jinja raises whatever the template author chose)
+        raise MeteoraInputError(
+            f"prompt_template=chat_no_system: this chat template does not take a system turn ({e}); use chat."
+        ) from None
+    if not full.startswith(head):
+        raise MeteoraInputError(
+            "prompt_template=chat_no_system: this chat template does not render the system turn as a prefix of "
+            "the conversation, so it cannot be cut off; use chat."
+        )
+    rest, bos = full[len(head) :], getattr(tokenizer, "bos_token", None) or ""
+    return bos + rest if bos and head.startswith(bos) and not rest.startswith(bos) else rest
+
+
 class PromptFormatter:
     """Turns a raw prompt into the model's input text (see the module docstring)."""
 
     def __init__(self, tokenizer, template: str):  # noqa: ANN001 (a transformers tokenizer)
         self.tokenizer = tokenizer
         self.template = PROMPT_TEMPLATES.get(template, template)
-        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        if template in CHAT_TEMPLATES and not getattr(tokenizer, "chat_template", None):
             raise MeteoraInputError(
-                "prompt_template=chat, but the model directory's tokenizer has no chat template; use "
+                f"prompt_template={template}, but the model directory's tokenizer has no chat template; use "
                 "--set prompt_template=meteora (MeteoRA's [INST] format) or plain."
             )
 
     def __call__(self, prompt: str) -> str:
-        if self.template == "chat":
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+        if self.template in CHAT_TEMPLATES:
+            return render_chat(self.tokenizer, [{"role": "user", "content": prompt}], self.template)
         return self.template.replace("{prompt}", prompt)
 
 
@@ -110,9 +137,9 @@ def encode_examples(
         t = list(expert_names).index(name)
         for i, ex in enumerate(exs):
             # chat templates usually carry their own BOS; do not add a second one.
-            prompt_ids = ([bos] if bos is not None and cfg.prompt_template != "chat" else []) + _encode(
-                tokenizer, fmt(ex.prompt)
-            )
+            prompt_ids = (
+                [bos] if bos is not None and cfg.prompt_template not in CHAT_TEMPLATES else []
+            ) + _encode(tokenizer, fmt(ex.prompt))
             resp_ids = _encode(tokenizer, ex.response) + ([eos] if eos is not None else [])
             seq = prompt_ids + resp_ids
             if len(seq) > max_len:
