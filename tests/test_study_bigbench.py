@@ -399,6 +399,16 @@ def test_must_show_thresholds_and_shortfalls():
     assert [r["pass"] for r in rows] == [False, True, False]
     assert rows[0]["measured"] == "19/22 tasks" and rows[0]["shortfall"] == "1 task(s) short"
     assert rows[2]["shortfall"] == "1.0 points short"
+    # nothing scored is "missing", not "0/22"; 0 vs 0 correct has no ratio (and does not pass)
+    none = {t: {**r, "meteora_top2": None} for t, r in tasks.items()}
+    zero = {"3": {**comp["3"], "meteora_correct": 0.0, "lora_b_correct": 0.0}}
+    rows = R.must_show({"tasks": none, "composite": zero, "routing_accuracy": None})
+    assert rows[0]["measured"] == "missing" and rows[0]["shortfall"] == "not evaluated"
+    assert (
+        not rows[1]["pass"]
+        and "no ratio" in rows[1]["measured"]
+        and rows[1]["shortfall"] == "no correct answers"
+    )
 
 
 def test_turns_protocol_feeds_each_answer_back_under_one_prompt_bucket(tiny_base):
