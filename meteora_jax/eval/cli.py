@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from meteora_jax.train.data import PROMPT_TEMPLATE_HELP
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="Evaluate per task, with base / oracle baselines.")
@@ -34,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="numbered: all questions, then one generation writing 'Answer i:' for each (MeteoRA's format); "
         "turns: one multi-turn chat, one answer per turn (small models that end after one answer)",
     )
+    p.add_argument("--prompt-template", default="auto", help=PROMPT_TEMPLATE_HELP)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--lora-impl",
@@ -54,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise MeteoraInputError(f"--limit must be >= 1, got {args.limit}.")
+    from meteora_jax.train.data import prompt_format_for
+
     tokenizer = load_tokenizer(args.model)
+    prompt_format = prompt_format_for(args.model, args.prompt_template)
     examples = read_split(args.data, args.split, args.tasks)
     if args.limit:
         examples = {t: ex[: args.limit] for t, ex in examples.items()}
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         baselines=args.baseline if args.baseline is not None else ["base", "oracle"],
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        prompt_format=prompt_format,
         progress=log,
     )
     if args.composite:

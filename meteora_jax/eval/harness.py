@@ -89,10 +89,13 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     routing_accuracy: bool = True,
+    prompt_format: tuple[str | None, bool] = (None, True),
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Scores every system on every task; returns the report (a JSON-ready dict)."""
+    """Scores every system on every task; returns the report (a JSON-ready dict). ``prompt_format``:
+    (template, add_bos) as ``train.data.prompt_format_for`` gives it; template None = prompts as given."""
     from meteora_jax.eval import routing as routing_diag
+    from meteora_jax.train.data import PromptFormatter
 
     systems = parse_systems(baselines, model.expert_names)
     sampler = get_sampler(model, tokenizer)
@@ -101,10 +104,14 @@ def evaluate(
         "systems": [s.name for s in systems],
         "expert_names": model.expert_names,
         "max_new_tokens": max_new_tokens,
+        "prompt_template": prompt_format[0],
         "tasks": {},
     }
+    template, add_bos = prompt_format
+    fmt = PromptFormatter(tokenizer, template) if template is not None else None
     for task, examples in examples_by_task.items():
         prompts = [ex.prompt for ex in examples]
+        inputs = [fmt.ids(p, add_bos) for p in prompts] if fmt is not None else sampler.encode(prompts)
         refs = [ex.response for ex in examples]
         entry: dict = {"num_examples": len(examples), "metrics": list(metrics_for_task(task)), "scores": {}}
         for system in systems:
@@ -115,7 +122,7 @@ def evaluate(
             options = model.routing_options(force_expert=force, no_experts=system.no_experts)
             t0 = time.perf_counter()
             preds = greedy_texts(
-                sampler, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, routing=options
+                sampler, inputs, batch_size=batch_size, max_new_tokens=max_new_tokens, routing=options
             )
             entry["scores"][system.name] = score_task(task, preds, refs, prompts)
             if system.name == "meteora":
@@ -126,11 +133,8 @@ def evaluate(
                 )
         if routing_accuracy and task in model.expert_names and model.expert_names:
             pairs = [
-                (
-                    sampler.encode([ex.prompt])[0],
-                    list(tokenizer(ex.response, add_special_tokens=False)["input_ids"]),
-                )
-                for ex in examples
+                (ids, list(tokenizer(ex.response, add_special_tokens=False)["input_ids"]))
+                for ids, ex in zip(inputs, examples)
             ]
             top1 = routing_diag.teacher_forced_top1(model, pairs, batch_size=batch_size)
             entry["routing_accuracy"] = routing_diag.routing_accuracy(

@@ -12,6 +12,7 @@ import os
 import sys
 
 from meteora_jax.errors import MeteoraInputError
+from meteora_jax.train.data import PROMPT_TEMPLATE_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompts")
     p.add_argument("--return-routing", action="store_true", help="add per-token, per-layer top-1 experts")
+    p.add_argument("--prompt-template", default="auto", help=PROMPT_TEMPLATE_HELP)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument(
         "--attention", default=None, choices=["einsum", "xla", "cudnn"], help="attention implementation"
@@ -80,8 +82,11 @@ def _routing_rows(result, i: int) -> list[list[int]]:  # noqa: ANN001
 def run(args: argparse.Namespace) -> int:
     import meteora_jax as mj
     from meteora_jax.tokenizer import load_tokenizer
+    from meteora_jax.train.data import PromptFormatter, prompt_format_for
 
     tokenizer = load_tokenizer(args.model)  # before the weights: a missing tokenizer fails fast
+    template, add_bos = prompt_format_for(args.model, args.prompt_template)
+    fmt = PromptFormatter(tokenizer, template) if template is not None else None
     model = mj.load(args.model, dtype=args.dtype)
     if args.attention:
         model.set_attention_implementation(args.attention)
@@ -111,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        result = mj.generate(model, batch, **kwargs)
+        inputs = [fmt.ids(p, add_bos) for p in batch] if fmt is not None else batch
+        result = mj.generate(model, inputs, **kwargs)
         for i, prompt in enumerate(batch):
             row = {
                 "prompt": prompt,

@@ -113,6 +113,44 @@ class PromptFormatter:
             return render_chat(self.tokenizer, [{"role": "user", "content": prompt}], self.template)
         return self.template.replace("{prompt}", prompt)
 
+    def ids(self, prompt: str, add_bos: bool = True) -> list[int]:
+        """The prompt's token ids exactly as training builds them: BOS (unless a chat template, which writes
+        its own), then the formatted text with no other special tokens."""
+        bos = self.tokenizer.bos_token_id if add_bos and self.template not in CHAT_TEMPLATES else None
+        return ([bos] if bos is not None else []) + _encode(self.tokenizer, self(prompt))
+
+
+PROMPT_TEMPLATE_HELP = (
+    "how prompts are formatted before tokenising: auto (the template train-gate recorded in the model "
+    "directory, else none), none (as given, with the tokenizer's special tokens), meteora, chat, "
+    "chat_no_system, plain, or a format containing {prompt}"
+)
+
+
+def prompt_format_for(model_dir: str, choice: str) -> tuple[str | None, bool]:
+    """``--prompt-template`` of ``eval`` / ``generate`` -> (template or None, add_bos). A gate trained on one
+    format should be asked in that format: ``auto`` reads it from the model directory."""
+    template, add_bos = trained_prompt_format(model_dir)
+    if choice == "auto":
+        return template, add_bos
+    if choice == "none":
+        return None, True
+    if not (choice in PROMPT_TEMPLATES or choice in CHAT_TEMPLATES or "{prompt}" in choice):
+        raise MeteoraInputError(
+            f"--prompt-template {choice!r}: use auto, none, meteora, chat, chat_no_system, plain, or a format "
+            "containing {prompt}."
+        )
+    return choice, add_bos
+
+
+def trained_prompt_format(model_dir: str) -> tuple[str | None, bool]:
+    """(prompt_template, add_bos) that ``train-gate`` recorded in ``model_dir``'s config; (None, True) for a
+    model it did not write (a plain ``convert`` output): its prompts are then taken as given."""
+    from meteora_jax.io import read_model_config
+
+    training = read_model_config(model_dir).get("training") or {}
+    return training.get("prompt_template"), bool(training.get("add_bos", True))
+
 
 def _encode(tokenizer, text: str) -> list[int]:  # noqa: ANN001
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -129,17 +167,13 @@ def encode_examples(
 ) -> EncodedSet:
     """Tokenises ``{task: examples}``; the task id of each example is its expert's index."""
     fmt = PromptFormatter(tokenizer, cfg.prompt_template)
-    bos = tokenizer.bos_token_id if cfg.add_bos else None
     eos = tokenizer.eos_token_id if cfg.add_eos else None
     ids, plen, task = [], [], []
     truncated = 0
     for name, exs in examples.items():
         t = list(expert_names).index(name)
         for i, ex in enumerate(exs):
-            # chat templates usually carry their own BOS; do not add a second one.
-            prompt_ids = (
-                [bos] if bos is not None and cfg.prompt_template not in CHAT_TEMPLATES else []
-            ) + _encode(tokenizer, fmt(ex.prompt))
+            prompt_ids = fmt.ids(ex.prompt, cfg.add_bos)
             resp_ids = _encode(tokenizer, ex.response) + ([eos] if eos is not None else [])
             seq = prompt_ids + resp_ids
             if len(seq) > max_len:

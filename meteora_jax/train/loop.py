@@ -218,7 +218,16 @@ def train_gates(
         write_model_dir(
             final_model,
             tmp,
-            extra_config={"training": {"steps": cfg.steps, "mode": cfg.mode}, **(extra_config or {})},
+            # the prompt format travels with the model: `eval` / `generate` apply it (--prompt-template auto)
+            extra_config={
+                "training": {
+                    "steps": cfg.steps,
+                    "mode": cfg.mode,
+                    "prompt_template": cfg.prompt_template,
+                    "add_bos": cfg.add_bos,
+                },
+                **(extra_config or {}),
+            },
             tokenizer_dir=model_dir,
         )
         with open(os.path.join(tmp, REPORT_FILE), "w") as f:
