@@ -268,51 +268,42 @@ def single_bench(pool_dir: str, dtype: str, min_bucket: int) -> SingleExpertBenc
     return _MODELS[key]
 
 
+def _meteora_model(ctx: Ctx, top_k: int, copy: str = "") -> tuple[Any, Any]:
+    """(sampler, routing) of the MeteoRA model ``meteora_gates(ctx.cfg, top_k)`` names, loaded once per
+    process; ``copy`` names a separate instance for a system that rewrites its weights (same graph, so the
+    compiled programs are shared)."""
+    import meteora_jax as mj
+    from meteora_jax.generate import Sampler
+    from meteora_jax.tokenizer import load_tokenizer
+
+    model_dir = ctx.state.outputs(meteora_gates(ctx.cfg, top_k)["gates"])["model"]
+    key = ("meteora", os.path.abspath(model_dir), ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket, top_k, copy)
+    if key not in _MODELS:
+        model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
+        sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
+        _MODELS[key] = (sampler, model.routing_options())
+    return _MODELS[key]
+
+
 def meteora_system(ctx: Ctx, top_k: int) -> Prepare:
     """MeteoRA with ``top_k`` experts per token at inference, from the gates ``meteora_gates(ctx.cfg, top_k)``
     names (one gate training serves every k: ``top_k`` is a load-time routing setting)."""
-
-    def prepare(task: str = "") -> tuple[Any, Any]:
-        import meteora_jax as mj
-        from meteora_jax.generate import Sampler
-        from meteora_jax.tokenizer import load_tokenizer
-
-        model_dir = ctx.state.outputs(meteora_gates(ctx.cfg, top_k)["gates"])["model"]
-        key = ("meteora", os.path.abspath(model_dir), ctx.cfg.eval.dtype, ctx.cfg.eval.min_bucket, top_k)
-        if key not in _MODELS:
-            model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
-            sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
-            _MODELS[key] = (sampler, model.routing_options())
-        return _MODELS[key]
-
-    return prepare
+    return lambda task="": _meteora_model(ctx, top_k)
 
 
 def oracle_layers_system(ctx: Ctx, top_k: int, layers: int) -> Prepare:
-    """The ablation ``meteora_top<k>_oracle_first<L>`` (``eval.ablation.FirstLayersForced``): its own copy of
-    the MeteoRA model (the weights change per task), same graph, so the compiled programs are shared."""
+    """The ablation ``meteora_top<k>_oracle_first<L>`` (``eval.ablation.FirstLayersForced``) on its own copy
+    of the MeteoRA model, since its weights change per task."""
 
     def prepare(task: str) -> tuple[Any, Any]:
-        import meteora_jax as mj
         from meteora_jax.eval.ablation import FirstLayersForced
-        from meteora_jax.generate import Sampler
-        from meteora_jax.tokenizer import load_tokenizer
 
-        model_dir = ctx.state.outputs(meteora_gates(ctx.cfg, top_k)["gates"])["model"]
-        key = (
-            "oracle_layers",
-            os.path.abspath(model_dir),
-            ctx.cfg.eval.dtype,
-            ctx.cfg.eval.min_bucket,
-            top_k,
-            layers,
-        )
+        sampler, routing = _meteora_model(ctx, top_k, copy=f"oracle_first{layers}")
+        # kept beside that copy for the process: it snapshots the trained weights once, before any use()
+        key = ("first_layers_forced", id(sampler.model), layers)
         if key not in _MODELS:
-            model = mj.load(model_dir, dtype=ctx.cfg.eval.dtype, top_k=top_k)
-            sampler = Sampler(model, load_tokenizer(model_dir), min_bucket=ctx.cfg.eval.min_bucket)
-            _MODELS[key] = (sampler, model.routing_options(), FirstLayersForced(model, layers))
-        sampler, routing, ablation = _MODELS[key]
-        ablation.use(task)
+            _MODELS[key] = FirstLayersForced(sampler.model, layers)
+        _MODELS[key].use(task)
         sampler.refresh()
         return sampler, routing
 
