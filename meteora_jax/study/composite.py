@@ -97,7 +97,6 @@ def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  #
 def step_eval_composite(ctx: Ctx) -> dict | None:
     from meteora_jax.eval.composite import score_answers, score_composite
     from meteora_jax.tokenizer import load_tokenizer
-    from meteora_jax.train.config import CHAT_TEMPLATES
     from meteora_jax.train.data import PromptFormatter
 
     cc = ctx.cfg.composite
@@ -114,8 +113,7 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
     pool = ctx.state.outputs("convert")["pool"]
     tok = load_tokenizer(pool)
     fmt = PromptFormatter(tok, ctx.cfg.prompt_template)
-    chat = ctx.cfg.prompt_template in CHAT_TEMPLATES
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and not chat else []
+    bos = fmt.bos_ids()
     cache: dict[str, Any] = {}
 
     def system(name: str) -> tuple[Any, Any]:

@@ -26,6 +26,13 @@ PROMPT_TEMPLATES = {
 # The tokenizer's own chat template; ``chat_no_system`` drops the system turn a template inserts by itself
 # when none is given (train.data.render_chat says why).
 CHAT_TEMPLATES = ("chat", "chat_no_system")
+
+
+def is_prompt_template(name: str) -> bool:
+    """A named template (``PROMPT_TEMPLATES``, ``CHAT_TEMPLATES``) or a format containing ``{prompt}``."""
+    return name in PROMPT_TEMPLATES or name in CHAT_TEMPLATES or "{prompt}" in name
+
+
 MODES = ("gate", "gate_and_experts")
 SAMPLING = ("natural", "balanced")
 OVERLONG = ("truncate", "error")
@@ -103,13 +110,12 @@ class TrainConfig:
             raise bad("overlong", f"{self.overlong!r} is not one of {list(OVERLONG)}")
         if self.steps < 0 or self.batch_size < 1 or self.max_seq_len < 2:
             raise bad("steps/batch_size/max_seq_len", "need steps >= 0, batch_size >= 1, max_seq_len >= 2")
-        if not (self.prompt_template in PROMPT_TEMPLATES or self.prompt_template in CHAT_TEMPLATES):
-            if "{prompt}" not in self.prompt_template:
-                raise bad(
-                    "prompt_template",
-                    f"{self.prompt_template!r} is neither meteora/chat/chat_no_system/plain nor a format containing "
-                    "{prompt}",
-                )
+        if not is_prompt_template(self.prompt_template):
+            raise bad(
+                "prompt_template",
+                f"{self.prompt_template!r} is neither meteora/chat/chat_no_system/plain nor a format containing "
+                "{prompt}",
+            )
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise bad("held_out_fraction", f"{self.held_out_fraction} must be in [0, 1)")
         if self.mesh_expert < 1 or self.mesh_data < 0:

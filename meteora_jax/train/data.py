@@ -27,7 +27,7 @@ import numpy as np
 
 from meteora_jax.data.tasks import Example, read_split, split_train_test
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.train.config import CHAT_TEMPLATES, PROMPT_TEMPLATES, TrainConfig
+from meteora_jax.train.config import CHAT_TEMPLATES, PROMPT_TEMPLATES, TrainConfig, is_prompt_template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +113,15 @@ class PromptFormatter:
             return render_chat(self.tokenizer, [{"role": "user", "content": prompt}], self.template)
         return self.template.replace("{prompt}", prompt)
 
-    def ids(self, prompt: str, add_bos: bool = True) -> list[int]:
-        """The prompt's token ids exactly as training builds them: BOS (unless a chat template, which writes
-        its own), then the formatted text with no other special tokens."""
+    def bos_ids(self, add_bos: bool = True) -> list[int]:
+        """What training puts before the formatted prompt: BOS, unless a chat template (it writes its own)."""
         bos = self.tokenizer.bos_token_id if add_bos and self.template not in CHAT_TEMPLATES else None
-        return ([bos] if bos is not None else []) + _encode(self.tokenizer, self(prompt))
+        return [bos] if bos is not None else []
+
+    def ids(self, prompt: str, add_bos: bool = True) -> list[int]:
+        """The prompt's token ids exactly as training builds them: ``bos_ids``, then the formatted text with no
+        other special tokens."""
+        return self.bos_ids(add_bos) + _encode(self.tokenizer, self(prompt))
 
 
 PROMPT_TEMPLATE_HELP = (
@@ -135,7 +139,7 @@ def prompt_format_for(model_dir: str, choice: str) -> tuple[str | None, bool]:
         return template, add_bos
     if choice == "none":
         return None, True
-    if not (choice in PROMPT_TEMPLATES or choice in CHAT_TEMPLATES or "{prompt}" in choice):
+    if not is_prompt_template(choice):
         raise MeteoraInputError(
             f"--prompt-template {choice!r}: use auto, none, meteora, chat, chat_no_system, plain, or a format "
             "containing {prompt}."
