@@ -118,3 +118,24 @@ def test_gate_and_experts_mode_trains_lora_factors_not_base(rng):
     after = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(state.model(), nnx.Param))}
     changed = {k[-1] for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {"gate_de", "lora_a_edr", "lora_b_ero"}
+
+
+def test_expert_learning_rate_sets_the_lora_factors_step_size(rng):
+    # Adam's first step moves every parameter with a nonzero gradient by about its peak rate (g / |g|), so
+    # the largest change per role reads the rate that role was given
+    model, batch = _model(), _batch(rng)
+    before = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    cfg = TrainConfig.tiny(
+        mode="gate_and_experts", learning_rate=1e-2, expert_learning_rate=1e-4, warmup_steps=0
+    )
+    state = init_state(model, cfg)
+    step = make_train_step(state, cfg, routing_for(model, cfg))
+    state.trainable, state.opt, _ = step(state.trainable, state.opt, state.frozen, batch)
+    after = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(state.model(), nnx.Param))}
+    moved: dict[str, float] = {}
+    for k in before:
+        delta = float(np.max(np.abs(after[k].astype(np.float64) - before[k])))
+        moved[k[-1]] = max(moved.get(k[-1], 0.0), delta)
+    assert moved["gate_de"] == pytest.approx(1e-2, rel=0.05)
+    assert moved["lora_a_edr"] == pytest.approx(1e-4, rel=0.05)
+    assert moved["lora_b_ero"] == pytest.approx(1e-4, rel=0.05)

@@ -31,15 +31,15 @@ SETS = [
 ]
 
 
-def _config():
+def _config(extra=()):
     from meteora_jax.train.config import load_config
 
-    return load_config(None, SETS)
+    return load_config(None, [*SETS, *extra])
 
 
-def _gates(out_dir):
+def _gates(out_dir, suffixes=("gate_de",)):
     w = load_file(os.path.join(out_dir, "model.safetensors"))
-    return {k: v for k, v in w.items() if k.endswith("gate_de")}
+    return {k: v for k, v in w.items() if k.endswith(suffixes)}
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
@@ -90,12 +90,18 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert mj.load(resumed.out_dir).expert_names == list(TASKS)
 
 
-def test_deadline_stop_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("mode=gate_and_experts", "expert_learning_rate=1e-3")],
+    ids=["gate", "gate_and_experts"],
+)
+def test_deadline_stop_then_resume_is_bitwise_identical(tmp_path, extra):
     """A run stopped by ``deadline`` (checkpointed at the step it reached, off the checkpoint grid) and resumed
-    ends with the same gates as an uninterrupted run."""
+    ends with the same gates as an uninterrupted run; in gate_and_experts mode with its own expert rate (a
+    two-part optimizer state), the same LoRA factors too."""
     model = make_tiny_meteora_dir(tmp_path / "model", TASKS, max_positions=64)
     data = write_tasks(tmp_path / "data", TASKS, n_train=16, n_test=4)
-    cfg = _config().replace(steps=10)
+    cfg = _config(extra).replace(steps=10)
     out, quiet = tmp_path / "stopped", lambda s: None
 
     # a deadline already past: every call does exactly one step, checkpoints it and returns
@@ -111,7 +117,8 @@ def test_deadline_stop_then_resume_is_bitwise_identical(tmp_path):
     assert steps_logged == list(range(1, 11))
 
     straight = train_gates(model, data, tmp_path / "straight", cfg, log=quiet)
-    a, b = _gates(resumed.out_dir), _gates(straight.out_dir)
-    assert a.keys() == b.keys() and len(a) == 14
+    suffixes = ("gate_de", "lora_a_edr", "lora_b_ero") if extra else ("gate_de",)
+    a, b = _gates(resumed.out_dir, suffixes), _gates(straight.out_dir, suffixes)
+    assert a.keys() == b.keys() and len(a) == 14 * len(suffixes)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -52,6 +52,11 @@ class TrainConfig:
     steps: int = _f(500, "optimizer steps in total (a resumed run continues up to this count)")
     batch_size: int = _f(8, "sequences per step, over all devices (must divide by the mesh's data axis)")
     learning_rate: float = _f(1e-3, "peak AdamW learning rate")
+    expert_learning_rate: float = _f(
+        0.0,
+        "peak learning rate of the LoRA factors in gate_and_experts mode (0 = learning_rate; MeteoRA's "
+        "released run used one rate, 5e-4, for both)",
+    )
     warmup_steps: int = _f(20, "linear warm-up steps from 0 to learning_rate, then cosine decay")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of learning_rate")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")

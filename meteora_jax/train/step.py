@@ -42,17 +42,45 @@ def trainable_filter(mode: str) -> Any:
     raise ValueError(f"unknown training mode {mode!r}")
 
 
-def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, cosine decay to ``min_lr_ratio``, global-norm clipping."""
-    decay = max(cfg.steps, cfg.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(
+def _schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=cfg.learning_rate,
+        peak_value=peak,
         warmup_steps=cfg.warmup_steps,
-        decay_steps=decay,
-        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=peak * cfg.min_lr_ratio,
     )
-    adam = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay)
+
+
+def _param_roles(params: Any) -> Any:
+    """``"expert"`` for a LoRA factor's leaf, ``"gate"`` for the rest (labels for ``optax.multi_transform``)."""
+
+    def role(path: tuple, _leaf: Any) -> str:
+        name = jax.tree_util.keystr(path)
+        return "expert" if ("lora_a_edr" in name or "lora_b_ero" in name) else "gate"
+
+    return jax.tree_util.tree_map_with_path(role, params)
+
+
+def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, cosine decay to ``min_lr_ratio``, global-norm clipping.
+
+    In ``gate_and_experts`` mode with ``expert_learning_rate`` set, the LoRA factors get their own peak rate:
+    they start from trained adapters, which a gate's (higher) rate would knock off their optimum.
+    """
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        return optax.adamw(
+            _schedule(cfg, peak), b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay
+        )
+
+    expert_lr = cfg.expert_learning_rate
+    if cfg.mode == "gate_and_experts" and expert_lr > 0 and expert_lr != cfg.learning_rate:
+        adam = optax.multi_transform(
+            {"gate": adamw(cfg.learning_rate), "expert": adamw(expert_lr)}, _param_roles
+        )
+    else:
+        adam = adamw(cfg.learning_rate)
     if cfg.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
     return adam
