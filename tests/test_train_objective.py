@@ -139,3 +139,25 @@ def test_expert_learning_rate_sets_the_lora_factors_step_size(rng):
     assert moved["gate_de"] == pytest.approx(1e-2, rel=0.05)
     assert moved["lora_a_edr"] == pytest.approx(1e-4, rel=0.05)
     assert moved["lora_b_ero"] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_bfloat16_model_trains_float32_lora_factors(rng):
+    # a 1e-5 step on a bfloat16 factor of ~0.02 (spacing ~1.2e-4) would round away; the float32 master
+    # copies keep it, and the forward still computes in bfloat16
+    model = MeteoraLlama(
+        ModelConfig.tiny(), MoEConfig(expert_names=NAMES, rank=4, top_k=2), dtype="bfloat16", rngs=nnx.Rngs(3)
+    )
+    before = {k: np.array(v, np.float32) for k, v in nnx.to_flat_state(nnx.state(model, ExpertParam))}
+    cfg = TrainConfig.tiny(
+        mode="gate_and_experts", learning_rate=1e-2, expert_learning_rate=1e-5, warmup_steps=0
+    )
+    state = init_state(model, cfg)
+    step = make_train_step(state, cfg, routing_for(model, cfg))
+    state.trainable, state.opt, _ = step(state.trainable, state.opt, state.frozen, _batch(rng))
+    trained = state.model()
+    after = dict(nnx.to_flat_state(nnx.state(trained, ExpertParam)))
+    for k, v in after.items():
+        if k[-1] in ("lora_a_edr", "lora_b_ero"):
+            assert v.value.dtype == np.float32, k
+            assert float(np.max(np.abs(np.asarray(v.value) - before[k]))) == pytest.approx(1e-5, rel=0.05)
+    assert trained.layers[0].attn.q_proj.kernel_io.value.dtype == jax.numpy.bfloat16

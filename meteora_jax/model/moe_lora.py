@@ -123,11 +123,14 @@ class MoELoRALinear(nnx.Module):
                 ids_tk, weights_tk = route(
                     logits_te, top_k=routing.top_k, temperature=routing.temperature, mode=routing.mode
                 )
+            # the factors may be float32 master copies (gate_and_experts training of a bf16 model): the
+            # kernel computes in the base's dtype (a no-op cast otherwise)
+            compute = self.kernel_io.dtype
             y_to = grouped_lora_fused(
                 x_td,
                 self.kernel_io[...],
-                self.lora_a_edr[...],
-                self.lora_b_ero[...],
+                self.lora_a_edr[...].astype(compute),
+                self.lora_b_ero[...].astype(compute),
                 ids_tk,
                 weights_tk,
                 scaling=self.scaling_e[...],

@@ -19,11 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from meteora_jax.model.gate import RoutingOptions
+from meteora_jax.model.moe_lora import MoELoRALinear
 from meteora_jax.params import ExpertParam, GateParam
 from meteora_jax.train.config import TrainConfig
 from meteora_jax.train.objective import objective
@@ -100,7 +102,23 @@ class TrainState:
         return nnx.merge(self.model_def, self.trainable, self.frozen)
 
 
+def float32_expert_factors(model: nnx.Module) -> None:
+    """Keeps the LoRA factors in float32 (master weights) whatever the model's compute dtype.
+
+    Adam's late steps are ~1e-5 to 1e-4; a bfloat16 factor of ~0.02 has a spacing of ~1.2e-4, so most of
+    those updates would round away. The layer casts the factors to its compute dtype at use.
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MoELoRALinear) and module.num_experts > 0:
+            for name in ("lora_a_edr", "lora_b_ero"):
+                var = getattr(module, name)
+                var.value = var.value.astype(jnp.float32)
+
+
 def init_state(model: nnx.Module, cfg: TrainConfig) -> TrainState:
+    """The train state; in gate_and_experts mode the LoRA factors are first made float32 (in place)."""
+    if cfg.mode == "gate_and_experts":
+        float32_expert_factors(model)
     wrt = trainable_filter(cfg.mode)
     optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=wrt)
     model_def, trainable, frozen = nnx.split(model, wrt, ...)
