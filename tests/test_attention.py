@@ -1,5 +1,6 @@
-"""Attention in blocks of query rows equals a float64 NumPy reference; the prefill unembeds the last position
-only (its compiled program holds no [B*P, V] logits)."""
+"""Attention in blocks of query rows equals a float64 NumPy reference; so does the fused path told that a
+prefill starts at slot 0 (``causal_from_zero``); the prefill unembeds the last position only (its compiled
+program holds no [B*P, V] logits)."""
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,37 @@ def test_blocked_attention_matches_float64_reference(rng):
     for block in (4, 8, 1024):  # 4 and 8: blocked; 1024: one block (T below it)
         got = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), query_block=block)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"block {block}")
+
+
+def test_causal_from_zero_changes_no_prefill_number(rng):
+    # queries at slots 0..T-1 of a longer cache, row 1 left-padded by 5: the prefill's mask. ``xla`` is the
+    # fused entry point that runs on a CPU; on a GPU ``cudnn`` takes the same arguments.
+    b, t, s, n, kv, h = 2, 12, 20, 4, 2, 8
+    q = rng.standard_normal((b, t, n, h), np.float32)
+    k = rng.standard_normal((b, s, kv, h), np.float32)
+    v = rng.standard_normal((b, s, kv, h), np.float32)
+    slots = np.arange(s)
+    mask = np.broadcast_to(slots[None, None, :] <= np.arange(t)[None, :, None], (b, t, s)).copy()
+    mask[1, :, :5] = False
+    mask[1, :5, 0] = True  # padded query rows see one (padded) key, as the model's own mask leaves them
+    want = _reference(q, k, v, mask)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    for flag in (False, True):
+        got = attention(*args, implementation="xla", causal_from_zero=flag)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=f"causal {flag}")
+
+
+def test_fused_attention_sampler_matches_einsum():
+    """The sampler's prefill marks its fresh cache (``is_causal`` on); its decode steps must not: the greedy
+    tokens and per-step logits of the ``xla`` path equal the einsum reference's for left-padded prompts."""
+    from meteora_jax.generate import get_sampler
+
+    prompts = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51], [1, 60, 61, 62, 63]]
+    want = get_sampler(tiny_model(0)).generate(prompts, max_new_tokens=8)
+    fused = tiny_model(0)
+    fused.set_attention_implementation("xla")
+    got = get_sampler(fused).generate(prompts, max_new_tokens=8)
+    assert got.token_ids == want.token_ids
 
 
 def test_prefill_unembeds_only_the_last_position():

@@ -96,6 +96,7 @@ def _prefill(
         cache=cache,
         return_routing=return_routing,
         last_logits_only=True,
+        fresh_cache=True,  # init_cache above: index 0
     )
     first_b = sample_next(out.logits[:, -1], jax.random.fold_in(key, 0), params)
     prompt_routing = _stack_routing(out.routing, model.config.num_hidden_layers, b, p)

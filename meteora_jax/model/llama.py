@@ -76,6 +76,7 @@ class Attention(nnx.Module):
         aux: list | None,
         cache: LayerCache | None,
         cache_index: Int[Array, ""] | None,
+        causal_from_zero: bool = False,
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
         b, t, _ = x_btd.shape
         lq, lk, lv = shared_gate_logits((self.q_proj, self.k_proj, self.v_proj), x_btd, routing)
@@ -96,7 +97,14 @@ class Attention(nnx.Module):
             k_bskh, v_bskh = k_full.astype(x_btd.dtype), v_full.astype(x_btd.dtype)
         else:
             k_bskh, v_bskh = k_btkh, v_btkh
-        out_btnh = attention(q_btnh, k_bskh, v_bskh, mask_bts, implementation=self.attention_impl)
+        out_btnh = attention(
+            q_btnh,
+            k_bskh,
+            v_bskh,
+            mask_bts,
+            implementation=self.attention_impl,
+            causal_from_zero=causal_from_zero,
+        )
         out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out_btd, routing, aux), cache
 
@@ -119,16 +127,28 @@ def attention(
     mask_bts: Bool[Array, "B T S"],
     implementation: str = "einsum",
     query_block: int = QUERY_BLOCK,
+    causal_from_zero: bool = False,
 ) -> Float[Array, "B T N H"]:
     """Grouped-query attention; scores and softmax in float32 as transformers does.
 
     ``einsum``: the reference below, in blocks of ``query_block`` query rows when T is a larger multiple of
     it. ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash
     attention on GPU; bf16/fp16 only).
+
+    ``causal_from_zero``: the queries sit at slots 0..T-1 (no cache, or a prefill into an empty one), so
+    ``mask_bts`` lies inside the top-left causal triangle and ``is_causal`` may be added to it without
+    changing a number. cuDNN then skips the key tiles above the diagonal, half of a long prefill's attention
+    work: with the mask alone it computed them all (4096-token Llama-3-8B prefill: 33 ms of attention, 133
+    TFLOP/s, benchmarks/RESULTS.md). The mask still applies (left padding); a cached step must not set it.
     """
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
-            q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None, :, :], implementation=implementation
+            q_btnh,
+            k_bskh,
+            v_bskh,
+            mask=mask_bts[:, None, :, :],
+            is_causal=causal_from_zero,
+            implementation=implementation,
         )
     b, t, n, h = q_btnh.shape
     if t > query_block and t % query_block == 0:
@@ -180,9 +200,28 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, moe, dtype, rngs)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, routing, aux, cache, cache_index):  # noqa: ANN001, ANN204
+    def __call__(
+        self,
+        x_btd: Float[Array, "B T D"],
+        cos_btd: Float[Array, "B T Dh"],
+        sin_btd: Float[Array, "B T Dh"],
+        mask_bts: Bool[Array, "B T S"],
+        routing: RoutingOptions,
+        aux: list | None,
+        cache: LayerCache | None,
+        cache_index: Int[Array, ""] | None,
+        causal_from_zero: bool = False,
+    ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
         h_btd, cache = self.attn(
-            self.input_norm(x_btd), cos_btd, sin_btd, mask_bts, routing, aux, cache, cache_index
+            self.input_norm(x_btd),
+            cos_btd,
+            sin_btd,
+            mask_bts,
+            routing,
+            aux,
+            cache,
+            cache_index,
+            causal_from_zero=causal_from_zero,
         )
         x_btd = x_btd + h_btd
         x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd), routing, aux)
@@ -303,6 +342,7 @@ class MeteoraLlama(nnx.Module):
         cache: KVCache | None = None,
         return_routing: bool = False,
         last_logits_only: bool = False,
+        fresh_cache: bool = False,
     ) -> ModelOutput:
         """The full forward.
 
@@ -314,7 +354,9 @@ class MeteoraLlama(nnx.Module):
         Without a cache, ``attention_mask`` [B, T] (1 = real token) masks padding and sets positions
         (cumulative count, as transformers' ``generate`` does with left padding). With a cache,
         ``attention_mask`` covers all ``cache.max_len`` slots, the new tokens are written at
-        ``cache.index`` and ``positions`` must be given.
+        ``cache.index`` and ``positions`` must be given. ``fresh_cache``: the caller promises ``cache.index``
+        is 0 (a prefill into a new cache), which lets the fused attention kernels skip the key tiles above
+        the causal diagonal (``attention``'s ``causal_from_zero``; without a cache that always holds).
         """
         routing = routing if routing is not None else self.routing_options()
         input_ids = jnp.asarray(input_ids)
@@ -350,7 +392,15 @@ class MeteoraLlama(nnx.Module):
             layer_aux: list | None = [] if return_routing else None
             layer_cache = cache.layers[i] if cache is not None else None
             x_btd, layer_cache = layer(
-                x_btd, cos_btd, sin_btd, mask_bts, routing, layer_aux, layer_cache, cache_index
+                x_btd,
+                cos_btd,
+                sin_btd,
+                mask_bts,
+                routing,
+                layer_aux,
+                layer_cache,
+                cache_index,
+                causal_from_zero=cache is None or fresh_cache,
             )
             new_layers.append(layer_cache)
             if aux is not None:
