@@ -119,10 +119,56 @@ def test_evaluate_composite_end_to_end(tmp_path, protocol):
         num_samples=2,
         max_new_tokens_per_answer=2,
         protocol=protocol,
-        prompt_template="Q: {prompt}\nA:",
+        prompt_format=("Q: {prompt}\nA:", True),
         systems=("meteora", "base"),
     )
     assert report["protocol"] == protocol and report["tasks"] == list(COMPOSITE_TASKS[3])
     for system in ("meteora", "base"):
         assert 0.0 <= report["systems"][system]["sum_correct"] <= 3.0
         assert set(report["systems"][system]["per_task"]) == set(COMPOSITE_TASKS[3])
+
+
+@pytest.mark.parametrize("protocol", ["turns", "numbered"])
+def test_composite_prompts_are_the_trained_format_token_ids(tmp_path, protocol, monkeypatch):
+    """With the format a gate was trained on, every composite prompt is exactly training's token ids (BOS,
+    then the templated text, no other special tokens); without one, the prompt text goes as given."""
+    from meteora_jax.data.bigbench import COMPOSITE_TASKS
+    from meteora_jax.eval import composite as C
+    from meteora_jax.train.data import PromptFormatter
+    from tests.test_generate_fixtures import char_tokenizer, tiny_model
+
+    for task in COMPOSITE_TASKS[3]:
+        for split in ("train", "test"):
+            (tmp_path / "data" / task).mkdir(parents=True, exist_ok=True)
+            rows = [{"prompt": f"{task[:3]} q{i}", "response": "yes"} for i in range(3)]
+            (tmp_path / "data" / task / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows)
+            )
+    seen: list = []
+
+    def fake_generate(sampler, prompts, **kw):  # noqa: ANN001, ANN202
+        seen.extend(prompts)
+        return ["yes"] * len(prompts)
+
+    monkeypatch.setattr(C, "greedy_texts", fake_generate)
+    tok, tpl = char_tokenizer(), "Q: {prompt} A:"  # the character vocabulary has no newline
+    run = lambda fmt: C.evaluate_composite(  # noqa: E731
+        tiny_model(4), tok, str(tmp_path / "data"), 3, num_samples=2, protocol=protocol, prompt_format=fmt
+    )
+    report = run((tpl, True))
+    assert report["prompt_template"] == tpl
+    first = seen[0]
+    assert isinstance(first, list) and first[0] == tok.bos_token_id and first.count(tok.bos_token_id) == 1
+    text = tok.decode(first[1:])
+    # turns: 2 shot rounds of 3 answered questions, then the first test question; numbered: one user turn
+    assert text.startswith("Q: ") and text.count("Q: ") == (7 if protocol == "turns" else 1)
+    assert text.endswith(" A:Answer 1:" if protocol == "numbered" else " A:")  # numbered: the reply cue
+    assert first == [tok.bos_token_id] + list(tok(text, add_special_tokens=False)["input_ids"])
+    assert PromptFormatter(tok, tpl).bos_ids(True) == [tok.bos_token_id]
+    seen.clear()
+    run((tpl, False))
+    assert tok.bos_token_id not in seen[0]
+    seen.clear()
+    if protocol == "numbered":
+        run((None, True))
+        assert isinstance(seen[0], str) and "Q: " not in seen[0]

@@ -65,3 +65,10 @@ def test_lora_impl_picks_the_kernel_backend_at_run_time(model_dir, tmp_path):
         assert main([*args, "--max-new-tokens", "6", *extra]) == 0
         outs[impl] = json.loads(out.read_text())["text"]
     assert outs["reference"] == outs["auto"]
+
+
+def test_attention_choices_are_the_models():
+    from meteora_jax.generate.options import ATTENTION_CHOICES
+    from meteora_jax.model.llama import ATTENTION_IMPLEMENTATIONS
+
+    assert ATTENTION_CHOICES == ATTENTION_IMPLEMENTATIONS

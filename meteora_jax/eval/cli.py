@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from meteora_jax.generate.options import add_model_options, apply_model_options
 from meteora_jax.train.data import PROMPT_TEMPLATE_HELP
 
 
@@ -37,13 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "turns: one multi-turn chat, one answer per turn (small models that end after one answer)",
     )
     p.add_argument("--prompt-template", default="auto", help=PROMPT_TEMPLATE_HELP)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--lora-impl",
-        default=None,
-        help="grouped-LoRA kernel backend: reference, xla, pallas_gpu, pallas_gpu_decode, ... "
-        "(default: the model's, else the fastest for this platform)",
-    )
+    add_model_options(p)
     p.add_argument("--out", default="eval_out", help="output directory (results.json, results.md, PNGs)")
     p.set_defaults(func=run)
 
@@ -65,11 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         examples = {t: ex[: args.limit] for t, ex in examples.items()}
     model = mj.load(args.model, dtype=args.dtype)
-    if args.lora_impl:
-        try:
-            model.set_lora_implementation(args.lora_impl)
-        except ValueError as e:
-            raise MeteoraInputError(f"--lora-impl: {e}.") from e
+    apply_model_options(model, args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = evaluate(
         model,
@@ -92,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 n,
                 num_samples=args.composite_samples,
                 protocol=args.composite_protocol,
+                prompt_format=prompt_format,
                 progress=log,
             )
             for n in args.composite

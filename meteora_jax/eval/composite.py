@@ -140,6 +140,19 @@ def render_turns(tokenizer: object, messages: Sequence[dict[str, str]], template
     return out
 
 
+def turns_prompt_ids(tok, template: str, item: dict, answers: list[str], bos: list[int]) -> list[int]:  # noqa: ANN001
+    """Token ids of the ``turns`` conversation of ``item`` with ``answers`` so far, ending in the reply cue."""
+    text = render_turns(tok, turn_messages(item["shots"], item["questions"], answers), template)
+    return bos + list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  # noqa: ANN001
+    """The composite sample as the user turn, with its trailing "Answer 1:" moved into the reply (a chat
+    template would otherwise close the turn after it and the model would start a fresh answer)."""
+    body, cue = prompt.removesuffix("Answer 1:"), "Answer 1:"
+    return bos + list(tok(fmt(body.rstrip()) + cue, add_special_tokens=False)["input_ids"])
+
+
 def split_answers(output: str, n: int) -> list[str | None]:
     """The n answers of a generation that continues after "Answer 1:"; None where an answer is missing."""
     text = "Answer 1:" + output
@@ -167,12 +180,19 @@ def evaluate_composite(
     batch_size: int = 8,
     systems: Sequence[str] = ("meteora",),
     protocol: str = "numbered",
-    prompt_template: str = "chat",
+    prompt_format: tuple[str | None, bool] = (None, True),
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Builds ``num_samples`` composite-n prompts (test questions, 2 train shots each) and scores them
-    under ``protocol`` (``PROTOCOLS``; ``prompt_template`` is used by ``turns`` only)."""
+    under ``protocol`` (``PROTOCOLS``).
+
+    ``prompt_format``: (template, add_bos) as ``train.data.prompt_format_for`` gives it, i.e. the format the
+    gates were trained on; the prompts are then built from exactly training's token ids (the study's own
+    helpers). Template None (a model ``train-gate`` did not write): ``numbered`` prompts go as given, with
+    the tokenizer's special tokens, and ``turns`` conversations use the tokenizer's chat template.
+    """
     from meteora_jax.data.tasks import list_tasks, read_split
+    from meteora_jax.train.data import PromptFormatter
 
     if protocol not in PROTOCOLS:
         raise MeteoraInputError(f"composite protocol {protocol!r}: choose one of {PROTOCOLS}.")
@@ -196,14 +216,23 @@ def evaluate_composite(
         "substitutes": subs,
         "num_samples": num_samples,
         "protocol": protocol,
+        "prompt_template": prompt_format[0],
         "systems": {},
     }
     questions = [s[0] for s in samples]
+    template, add_bos = prompt_format
+    fmt = PromptFormatter(tokenizer, template) if template is not None else None
+    bos = fmt.bos_ids(add_bos) if fmt is not None else []
 
-    def prompt_for(j: int, answers_j: list[str]) -> str:
-        return render_turns(
-            tokenizer, turn_messages(samples[j][2], samples[j][0], answers_j), prompt_template
-        )
+    def prompt_for(j: int, answers_j: list[str]) -> str | list[int]:
+        if fmt is None:
+            return render_turns(tokenizer, turn_messages(samples[j][2], samples[j][0], answers_j), "chat")
+        item = {"shots": samples[j][2], "questions": samples[j][0]}
+        return turns_prompt_ids(tokenizer, template, item, answers_j, bos)
+
+    numbered_prompts = [
+        s[1] if fmt is None else composite_prompt_ids(tokenizer, fmt, s[1], bos) for s in samples
+    ]
 
     for system in systems:
         generate = functools.partial(
@@ -222,7 +251,7 @@ def evaluate_composite(
             scores = score_answers(tasks, questions, answers)
         else:
             outputs = generate(
-                [s[1] for s in samples],
+                numbered_prompts,
                 max_new_tokens=max_new_tokens_per_answer * n,
                 stop=["\nQuestion 1:", f"Answer {n + 1}:"],
             )

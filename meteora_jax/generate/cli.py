@@ -12,6 +12,7 @@ import os
 import sys
 
 from meteora_jax.errors import MeteoraInputError
+from meteora_jax.generate.options import add_model_options, apply_model_options
 from meteora_jax.train.data import PROMPT_TEMPLATE_HELP
 
 
@@ -39,16 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompts")
     p.add_argument("--return-routing", action="store_true", help="add per-token, per-layer top-1 experts")
     p.add_argument("--prompt-template", default="auto", help=PROMPT_TEMPLATE_HELP)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    p.add_argument(
-        "--attention", default=None, choices=["einsum", "xla", "cudnn"], help="attention implementation"
-    )
-    p.add_argument(
-        "--lora-impl",
-        default=None,
-        help="grouped-LoRA kernel backend: reference, xla, xla_ragged, pallas_gpu, pallas_gpu_decode, "
-        "pallas_tpu, ... (default: the model's, else the fastest for this platform)",
-    )
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -88,13 +80,7 @@ def run(args: argparse.Namespace) -> int:
     template, add_bos = prompt_format_for(args.model, args.prompt_template)
     fmt = PromptFormatter(tokenizer, template) if template is not None else None
     model = mj.load(args.model, dtype=args.dtype)
-    if args.attention:
-        model.set_attention_implementation(args.attention)
-    if args.lora_impl:
-        try:
-            model.set_lora_implementation(args.lora_impl)
-        except ValueError as e:
-            raise MeteoraInputError(f"--lora-impl: {e}.") from e
+    apply_model_options(model, args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     streaming = args.prompt is not None and args.out is None and sys.stdout.isatty()
     kwargs = dict(

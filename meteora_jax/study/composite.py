@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meteora_jax.errors import MeteoraInputError
+from meteora_jax.eval.composite import composite_prompt_ids, turns_prompt_ids
 from meteora_jax.study.config import BASELINES, CompositeConfig
 from meteora_jax.study.evaluate import (
     generate_with_trace,
@@ -72,26 +73,11 @@ def build_composite(data_dir: str, tasks: Sequence[str], cfg: CompositeConfig, s
     return items
 
 
-def turns_prompt_ids(tok, template: str, item: dict, answers: list[str], bos: list[int]) -> list[int]:  # noqa: ANN001
-    """Token ids of the ``turns`` conversation of ``item`` with ``answers`` so far, ending in the reply cue."""
-    from meteora_jax.eval.composite import render_turns, turn_messages
-
-    text = render_turns(tok, turn_messages(item["shots"], item["questions"], answers), template)
-    return bos + list(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def turns_length_bound(tok, template: str, item: dict, bos: list[int], tokens_per_answer: int) -> int:  # noqa: ANN001
     """An upper bound on the last turn's prompt length: the conversation with every answer empty, plus
     ``tokens_per_answer`` + 8 per earlier answer (a decoded answer may re-encode a few tokens longer)."""
     n = len(item["questions"])
     return len(turns_prompt_ids(tok, template, item, [""] * (n - 1), bos)) + (n - 1) * (tokens_per_answer + 8)
-
-
-def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  # noqa: ANN001
-    """The composite sample as the user turn, with its trailing "Answer 1:" moved into the reply (a chat
-    template would otherwise close the turn after it and the model would start a fresh answer)."""
-    body, cue = prompt.removesuffix("Answer 1:"), "Answer 1:"
-    return bos + list(tok(fmt(body.rstrip()) + cue, add_special_tokens=False)["input_ids"])
 
 
 def step_eval_composite(ctx: Ctx) -> dict | None:

@@ -1,0 +1,48 @@
+"""Run-time model options that ``generate`` and ``eval`` share: the same flags, help and errors in both."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from meteora_jax.errors import MeteoraInputError
+
+if TYPE_CHECKING:
+    from meteora_jax.model.llama import MeteoraLlama
+
+# = model.llama.ATTENTION_IMPLEMENTATIONS (tests/test_generate_cli.py checks): spelled out so that building
+# the parsers (every `--help`) does not import JAX
+ATTENTION_CHOICES = ("einsum", "xla", "cudnn")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--attention`` and ``--lora-impl``."""
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: the dtype the model was saved in)",
+    )
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=list(ATTENTION_CHOICES),
+        help="attention implementation: einsum (the float32 reference), xla, or cudnn (fused, GPU, bf16/fp16)",
+    )
+    p.add_argument(
+        "--lora-impl",
+        default=None,
+        help="grouped-LoRA kernel backend: reference, xla, xla_ragged, pallas_gpu, pallas_gpu_decode, "
+        "pallas_tpu, ... (default: the model's, else the fastest for this platform)",
+    )
+
+
+def apply_model_options(model: MeteoraLlama, args: argparse.Namespace) -> None:
+    """Sets ``args.attention`` / ``args.lora_impl`` on a loaded model; an unknown backend is a clear error."""
+    if args.attention:
+        model.set_attention_implementation(args.attention)
+    if args.lora_impl:
+        try:
+            model.set_lora_implementation(args.lora_impl)
+        except ValueError as e:
+            raise MeteoraInputError(f"--lora-impl: {e}.") from e
