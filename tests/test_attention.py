@@ -25,11 +25,17 @@ def _reference(q, k, v, mask):  # noqa: ANN001, ANN202
     return np.einsum("bnts,bsnh->btnh", p, v)
 
 
+def _qkv(rng, b, t, s, n, kv, h):  # noqa: ANN001, ANN202
+    return (
+        rng.standard_normal((b, t, n, h), np.float32),
+        rng.standard_normal((b, s, kv, h), np.float32),
+        rng.standard_normal((b, s, kv, h), np.float32),
+    )
+
+
 def test_blocked_attention_matches_float64_reference(rng):
     b, t, s, n, kv, h = 2, 16, 24, 6, 2, 8
-    q = rng.standard_normal((b, t, n, h), np.float32)
-    k = rng.standard_normal((b, s, kv, h), np.float32)
-    v = rng.standard_normal((b, s, kv, h), np.float32)
+    q, k, v = _qkv(rng, b, t, s, n, kv, h)
     # a cache-style mask: queries sit at slots 4..19 of 24, row 1 left-padded by 3
     slots = np.arange(s)
     mask = slots[None, None, :] <= (4 + np.arange(t))[None, :, None]
@@ -45,9 +51,7 @@ def test_causal_from_zero_changes_no_prefill_number(rng):
     # queries at slots 0..T-1 of a longer cache, row 1 left-padded by 5: the prefill's mask. ``xla`` is the
     # fused entry point that runs on a CPU; on a GPU ``cudnn`` takes the same arguments.
     b, t, s, n, kv, h = 2, 12, 20, 4, 2, 8
-    q = rng.standard_normal((b, t, n, h), np.float32)
-    k = rng.standard_normal((b, s, kv, h), np.float32)
-    v = rng.standard_normal((b, s, kv, h), np.float32)
+    q, k, v = _qkv(rng, b, t, s, n, kv, h)
     slots = np.arange(s)
     mask = np.broadcast_to(slots[None, None, :] <= np.arange(t)[None, :, None], (b, t, s)).copy()
     mask[1, :, :5] = False

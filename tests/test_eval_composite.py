@@ -96,6 +96,16 @@ def test_answer_in_turns_feeds_each_answer_into_the_next_round():
     assert answers[1] == ["item1[]:0", "item1[item1[]:0]:1", "item1[item1[]:0|item1[item1[]:0]:1]:2"]
 
 
+def _write_composite_tasks(root, tasks, tagged: bool) -> None:  # noqa: ANN001
+    """3 train and 3 test rows per task, all answered "yes"; ``tagged``: prompts start with the task's first
+    3 letters."""
+    for task in tasks:
+        (root / task).mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": f"{task[:3] + ' ' if tagged else ''}q{i}", "response": "yes"} for i in range(3)]
+        for split in ("train", "test"):
+            (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 @pytest.mark.parametrize("protocol", ["turns", "numbered"])
 def test_evaluate_composite_end_to_end(tmp_path, protocol):
     """Either protocol on a tiny model: n answers per sample, scored per sub-task. (A 1024-token context:
@@ -104,13 +114,7 @@ def test_evaluate_composite_end_to_end(tmp_path, protocol):
     from meteora_jax.eval.composite import evaluate_composite
     from tests.test_generate_fixtures import char_tokenizer, tiny_model
 
-    for task in COMPOSITE_TASKS[3]:
-        for split in ("train", "test"):
-            (tmp_path / "data" / task).mkdir(parents=True, exist_ok=True)
-            rows = [{"prompt": f"q{i}", "response": "yes"} for i in range(3)]
-            (tmp_path / "data" / task / f"{split}.jsonl").write_text(
-                "".join(json.dumps(r) + "\n" for r in rows)
-            )
+    _write_composite_tasks(tmp_path / "data", COMPOSITE_TASKS[3], tagged=False)
     report = evaluate_composite(
         tiny_model(4, max_position_embeddings=1024),
         char_tokenizer(),
@@ -137,13 +141,7 @@ def test_composite_prompts_are_the_trained_format_token_ids(tmp_path, protocol, 
     from meteora_jax.train.data import PromptFormatter
     from tests.test_generate_fixtures import char_tokenizer, tiny_model
 
-    for task in COMPOSITE_TASKS[3]:
-        for split in ("train", "test"):
-            (tmp_path / "data" / task).mkdir(parents=True, exist_ok=True)
-            rows = [{"prompt": f"{task[:3]} q{i}", "response": "yes"} for i in range(3)]
-            (tmp_path / "data" / task / f"{split}.jsonl").write_text(
-                "".join(json.dumps(r) + "\n" for r in rows)
-            )
+    _write_composite_tasks(tmp_path / "data", COMPOSITE_TASKS[3], tagged=True)
     seen: list = []
 
     def fake_generate(sampler, prompts, **kw):  # noqa: ANN001, ANN202

@@ -111,6 +111,7 @@ def test_hidden_states_layer_by_layer(checkpoints, family, rng):
     names the first layer where it appears."""
     import jax.numpy as jnp
 
+    from meteora_jax.model.llama import AttentionInputs
     from meteora_jax.model.rope import rope_cos_sin
 
     directory = checkpoints[family, "v5"]
@@ -125,6 +126,6 @@ def test_hidden_states_layer_by_layer(checkpoints, family, rng):
     routing = model.routing_options()
     for i, layer in enumerate(model.layers):
         assert _rel(x, ref[i].numpy()) <= 1e-5, f"input of layer {i}"
-        x, _ = layer(x, cos, sin, mask, routing, None, None, None)
+        x, _ = layer(x, AttentionInputs(cos, sin, mask), routing, None, None)
     # transformers' last entry is after the final norm.
     assert _rel(model.final_norm(x), ref[-1].numpy()) <= 1e-5

@@ -54,6 +54,21 @@ def _projection(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention reads besides its hidden states; ``forward`` builds it once.
+
+    ``cache_index``: where a cached step writes its keys (None without a cache). ``causal_from_zero``: the
+    queries sit at slots 0..T-1, so fused kernels may add ``is_causal`` (see ``attention``).
+    """
+
+    cos_btd: Float[Array, "B T Dh"]
+    sin_btd: Float[Array, "B T Dh"]
+    mask_bts: Bool[Array, "B T S"]
+    cache_index: Int[Array, ""] | None = None
+    causal_from_zero: bool = False
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.num_heads = cfg.num_attention_heads
@@ -69,16 +84,13 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x_btd: Float[Array, "B T D"],
-        cos_btd: Float[Array, "B T Dh"],
-        sin_btd: Float[Array, "B T Dh"],
-        mask_bts: Bool[Array, "B T S"],
+        inputs: AttentionInputs,
         routing: RoutingOptions,
         aux: list | None,
         cache: LayerCache | None,
-        cache_index: Int[Array, ""] | None,
-        causal_from_zero: bool = False,
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
         b, t, _ = x_btd.shape
+        cos_btd, sin_btd, cache_index = inputs.cos_btd, inputs.sin_btd, inputs.cache_index
         lq, lk, lv = shared_gate_logits((self.q_proj, self.k_proj, self.v_proj), x_btd, routing)
         q_btnh = self.q_proj(x_btd, routing, aux, lq).reshape(b, t, self.num_heads, self.head_dim)
         k_btkh = self.k_proj(x_btd, routing, aux, lk).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -101,9 +113,9 @@ class Attention(nnx.Module):
             q_btnh,
             k_bskh,
             v_bskh,
-            mask_bts,
+            inputs.mask_bts,
             implementation=self.attention_impl,
-            causal_from_zero=causal_from_zero,
+            causal_from_zero=inputs.causal_from_zero,
         )
         out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out_btd, routing, aux), cache
@@ -203,26 +215,12 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self,
         x_btd: Float[Array, "B T D"],
-        cos_btd: Float[Array, "B T Dh"],
-        sin_btd: Float[Array, "B T Dh"],
-        mask_bts: Bool[Array, "B T S"],
+        inputs: AttentionInputs,
         routing: RoutingOptions,
         aux: list | None,
         cache: LayerCache | None,
-        cache_index: Int[Array, ""] | None,
-        causal_from_zero: bool = False,
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
-        h_btd, cache = self.attn(
-            self.input_norm(x_btd),
-            cos_btd,
-            sin_btd,
-            mask_bts,
-            routing,
-            aux,
-            cache,
-            cache_index,
-            causal_from_zero=causal_from_zero,
-        )
+        h_btd, cache = self.attn(self.input_norm(x_btd), inputs, routing, aux, cache)
         x_btd = x_btd + h_btd
         x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd), routing, aux)
         return x_btd, cache
@@ -384,6 +382,9 @@ class MeteoraLlama(nnx.Module):
             causal_ts &= k_slot_s[None, :] > q_slot_t[:, None] - self.config.sliding_window
         mask_bts = causal_ts[None] & valid_bs[:, None, :]
         cos_btd, sin_btd = rope_cos_sin(positions, self.inv_freq[...])
+        inputs = AttentionInputs(
+            cos_btd, sin_btd, mask_bts, cache_index, causal_from_zero=cache is None or fresh_cache
+        )
 
         x_btd = jnp.take(self.embed_vd[...], input_ids, axis=0)
         aux: list | None = [] if return_routing else None
@@ -391,17 +392,7 @@ class MeteoraLlama(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_aux: list | None = [] if return_routing else None
             layer_cache = cache.layers[i] if cache is not None else None
-            x_btd, layer_cache = layer(
-                x_btd,
-                cos_btd,
-                sin_btd,
-                mask_bts,
-                routing,
-                layer_aux,
-                layer_cache,
-                cache_index,
-                causal_from_zero=cache is None or fresh_cache,
-            )
+            x_btd, layer_cache = layer(x_btd, inputs, routing, layer_aux, layer_cache)
             new_layers.append(layer_cache)
             if aux is not None:
                 aux.extend({"layer": i, **entry} for entry in layer_aux)
