@@ -37,6 +37,14 @@ eval:composite --step report` (~15 + ~7 minutes, ESTIMATED). If a seed runs shor
 --set gates.steps=1200 (~-70 s); then --set composite.sizes=[3,10]. A seed whose session runs out
 is lost at the machine's return (the partial results below still come back).
 
+RECIPE VARIANTS (knobs, no code change). MeteoRA's own recipe, as session 6 ran it on seed 0 with
+`--until eval:meteora` (1,390 s: gates:top2 took 590 s with the LoRA factors trained too, 351 s without):
+    --set prompt_template=chat_no_system --set gates.mode=gate_and_experts
+    --set gates.expert_learning_rate=5e-4
+Its result (routing 98.9%, but jointly trained experts scoring below their adapters) is in
+benchmarks/RESULTS.md (its files renamed bigbench_small_nosys_joint_seed0.* on copying, so as not to
+replace the plain seed 0's). Only the first flag: the system-turn-free prompts with gates alone.
+
 WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
 $OUT/study_state.json: progress, seconds per step, and `partial_results` (every finished eval score so far
 without the per-example lists, teacher-forced routing, each finished gates:topK's held-out summary; under
