@@ -25,14 +25,16 @@ import optax
 from flax import nnx
 
 from meteora_jax.model.gate import RoutingOptions
-from meteora_jax.model.moe_lora import MoELoRALinear
 from meteora_jax.params import ExpertParam, GateParam
 from meteora_jax.train.config import TrainConfig
 from meteora_jax.train.objective import objective
 
+# the LoRA factors gate_and_experts trains (the per-expert scalings stay fixed)
+EXPERT_FACTORS = ("lora_a_edr", "lora_b_ero")
+
 
 def _expert_factor(path: tuple, var: Any) -> bool:
-    return isinstance(var, ExpertParam) and str(path[-1]) in ("lora_a_edr", "lora_b_ero")
+    return isinstance(var, ExpertParam) and str(path[-1]) in EXPERT_FACTORS
 
 
 def trainable_filter(mode: str) -> Any:
@@ -59,7 +61,7 @@ def _param_roles(params: Any) -> Any:
 
     def role(path: tuple, _leaf: Any) -> str:
         name = jax.tree_util.keystr(path)
-        return "expert" if ("lora_a_edr" in name or "lora_b_ero" in name) else "gate"
+        return "expert" if any(factor in name for factor in EXPERT_FACTORS) else "gate"
 
     return jax.tree_util.tree_map_with_path(role, params)
 
@@ -108,11 +110,8 @@ def float32_expert_factors(model: nnx.Module) -> None:
     Adam's late steps are ~1e-5 to 1e-4; a bfloat16 factor of ~0.02 has a spacing of ~1.2e-4, so most of
     those updates would round away. The layer casts the factors to its compute dtype at use.
     """
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, MoELoRALinear) and module.num_experts > 0:
-            for name in ("lora_a_edr", "lora_b_ero"):
-                var = getattr(module, name)
-                var.value = var.value.astype(jnp.float32)
+    factors = nnx.state(model, _expert_factor)  # exactly what the gate_and_experts filter trains
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float32), factors))
 
 
 def init_state(model: nnx.Module, cfg: TrainConfig) -> TrainState:
