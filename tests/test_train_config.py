@@ -34,6 +34,7 @@ def test_unknown_yaml_key_names_file_and_key(tmp_path):
         ("response_only=3", "response_only"),
         ("steps", "key=value"),
         ("mode=sideways", "mode"),
+        ("expert_learning_rate=-1e-4", "expert_learning_rate.*>= 0"),
     ],
 )
 def test_bad_overrides(pair, match):

@@ -113,6 +113,8 @@ class TrainConfig:
             raise bad("sampling", f"{self.sampling!r} is not one of {list(SAMPLING)}")
         if self.overlong not in OVERLONG:
             raise bad("overlong", f"{self.overlong!r} is not one of {list(OVERLONG)}")
+        if self.expert_learning_rate < 0:
+            raise bad("expert_learning_rate", f"{self.expert_learning_rate} must be >= 0 (0 = learning_rate)")
         if self.steps < 0 or self.batch_size < 1 or self.max_seq_len < 2:
             raise bad("steps/batch_size/max_seq_len", "need steps >= 0, batch_size >= 1, max_seq_len >= 2")
         if not is_prompt_template(self.prompt_template):
