@@ -39,3 +39,72 @@ def test_modes_differ_for_k2(rng):
     # Renormalised top-2 probabilities equal the top-2 softmax: the orderings agree on weights
     # and differ only in what gradients reach the non-selected logits.
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+
+
+def _gate_inputs(rng, tokens, d_in=1024, experts=28):
+    import jax.numpy as jnp
+
+    x_td = jnp.asarray(rng.normal(size=(tokens, d_in)), jnp.bfloat16)
+    gate_de = jnp.asarray(rng.normal(size=(d_in, experts)) * 0.02, jnp.float32)
+    return x_td, gate_de
+
+
+def test_split_gate_logits_keep_float32_accuracy(rng):
+    """bf16 activations at prefill length: one bf16 GEMM against [W_hi | W_lo] vs a float64 NumPy product.
+    The bar is per logit, relative to sum |x| |W|; a single bf16 pass (W rounded once) misses it."""
+    import jax.numpy as jnp
+
+    from meteora_jax.model.moe_lora import SPLIT_GATE_MIN_TOKENS, gate_logits
+
+    x_td, gate_de = _gate_inputs(rng, SPLIT_GATE_MIN_TOKENS)
+    x64, w64 = np.asarray(x_td, np.float64), np.asarray(gate_de, np.float64)
+    want, scale = x64 @ w64, np.abs(x64) @ np.abs(w64)
+
+    def err(got):
+        return float(np.max(np.abs(np.asarray(got, np.float64) - want) / scale))
+
+    split = err(gate_logits(x_td, gate_de))
+    one_pass = err(jnp.dot(x_td, gate_de.astype(jnp.bfloat16), preferred_element_type=jnp.float32))
+    assert split <= 2.0**-17, split
+    assert one_pass > 20 * split, (one_pass, split)
+
+
+def test_split_gate_logits_only_for_bf16_prefill(rng):
+    """Below the threshold (decode) or for float32 activations the gate is the plain float32 product, bit
+    for bit; the split runs (as a custom VJP) only for bf16 at SPLIT_GATE_MIN_TOKENS tokens or more."""
+    import jax
+    import jax.numpy as jnp
+
+    from meteora_jax.model.moe_lora import SPLIT_GATE_MIN_TOKENS, float32_gate_logits, gate_logits
+
+    for tokens, dtype, split in (
+        (SPLIT_GATE_MIN_TOKENS - 1, jnp.bfloat16, False),
+        (SPLIT_GATE_MIN_TOKENS, jnp.float32, False),
+        (SPLIT_GATE_MIN_TOKENS, jnp.bfloat16, True),
+    ):
+        x_td, gate_de = _gate_inputs(rng, tokens)
+        x_td = x_td.astype(dtype)
+        assert ("custom_vjp_call" in str(jax.make_jaxpr(gate_logits)(x_td, gate_de))) == split
+        if not split:
+            np.testing.assert_array_equal(
+                np.asarray(gate_logits(x_td, gate_de)), np.asarray(float32_gate_logits(x_td, gate_de))
+            )
+
+
+def test_split_gate_logits_backward_is_the_float32_one(rng):
+    """Gate training: the gradients w.r.t. the activations and the gate equal the float32 path's exactly."""
+    import jax
+    import jax.numpy as jnp
+
+    from meteora_jax.model.moe_lora import SPLIT_GATE_MIN_TOKENS, float32_gate_logits, gate_logits
+
+    x_td, gate_de = _gate_inputs(rng, SPLIT_GATE_MIN_TOKENS + 3)
+    cot_te = jnp.asarray(rng.normal(size=(x_td.shape[0], gate_de.shape[1])), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda x, w: jnp.sum(fn(x, w) * cot_te), argnums=(0, 1))(x_td, gate_de)
+
+    got, want = jax.jit(lambda: grads(gate_logits))(), jax.jit(lambda: grads(float32_gate_logits))()
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -161,3 +161,30 @@ def test_bfloat16_model_trains_float32_lora_factors(rng):
             assert v.value.dtype == np.float32, k
             assert float(np.max(np.abs(np.asarray(v.value) - before[k]))) == pytest.approx(1e-5, rel=0.05)
     assert trained.layers[0].attn.q_proj.kernel_io.value.dtype == jax.numpy.bfloat16
+
+
+def test_bfloat16_gates_train_through_the_split_gate_product(rng, monkeypatch):
+    # 4 x 64 = 256 tokens: a bf16 model's gates take the split bf16 GEMM (moe_lora.split_gate_logits), whose
+    # custom VJP is the float32 one; the gate gradients match the float32 gate product's run
+    from meteora_jax.model import moe_lora
+
+    model = MeteoraLlama(
+        ModelConfig.tiny(), MoEConfig(expert_names=NAMES, rank=4, top_k=2), dtype="bfloat16", rngs=nnx.Rngs(3)
+    )
+    batch = _batch(rng, b=4, t=64)
+    graphdef, gates, rest = nnx.split(model, GateParam, ...)
+
+    def loss(g):
+        m = nnx.merge(graphdef, g, rest)
+        return objective(m, batch, m.routing_options(), gate_loss_weight=50.0, balance_loss_weight=0.0)[0]
+
+    assert "custom_vjp_call" in str(jax.make_jaxpr(jax.grad(loss))(gates))
+    split = nnx.to_flat_state(jax.jit(jax.grad(loss))(gates))
+    monkeypatch.setattr(moe_lora, "SPLIT_GATE_MIN_TOKENS", 10**9)
+    plain = dict(nnx.to_flat_state(jax.jit(jax.grad(loss))(gates)))
+    assert len(split) == len(plain) > 0
+    for k, v in split:
+        want = np.asarray(plain[k].value, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(v.value, np.float32), want, rtol=1e-2, atol=1e-3 * np.abs(want).max()
+        )

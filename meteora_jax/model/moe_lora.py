@@ -34,15 +34,55 @@ PROJECTION_AXES = {
 }
 
 
+# From this many tokens on (prefill, training), bf16 activations reach the gate through ``split_gate_logits``;
+# fewer (decode) keep the one float32 GEMV, which is latency-bound there and whose weight-splitting fusion
+# would be one more launch per gate and token.
+SPLIT_GATE_MIN_TOKENS = 256
+
+
 def gate_logits(x_td: Float[Array, "T D"], gate_de: Float[Array, "D E"]) -> Float[Array, "T E"]:
-    # Gate in float32: routing decisions should not flip with the activation dtype.
+    """``x @ gate`` with float32 accuracy: routing decisions should not flip with the activation dtype."""
+    if x_td.dtype == jnp.bfloat16 and x_td.shape[0] >= SPLIT_GATE_MIN_TOKENS:
+        return split_gate_logits(x_td, gate_de)
+    return float32_gate_logits(x_td, gate_de)
+
+
+def float32_gate_logits(x_td: Float[Array, "T D"], gate_de: Float[Array, "D E"]) -> Float[Array, "T E"]:
     return jnp.dot(x_td.astype(jnp.float32), gate_de, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.custom_vjp
+def split_gate_logits(x_td: Float[Array, "T D"], gate_de: Float[Array, "D E"]) -> Float[Array, "T E"]:
+    """``float32_gate_logits`` for bf16 ``x`` as ONE bf16 tensor-core GEMM: ``x @ [W_hi | W_lo]``, halves summed.
+
+    ``W_hi = bf16(W)``, ``W_lo = bf16(W - W_hi)`` carry ~16 of W's 24 mantissa bits (|W - W_hi - W_lo| <=
+    2^-17 |W|); x is exact in bf16, each product is exact in the float32 accumulator. So the logits are within
+    ~1e-5 of the float32 ones, without float32 GEMMs on CUDA cores or converting [T, D] activations to float32
+    (on the H200 the float32 gates were ~15 ms of a 4096-token Llama-3-8B prefill, benchmarks/RESULTS.md).
+    The backward is the float32 one (``float32_gate_logits``' own): gate training sees the same gradients.
+    """
+    num_experts = gate_de.shape[1]
+    hi_de = gate_de.astype(jnp.bfloat16)
+    lo_de = (gate_de - hi_de.astype(jnp.float32)).astype(jnp.bfloat16)
+    both_tn = jnp.dot(x_td, jnp.concatenate([hi_de, lo_de], axis=1), preferred_element_type=jnp.float32)
+    return both_tn[:, :num_experts] + both_tn[:, num_experts:]
+
+
+def _split_gate_fwd(x_td, gate_de):  # noqa: ANN001, ANN202
+    return split_gate_logits(x_td, gate_de), (x_td, gate_de)
+
+
+def _split_gate_bwd(residuals, g_te):  # noqa: ANN001, ANN202
+    return jax.vjp(float32_gate_logits, *residuals)[1](g_te)
+
+
+split_gate_logits.defvjp(_split_gate_fwd, _split_gate_bwd)
 
 
 def shared_gate_logits(
     projections: Sequence[MoELoRALinear], x_btd: Float[Array, "B T D"], routing: RoutingOptions
 ) -> list[Float[Array, "T E"] | None]:
-    """The gate logits of projections that read the same input (q/k/v, gate/up), from ONE float32 GEMV.
+    """The gate logits of projections that read the same input (q/k/v, gate/up), from ONE gate product.
 
     ``x @ [G_q | G_k | G_v]`` instead of three products: at batch-1 decode each gate GEMV is a ~5 us kernel
     bound by latency, not bytes (0.93 ms of a 9.4 ms Llama-3-8B token on the H200, benchmarks/RESULTS.md).
