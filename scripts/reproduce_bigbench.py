@@ -43,7 +43,10 @@ RECIPE VARIANTS (knobs, no code change). MeteoRA's own recipe, as session 6 ran 
     --set gates.expert_learning_rate=5e-4
 Its result (routing 98.9%, but jointly trained experts scoring below their adapters) is in
 benchmarks/RESULTS.md (its files renamed bigbench_small_nosys_joint_seed0.* on copying, so as not to
-replace the plain seed 0's). Only the first flag: the system-turn-free prompts with gates alone.
+replace the plain seed 0's). Only the first flag, the system-turn-free prompts with gates alone (session 7,
+1,350 s with composite-3/5; bigbench_small_nosys_seed0.*): routing 85.9%, as with the system turn, so the
+joint training made the routing. To test whether it did so by letting the gate loss train the experts
+(RESULTS.md), add `--set gates.detach_gate_input=true` to the joint recipe's flags.
 
 WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
 $OUT/study_state.json: progress, seconds per step, and `partial_results` (every finished eval score so far

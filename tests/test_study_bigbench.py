@@ -112,7 +112,12 @@ def test_config_is_strict_and_typed(tmp_path):
         C.load_study_config(None, ["composite.protocol=numberd"])
     assert C.load_study_config(None, ["composite.protocol=numbered"]).composite.protocol == "numbered"
     with pytest.raises(MeteoraInputError, match="gates"):
-        C.load_study_config(None, ["gates={stepz: 3}"]).gate_train_config(1)
+        C.load_study_config(None, ["gates={stepz: 3}"])  # at load, not at the gates step
+    with pytest.raises(MeteoraInputError, match="gates.*detach_gate_inputs"):
+        C.load_study_config(None, ["gates.detach_gate_inputs=true"])
+    with pytest.raises(MeteoraInputError, match="gates.attention"):
+        C.load_study_config(None, ["gates.attention=flash"])
+    assert C.load_study_config(None, ["gates.detach_gate_input=true"]).gate_train_config(2).detach_gate_input
     names = T.step_names(C.load_study_config(None), T.default_tasks())
     assert names[:4] == ["data", "base", "adapters:0-10", "adapters:11-21"] and names[-1] == "report"
 

@@ -188,3 +188,28 @@ def test_bfloat16_gates_train_through_the_split_gate_product(rng, monkeypatch):
         np.testing.assert_allclose(
             np.asarray(v.value, np.float32), want, rtol=1e-2, atol=1e-3 * np.abs(want).max()
         )
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_gate_input_keeps_the_gate_loss_off_the_lora_factors(rng, detach):
+    # gate_and_experts with no LM loss: the gate CE alone reaches the LoRA factors only through the hidden
+    # states the later gates read; detach_gate_input cuts exactly that (same loss value either way)
+    model = _model()
+    batch = dict(_batch(rng), lm_weight_bl=np.zeros((4, 12), np.float32))
+    cfg = TrainConfig.tiny(mode="gate_and_experts", detach_gate_input=detach)
+    routing = routing_for(model, cfg)
+    assert routing.detach_gate_input == detach
+    graphdef, experts, rest = nnx.split(model, ExpertParam, ...)
+
+    def loss(e):
+        m = nnx.merge(graphdef, e, rest)
+        return objective(m, batch, routing, gate_loss_weight=50.0, balance_loss_weight=0.0)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(experts)
+    plain = objective(model, batch, model.routing_options(), gate_loss_weight=50.0, balance_loss_weight=0.0)
+    assert float(value) == pytest.approx(float(plain[0]), rel=1e-6)
+    moved = {k[-1]: 0.0 for k, _ in nnx.to_flat_state(grads)}
+    for k, v in nnx.to_flat_state(grads):
+        moved[k[-1]] = max(moved[k[-1]], float(np.max(np.abs(np.asarray(v.value)))))
+    for name in ("lora_a_edr", "lora_b_ero"):
+        assert (moved[name] == 0.0) == detach, moved

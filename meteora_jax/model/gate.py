@@ -20,6 +20,8 @@ class RoutingOptions:
 
     ``force_expert`` (an index) sends every token to that expert with weight 1 and skips the gate.
     ``no_experts`` turns every expert contribution (and gate) off: the plain base model, for baselines.
+    ``detach_gate_input`` (training only; the forward is unchanged) stops gradients at each gate's input, so a
+    gate's loss trains that gate alone, never the layers (or LoRA factors) that wrote its input.
     """
 
     top_k: int = 2
@@ -27,6 +29,7 @@ class RoutingOptions:
     mode: str = "topk_then_softmax"
     force_expert: int | None = None
     no_experts: bool = False
+    detach_gate_input: bool = False
 
 
 def route(

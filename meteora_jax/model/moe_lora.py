@@ -79,6 +79,11 @@ def _split_gate_bwd(residuals, g_te):  # noqa: ANN001, ANN202
 split_gate_logits.defvjp(_split_gate_fwd, _split_gate_bwd)
 
 
+def gate_input(x_td: Float[Array, "T D"], routing: RoutingOptions) -> Float[Array, "T D"]:
+    """What the gate reads: ``x``, cut from the gradient when ``routing.detach_gate_input``."""
+    return jax.lax.stop_gradient(x_td) if routing.detach_gate_input else x_td
+
+
 def shared_gate_logits(
     projections: Sequence[MoELoRALinear], x_btd: Float[Array, "B T D"], routing: RoutingOptions
 ) -> list[Float[Array, "T E"] | None]:
@@ -92,7 +97,7 @@ def shared_gate_logits(
     routed = [p for p in projections if p.num_experts > 0]
     if routing.no_experts or routing.force_expert is not None or len(routed) < 2:
         return [None] * len(projections)
-    x_td = x_btd.reshape(-1, x_btd.shape[-1])
+    x_td = gate_input(x_btd.reshape(-1, x_btd.shape[-1]), routing)
     logits_tn = gate_logits(x_td, jnp.concatenate([p.gate_de[...] for p in routed], axis=1))
     bounds = list(itertools.accumulate(p.num_experts for p in routed))[:-1]
     parts = iter(jnp.split(logits_tn, bounds, axis=1))
@@ -159,7 +164,7 @@ class MoELoRALinear(nnx.Module):
                 logits_te = None
             else:
                 if logits_te is None:
-                    logits_te = gate_logits(x_td, self.gate_de[...])
+                    logits_te = gate_logits(gate_input(x_td, routing), self.gate_de[...])
                 ids_tk, weights_tk = route(
                     logits_te, top_k=routing.top_k, temperature=routing.temperature, mode=routing.mode
                 )

@@ -273,4 +273,9 @@ def load_study_config(
                 raise MeteoraInputError(f"--set {pair!r}: {p} is not a section")
         node[leaf] = yaml.safe_load(text) if text.strip() else ""
     raw.update({k: v for k, v in top.items() if v is not None})
-    return _build(StudyConfig, raw, str(path or "config"))
+    cfg = _build(StudyConfig, raw, str(path or "config"))
+    # a misspelt gates.* key or bad value is an error now, not at the gates step ~10 device minutes in
+    for k in cfg.gate_top_ks():
+        cfg.gate_train_config(k)
+    cfg.gate_attention()
+    return cfg

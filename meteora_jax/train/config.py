@@ -71,6 +71,11 @@ class TrainConfig:
     gate_loss_weight: float = _f(50.0, "lambda: weight of the gate cross-entropy against the task id")
     balance_loss_weight: float = _f(0.0, "weight of a Switch-style load-balancing loss (0 = off, MeteoRA)")
     response_only: bool = _f(False, "LM loss on response tokens only (MeteoRA: every token)")
+    detach_gate_input: bool = _f(
+        False,
+        "stop gradients at each gate's input: a gate's loss trains that gate only, never the earlier layers "
+        "or (gate_and_experts) the LoRA factors that wrote its input (MeteoRA: not stopped)",
+    )
     top_k: int = _f(0, "experts per token while training (0 = the model's top_k)")
     routing: str = _f("", "routing order while training ('' = the model's; MeteoRA trains softmax_then_topk)")
     # -- data

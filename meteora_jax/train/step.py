@@ -126,7 +126,8 @@ def init_state(model: nnx.Module, cfg: TrainConfig) -> TrainState:
 
 
 def routing_for(model: nnx.Module, cfg: TrainConfig) -> RoutingOptions:
-    return model.routing_options(top_k=cfg.top_k or None, mode=cfg.routing or None)
+    routing = model.routing_options(top_k=cfg.top_k or None, mode=cfg.routing or None)
+    return dataclasses.replace(routing, detach_gate_input=cfg.detach_gate_input)
 
 
 def make_train_step(state: TrainState, cfg: TrainConfig, routing: RoutingOptions) -> Callable:
