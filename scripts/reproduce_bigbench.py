@@ -46,7 +46,9 @@ benchmarks/RESULTS.md (its files renamed bigbench_small_nosys_joint_seed0.* on c
 replace the plain seed 0's). Only the first flag, the system-turn-free prompts with gates alone (session 7,
 1,350 s with composite-3/5; bigbench_small_nosys_seed0.*): routing 85.9%, as with the system turn, so the
 joint training made the routing. To test whether it did so by letting the gate loss train the experts
-(RESULTS.md), add `--set gates.detach_gate_input=true` to the joint recipe's flags.
+(RESULTS.md), add `--set gates.detach_gate_input=true` to the joint recipe's flags. Composite prompts: the
+gates kept routing a turn to the previous turn's task (session 7); `--set gates.composite_fraction=0.3` trains
+them on multi-task conversations too (not yet run on the GPU).
 
 WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
 $OUT/study_state.json: progress, seconds per step, and `partial_results` (every finished eval score so far

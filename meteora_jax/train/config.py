@@ -94,6 +94,13 @@ class TrainConfig:
     )
     overlong: str = _f("truncate", "a sequence longer than max_seq_len: truncate (counted) or error")
     sampling: str = _f("natural", "natural: every example once per epoch; balanced: tasks drawn uniformly")
+    composite_fraction: float = _f(
+        0.0,
+        "share of training rows extended into a multi-task conversation: the row's example, then examples of "
+        "other tasks as further turns, each token's gate target its own turn's task (teaches the gates to "
+        "switch at turn boundaries, as composite prompts need; 0 = single-task rows only, as MeteoRA)",
+    )
+    composite_max_turns: int = _f(3, "most turns (tasks) in one conversation row of composite_fraction")
     held_out_fraction: float = _f(0.05, "held-out share of train.jsonl for tasks without a test.jsonl")
     eval_examples_per_task: int = _f(32, "held-out examples per task for routing accuracy (0 = all)")
     # -- run
@@ -118,6 +125,12 @@ class TrainConfig:
             raise bad("sampling", f"{self.sampling!r} is not one of {list(SAMPLING)}")
         if self.overlong not in OVERLONG:
             raise bad("overlong", f"{self.overlong!r} is not one of {list(OVERLONG)}")
+        if not 0.0 <= self.composite_fraction <= 1.0 or self.composite_max_turns < 2:
+            raise bad(
+                "composite_fraction/composite_max_turns",
+                f"need composite_fraction in [0, 1] and composite_max_turns >= 2 (got {self.composite_fraction}, "
+                f"{self.composite_max_turns})",
+            )
         if self.expert_learning_rate < 0:
             raise bad("expert_learning_rate", f"{self.expert_learning_rate} must be >= 0 (0 = learning_rate)")
         if self.steps < 0 or self.batch_size < 1 or self.max_seq_len < 2:

@@ -28,6 +28,7 @@ import numpy as np
 from meteora_jax.data.tasks import Example, read_split, split_train_test
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.train.config import CHAT_TEMPLATES, PROMPT_TEMPLATES, TrainConfig, is_prompt_template
+from meteora_jax.train.conversations import join_turns, turn_tail_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +38,22 @@ class Batch:
     tokens_bl: np.ndarray  # int32 [B, L], pad = pad_id
     mask_bl: np.ndarray  # int32 [B, L], 1 = real token (prompt or response)
     lm_weight_bl: np.ndarray  # float32 [B, L], 1 where the next token counts in the LM loss
-    task_b: np.ndarray  # int32 [B], expert index of each row's task
+    task_b: np.ndarray  # int32 [B], expert index of each row's task (its first turn's)
     response_bl: np.ndarray  # int32 [B, L], 1 = a response token (routing accuracy once the prompt is read)
+    # int32 [B, L], each token's gate target: only in runs with conversation rows (train.conversations)
+    task_bl: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {
+        out = {
             "tokens_bl": self.tokens_bl,
             "mask_bl": self.mask_bl,
             "lm_weight_bl": self.lm_weight_bl,
             "task_b": self.task_b,
             "response_bl": self.response_bl,
         }
+        if self.task_bl is not None:
+            out["task_bl"] = self.task_bl
+        return out
 
 
 @dataclasses.dataclass
@@ -59,6 +65,11 @@ class EncodedSet:
     task: np.ndarray
     task_names: tuple[str, ...]
     truncated: int = 0
+    # for conversation rows (train.conversations): each example's tokens as a later turn, the EOS id added
+    # after responses (None: none), the longest row allowed
+    tail_ids: list[np.ndarray] | None = None
+    eos_id: int | None = None
+    max_len: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -173,6 +184,7 @@ def encode_examples(
     fmt = PromptFormatter(tokenizer, cfg.prompt_template)
     eos = tokenizer.eos_token_id if cfg.add_eos else None
     ids, plen, task = [], [], []
+    tails: list[np.ndarray] | None = [] if cfg.composite_fraction > 0 else None
     truncated = 0
     for name, exs in examples.items():
         t = list(expert_names).index(name)
@@ -192,12 +204,18 @@ def encode_examples(
             ids.append(np.asarray(seq, np.int32))
             plen.append(min(len(prompt_ids), max_len))
             task.append(t)
+            if tails is not None:
+                text = turn_tail_text(tokenizer, cfg.prompt_template, ex.prompt)
+                tails.append(np.asarray(_encode(tokenizer, text), np.int32))
     return EncodedSet(
         ids=ids,
         prompt_len=np.asarray(plen, np.int32),
         task=np.asarray(task, np.int32),
         task_names=tuple(expert_names),
         truncated=truncated,
+        tail_ids=tails,
+        eos_id=eos,
+        max_len=max_len,
     )
 
 
@@ -209,9 +227,21 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 
 def make_batch(
-    data: EncodedSet, idx: Sequence[int], *, pad_id: int, buckets: Sequence[int], response_only: bool
+    data: EncodedSet,
+    idx: Sequence[int],
+    *,
+    pad_id: int,
+    buckets: Sequence[int],
+    response_only: bool,
+    groups: Sequence[tuple[int, ...]] | None = None,
 ) -> Batch:
-    """Right-padded batch of examples ``idx`` at the smallest bucket holding the longest."""
+    """Right-padded batch of examples ``idx`` at the smallest bucket holding the longest.
+
+    ``groups`` (``train.conversations.conversation_groups`` of ``idx``): rows become conversations of their
+    group's examples, and the batch carries each token's gate target (``task_bl``).
+    """
+    if groups is not None:
+        return _conversation_batch(data, groups, pad_id=pad_id, buckets=buckets, response_only=response_only)
     seqs = [data.ids[i] for i in idx]
     length = bucket_for(max(len(s) for s in seqs), buckets)
     b = len(seqs)
@@ -228,6 +258,31 @@ def make_batch(
         weight[r, first - 1 : n - 1] = 1.0
         response[r, int(data.prompt_len[i]) : n] = 1
     return Batch(tokens, mask, weight, data.task[np.asarray(idx)].astype(np.int32), response)
+
+
+def _conversation_batch(
+    data: EncodedSet,
+    groups: Sequence[tuple[int, ...]],
+    *,
+    pad_id: int,
+    buckets: Sequence[int],
+    response_only: bool,
+) -> Batch:
+    rows = [join_turns(data, g) for g in groups]
+    length = bucket_for(max(len(ids) for ids, _, _ in rows), buckets)
+    b = len(rows)
+    tokens = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    weight = np.zeros((b, length), np.float32)
+    response = np.zeros((b, length), np.int32)
+    task = np.zeros((b, length), np.int32)
+    for r, ((ids, task_t, resp_t), g) in enumerate(zip(rows, groups)):
+        n = len(ids)
+        tokens[r, :n], mask[r, :n], response[r, :n] = ids, 1, resp_t
+        task[r, :n], task[r, n:] = task_t, data.task[g[0]]
+        # position t predicts token t + 1: every real next token, or (response_only) every response token
+        weight[r, : n - 1] = resp_t[1:] if response_only else 1.0
+    return Batch(tokens, mask, weight, data.task[[g[0] for g in groups]].astype(np.int32), response, task)
 
 
 def batch_indices(data: EncodedSet, step: int, cfg: TrainConfig) -> np.ndarray:

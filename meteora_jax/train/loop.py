@@ -30,6 +30,7 @@ from meteora_jax.io import atomic_directory, load, write_model_dir, write_text_a
 from meteora_jax.tokenizer import load_tokenizer
 from meteora_jax.train import checkpoint as ckpt
 from meteora_jax.train.config import TrainConfig
+from meteora_jax.train.conversations import conversation_groups
 from meteora_jax.train.data import TaskData, batch_indices, eval_batches, load_task_data, make_batch
 from meteora_jax.train.objective import gate_names
 from meteora_jax.train.step import (
@@ -275,12 +276,24 @@ def _run(
     t0, tokens, in_flight = time.perf_counter(), 0, None
     with open(metrics_path, "a") as mf:
         for step in range(start, end):
+            idx = batch_indices(data.train, step, cfg)
+            groups = None
+            if cfg.composite_fraction > 0:
+                groups = conversation_groups(
+                    data.train,
+                    step,
+                    idx,
+                    seed=cfg.seed,
+                    fraction=cfg.composite_fraction,
+                    max_turns=cfg.composite_max_turns,
+                )
             batch = make_batch(
                 data.train,
-                batch_indices(data.train, step, cfg),
+                idx,
                 pad_id=pad_id,
                 buckets=cfg.buckets,
                 response_only=cfg.response_only,
+                groups=groups,
             )
             tokens += int(batch.mask_bl.sum())
             state.trainable, state.opt, m = train_step(

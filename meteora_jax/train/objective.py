@@ -5,7 +5,8 @@
 * ``lm_ce``: mean next-token negative log-likelihood over the positions whose target counts
   (``lm_weight_bl``: every real token, or response tokens only).
 * ``gate_ce``: every gate's *raw* logits (before temperature and top-k, as in MeteoRA) scored with softmax
-  cross-entropy against the row's task id, on every real (non-pad) token, prompt and response alike. It is
+  cross-entropy against the row's task id (a conversation row: each token's own turn's, ``task_bl``), on
+  every real (non-pad) token, prompt and response alike. It is
   the mean over all (gate, token) pairs, i.e. the mean over gates of each gate's mean over tokens (every
   gate sees the same tokens, so the two are equal). Because it supervises the logits directly, the gates
   learn even with top_k = 1, where the routed output has weight 1 and carries no gradient to the gate.
@@ -69,7 +70,10 @@ def objective(
     if gate_logits:
         logits_gte = jnp.stack(gate_logits).astype(jnp.float32)
         num_experts = logits_gte.shape[-1]
-        task_t = jnp.repeat(batch["task_b"].astype(jnp.int32), seq)
+        if "task_bl" in batch:  # conversation rows: each token's own turn's task
+            task_t = batch["task_bl"].reshape(b * seq).astype(jnp.int32)
+        else:
+            task_t = jnp.repeat(batch["task_b"].astype(jnp.int32), seq)
         logp_gte = jax.nn.log_softmax(logits_gte, axis=-1)
         ce_gt = -jnp.take_along_axis(logp_gte, task_t[None, :, None], axis=-1)[..., 0]
         gate_ce_sum = jnp.sum(ce_gt * valid_t)
