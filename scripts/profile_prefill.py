@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (faster compiles)")
     ap.add_argument("--tokens", type=int, default=4096, help="prompt length (one row)")
     ap.add_argument(
-        "--variants", default="base,auto,xla", help="comma list: base, auto or a grouped_lora implementation"
+        "--variants",
+        default="base,auto,xla_masked_lowp",
+        help="comma list: base, auto or a grouped_lora implementation (auto = xla_masked at prefill on GPU)",
     )
     ap.add_argument("--attention", default=None, help="attention implementation (default: cudnn on GPU)")
     ap.add_argument("--reps", type=int, default=5, help="timed prefills per variant (median)")

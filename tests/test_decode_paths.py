@@ -23,7 +23,7 @@ from pallas_kernels.grouped_lora import api, shapes, xla
 from tests.grouped_lora_cases import TOLERANCE, key_for, rel_err
 from tests.test_grouped_lora import _numpy_oracle
 
-FAST = ("xla_masked", "xla_gather", "xla")
+FAST = ("xla_masked", "xla_gather", "xla", "xla_masked_lowp")
 # (T, k): one decode token, a T that is a multiple of nothing, and one above GATHER_MAX_ROWS (hand-over).
 SIZES = ((1, 1), (1, 2), (3, 1), (3, 2), (40, 2))
 
@@ -117,6 +117,23 @@ def test_batched_shrink_matches(dtype, request):
     assert rel_err(got, _forward(inp, "reference", True)) < TOLERANCE[dtype]
     if dtype == "float32":
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-6 * float(jnp.max(jnp.abs(want)))
+
+
+def test_low_precision_sum_writes_no_float32_output():
+    """``xla_masked_lowp`` on bf16: the expand and the base GEMM write bf16 [T, O] (no float32 [T, O] at all,
+    unlike ``xla_masked``); on float32 it is ``xla_masked`` exactly."""
+    for dtype in ("bfloat16", "float32"):
+        inp = _inputs(40, 2, dtype, f"lowp-{dtype}")
+        jaxprs = {
+            impl: str(jax.make_jaxpr(lambda i, impl=impl: _forward(i, impl, True))(inp))
+            for impl in ("xla_masked", "xla_masked_lowp")
+        }
+        if dtype == "bfloat16":
+            assert "f32[40,40]" in jaxprs["xla_masked"] and "f32[40,40]" not in jaxprs["xla_masked_lowp"]
+            assert "bf16[40,40]" in jaxprs["xla_masked_lowp"]
+        else:
+            got, want = _forward(inp, "xla_masked_lowp", True), _forward(inp, "xla_masked", True)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_top2_softmax_is_jax_softmax():

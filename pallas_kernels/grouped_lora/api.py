@@ -29,6 +29,7 @@ IMPLEMENTATIONS = (
     "xla_ragged",
     "xla_dense",
     "xla_masked",
+    "xla_masked_lowp",
     "xla_masked_batched",
     "xla_gather",
     "reference",
@@ -82,6 +83,8 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
         return xla.DenseOps()
     if base == "xla_masked":
         return xla.DenseOps("xla_masked", xla.masked_forward)
+    if base == "xla_masked_lowp":  # xla_masked summing base and LoRA in bf16 (inference A/B; training as xla)
+        return xla.DenseOps("xla_masked_lowp", xla.masked_lowp_forward)
     if base == "xla_masked_batched":  # xla_masked with the shrink batched over experts (inference A/B)
         return xla.DenseOps("xla_masked_batched", xla.masked_batched_forward)
     if base == "xla_gather":  # gathered experts in inference; training as xla

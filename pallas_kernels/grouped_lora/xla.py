@@ -28,6 +28,9 @@ values; an inference forward does not, so:
   ``GATHER_MAX_ROWS``; above that it hands over to ``masked_forward``).
 
 Both round like ``vjp._forward``: ``h`` in float32, ``h * coef`` cast to B's dtype, float32 accumulation.
+``masked_lowp_forward`` (``xla_masked_lowp``, an A/B candidate for prefill, not yet measured on a GPU) is
+``masked_forward`` writing the LoRA term and the base GEMM in x's dtype when that is bf16 / f16 and summing
+them there (``common.add_base_low_precision``: no float32 [T, O] arrays).
 ``masked_batched_forward`` (``xla_masked_batched``) is ``masked_forward`` with the shrink as a matmul batched
 over experts (an A/B variant for ``scripts/profile_decode.py``; see ``masked_forward``).
 """
@@ -62,8 +65,10 @@ def masked_forward(
     scaling_e: Array,
     *,
     batched_shrink: bool = False,
+    low_precision_sum: bool = False,
 ) -> Array:
-    """The dense forward with the routing applied as one [T, E] coefficient mask (see the module doc)."""
+    """The dense forward with the routing applied as one [T, E] coefficient mask (see the module doc).
+    ``low_precision_sum`` (``xla_masked_lowp``): see ``common.add_base_low_precision``."""
     num_experts = lora_a_edr.shape[0]
     # [T, E]: routing weight times scaling, zero for experts a token did not pick. A token's k experts are
     # distinct, so the sum over slots adds one weight to zeros (exact) and the product equals vjp's coef_tk;
@@ -85,10 +90,23 @@ def masked_forward(
             "td,edr->ter", x_td, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32
         )
     hc_ter = (h_ter * coef_te[:, :, None]).astype(lora_b_ero.dtype)
+    # bf16 / f16: the expand writes x's dtype and the base GEMM adds it (common.add_base_low_precision)
+    low = low_precision_sum and x_td.dtype != jnp.float32 and lora_b_ero.dtype == x_td.dtype
     y_to = jnp.einsum(
-        "ter,ero->to", hc_ter, lora_b_ero, precision=_HIGHEST, preferred_element_type=jnp.float32
+        "ter,ero->to",
+        hc_ter,
+        lora_b_ero,
+        precision=_HIGHEST,
+        preferred_element_type=x_td.dtype if low else jnp.float32,
     )
-    return common.add_base(x_td, w_do, y_to)
+    return common.add_base_low_precision(x_td, w_do, y_to) if low else common.add_base(x_td, w_do, y_to)
+
+
+def masked_lowp_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
+    """``masked_forward`` summing base and LoRA in x's dtype when that is bf16 / f16 (``xla_masked_lowp``)."""
+    return masked_forward(
+        x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, low_precision_sum=True
+    )
 
 
 def masked_batched_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
