@@ -5,11 +5,11 @@
 * ``lm_ce``: mean next-token negative log-likelihood over the positions whose target counts
   (``lm_weight_bl``: every real token, or response tokens only).
 * ``gate_ce``: every gate's *raw* logits (before temperature and top-k, as in MeteoRA) scored with softmax
-  cross-entropy against the row's task id (a conversation row: each token's own turn's, ``task_bl``), on
-  every real (non-pad) token, prompt and response alike. It is
-  the mean over all (gate, token) pairs, i.e. the mean over gates of each gate's mean over tokens (every
-  gate sees the same tokens, so the two are equal). Because it supervises the logits directly, the gates
-  learn even with top_k = 1, where the routed output has weight 1 and carries no gradient to the gate.
+  cross-entropy against the row's task id (in a conversation row, each token's own turn's: ``task_bl``), on
+  every real (non-pad) token, prompt and response alike. It is the mean over all (gate, token) pairs, i.e.
+  the mean over gates of each gate's mean over tokens (every gate sees the same tokens, so the two are
+  equal). Because it supervises the logits directly, the gates learn even with top_k = 1, where the routed
+  output has weight 1 and carries no gradient to the gate.
 * ``balance`` (optional, off in MeteoRA): Switch-Transformer load balancing, E * sum_e f_e * p_e per gate
   (f_e: share of tokens whose top-1 is e, p_e: mean gate probability of e), averaged over gates.
 
