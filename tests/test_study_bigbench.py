@@ -545,6 +545,8 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
     assert "| meteora_top2_oracle_first1 | 3 |" in section
     assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section
+    # the traced composite conversation turn by turn (turns protocol): 1 shot + 3 questions of 3 tasks
+    assert "Routing by turn" in section and "| 6 | " in section and "| 7 | " not in section
     assert {p.name for p in out.glob("*.png")} == {
         "bigbench_small_tasks.png",
         "bigbench_small_composite.png",

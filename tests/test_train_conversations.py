@@ -165,3 +165,32 @@ def test_train_gates_with_conversation_rows(tmp_path):
     assert result.final_step == 3 and result.held_out
     lines = [json.loads(x) for x in open(os.path.join(result.work_dir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [1, 2, 3] and all(np.isfinite(x["gate_ce"]) for x in lines)
+
+
+def test_turn_spans_locate_each_turn_of_a_turns_conversation():
+    # eval.composite.turn_spans on the `turns` conversation with one worked shot: each span holds its question
+    # from `start` to `cue` and exactly its answer from `cue` to `end`; the last turn's answer is open
+    from meteora_jax.eval.composite import turn_spans
+    from meteora_jax.study.report import turn_routing_lines
+
+    tok, examples, _ = _encoded("chat_no_system")
+    shot = [examples[n][0] for n in NAMES]
+    questions = [examples[n][1] for n in NAMES]
+    item = {"shots": [(shot, shot)], "questions": questions}
+    answers = [q.response for q in questions[:2]]
+    ids = turns_prompt_ids(tok, "chat_no_system", item, answers, [])
+    spans = turn_spans(tok, "chat_no_system", item, answers, [])
+    assert [s["task"] for s in spans] == [*NAMES, *NAMES]
+    for s, q in zip(spans, [*shot, *questions]):
+        assert q.prompt in tok.decode(ids[s["start"] : s["cue"]])
+        if s["end"] is not None:
+            assert tok.decode(ids[s["cue"] : s["end"]]) == q.response
+    assert spans[-1]["end"] is None and spans[-1]["cue"] == len(ids) and spans[0]["start"] == 0
+    # the report's table: every (layer, token) of turn 2 routed to its task, nothing else
+    top1 = np.full((2, len(ids) + 3), 0)
+    top1[:, spans[1]["start"] : spans[1]["end"]] = 1
+    lines = turn_routing_lines({"top1_lt": top1.tolist(), "experts": list(NAMES), "turns": spans})
+    rows = [line.split(" | ") for line in lines if line.startswith(("| 2 |", "| 6 |"))]
+    assert rows[0][3] == "100%" and rows[0][5].startswith("100%")
+    assert rows[1][3] == "0%" and rows[1][4] == "3"  # turn 6, the open one: its answer is the 3 traced tokens
+    assert turn_routing_lines(None) == [] and turn_routing_lines({"top1_lt": [], "experts": []}) == []

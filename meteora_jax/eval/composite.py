@@ -146,6 +146,26 @@ def turns_prompt_ids(tok, template: str, item: dict, answers: list[str], bos: li
     return bos + list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def turn_spans(tok, template: str, item: dict, answers: list[str], bos: list[int]) -> list[dict]:  # noqa: ANN001
+    """Where each question turn lies in ``turns_prompt_ids(tok, template, item, answers, bos)`` (then the answer
+    being generated): per turn (the shots' and the test questions'), its task, ``start`` (the first token after
+    the previous answer: the template's closing and the user turn), ``cue`` (the first answer token) and
+    ``end`` (None for the last turn: its answer runs to the end). The answers are tokenised on their own, so
+    a boundary can be off by a token where the tokenizer merges across it (never across a special token)."""
+    msgs = turn_messages(item["shots"], item["questions"], answers)
+    questions = [q for qs, _ in item["shots"] for q in qs] + list(item["questions"][: len(answers) + 1])
+    spans, start = [], 0
+    for j, q in enumerate(questions):
+        cue = len(bos) + len(
+            tok(render_turns(tok, msgs[: 2 * j + 1], template), add_special_tokens=False)["input_ids"]
+        )
+        answer = msgs[2 * j + 1]["content"] if 2 * j + 1 < len(msgs) else None
+        end = None if answer is None else cue + len(tok(answer, add_special_tokens=False)["input_ids"])
+        spans.append({"task": q.task, "start": start, "cue": cue, "end": end})
+        start = end
+    return spans
+
+
 def composite_prompt_ids(tok, fmt, prompt: str, bos: list[int]) -> list[int]:  # noqa: ANN001
     """The composite sample as the user turn, with its trailing "Answer 1:" moved into the reply (a chat
     template would otherwise close the turn after it and the model would start a fresh answer)."""

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.eval.composite import composite_prompt_ids, turns_prompt_ids
+from meteora_jax.eval.composite import composite_prompt_ids, turn_spans, turns_prompt_ids
 from meteora_jax.study.config import BASELINES, CompositeConfig
 from meteora_jax.study.evaluate import (
     generate_with_trace,
@@ -158,6 +158,10 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
                 row = score_composite(tasks, [it["questions"] for it in items], texts)
             if trace is not None:
                 results["routing_plot"] = _trace_plot(tok, *trace)
+                if turns:  # item 0's last turn: its conversation's turns, for routing by turn in the report
+                    results["routing_plot"]["turns"] = turn_spans(
+                        tok, ctx.cfg.prompt_template, items[0], answers[0][: n - 1], bos
+                    )
             row.update(
                 protocol=cc.protocol,
                 correct=row["sum_correct"],

@@ -255,6 +255,7 @@ def markdown_section(report: dict, checks: list[dict], ctx: Ctx, images: dict[st
             f"| composite-{k} | {_fmt(c['meteora_correct'])} / {_fmt(c['meteora_attempted'])} | "
             f"{_fmt(c['lora_b_correct'])} / {_fmt(c['lora_b_attempted'])} | {_fmt(c['lora_f_correct'])} |"
         )
+    lines += turn_routing_lines(load_eval(composite_path(ctx)).get("routing_plot"))
     lines += [
         "",
         f"Routing accuracy (top-1 gate == task, every gate and token of the test prompts): "
@@ -274,6 +275,34 @@ def markdown_section(report: dict, checks: list[dict], ctx: Ctx, images: dict[st
     for title, name in images.items():
         lines += ["", f"![{title}](results/{name})"]
     return "\n".join(lines) + "\n"
+
+
+def turn_routing_lines(trace: dict | None) -> list[str]:
+    """Markdown: the routing trace's conversation (composite ``turns``) turn by turn: the share of (layer,
+    token) pairs whose traced top-1 (the layer's most frequent over its projections) is the turn's own task,
+    on the user turn and on the answer. Whether the gates switch experts between turns shows here."""
+    if not trace or not trace.get("turns"):
+        return []
+    top1_lt = np.asarray(trace["top1_lt"])
+    experts = list(trace["experts"])
+    lines = [
+        "",
+        "Routing by turn in the traced composite conversation (worked shots, then the test questions): the "
+        "share of (layer, token) pairs whose top-1 expert (the layer's most frequent) is the turn's own task.",
+        "",
+        "| turn | task | user tokens | to its task | answer tokens | to its task |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for i, span in enumerate(trace["turns"]):
+        e = experts.index(span["task"]) if span["task"] in experts else -1
+        end = top1_lt.shape[1] if span["end"] is None else min(span["end"], top1_lt.shape[1])
+        parts = [top1_lt[:, span["start"] : span["cue"]], top1_lt[:, span["cue"] : end]]
+        cells = []
+        for part in parts:
+            share = f"{100 * float(np.mean(part == e)):.0f}%" if part.size else "-"
+            cells += [str(part.shape[1]), share]
+        lines.append(f"| {i + 1} | {span['task']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def meteora_provenance(ctx: Ctx) -> str:
