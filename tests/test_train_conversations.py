@@ -75,7 +75,7 @@ def test_groups_are_distinct_tasks_that_fit_and_a_pure_function_of_the_step():
 def test_a_template_that_does_not_extend_its_first_turn_fails_clearly():
     tok = _tok("{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}", "<s>")
     with pytest.raises(MeteoraInputError, match="composite_fraction.*chat_no_system"):
-        turn_tail_text(tok, "chat", "Q?")
+        turn_tail_text(tok, "chat")("Q?")
     with pytest.raises(MeteoraInputError, match="composite_fraction"):
         TrainConfig(composite_fraction=1.5)
 

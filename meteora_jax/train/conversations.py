@@ -16,7 +16,7 @@ tokenised once per example, as prompts and responses are (separately, so the mas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -26,26 +26,30 @@ from meteora_jax.errors import MeteoraInputError
 _FIRST_PROMPT, _FIRST_ANSWER = "Q0", "A0"
 
 
-def turn_tail_text(tokenizer, template: str, prompt: str) -> str:  # noqa: ANN001 (a transformers tokenizer)
-    """What follows an answer when ``prompt`` is the next user turn, as ``render_turns`` writes a conversation
-    (the user turn is stripped there, as here)."""
+def turn_tail_text(tokenizer, template: str) -> Callable[[str], str]:  # noqa: ANN001 (a transformers tokenizer)
+    """``tail(prompt)``: what follows an answer when ``prompt`` is the next user turn, as ``render_turns``
+    writes a conversation (the user turn is stripped there, as here). The first turn is rendered once."""
     from meteora_jax.eval.composite import render_turns
 
     user = lambda text: {"role": "user", "content": text}  # noqa: E731
     first = render_turns(tokenizer, [user(_FIRST_PROMPT)], template)
-    conv = render_turns(
-        tokenizer,
-        [user(_FIRST_PROMPT), {"role": "assistant", "content": _FIRST_ANSWER}, user(prompt.strip())],
-        template,
-    )
-    at = conv.find(_FIRST_ANSWER, len(first)) if conv.startswith(first) else -1
-    if at < 0:
-        raise MeteoraInputError(
-            f"composite_fraction: prompt_template={template!r} does not render a conversation as its first turn "
-            "followed by more turns, so conversation rows cannot be built; use chat_no_system, meteora or "
-            "plain, or --set composite_fraction=0."
+
+    def tail(prompt: str) -> str:
+        conv = render_turns(
+            tokenizer,
+            [user(_FIRST_PROMPT), {"role": "assistant", "content": _FIRST_ANSWER}, user(prompt.strip())],
+            template,
         )
-    return conv[at + len(_FIRST_ANSWER) :]
+        at = conv.find(_FIRST_ANSWER, len(first)) if conv.startswith(first) else -1
+        if at < 0:
+            raise MeteoraInputError(
+                f"composite_fraction: prompt_template={template!r} does not render a conversation as its first "
+                "turn followed by more turns, so conversation rows cannot be built; use chat_no_system, meteora "
+                "or plain, or --set composite_fraction=0."
+            )
+        return conv[at + len(_FIRST_ANSWER) :]
+
+    return tail
 
 
 def conversation_groups(data, step: int, idx: Sequence[int], *, seed: int, fraction: float, max_turns: int):  # noqa: ANN001, ANN201

@@ -185,6 +185,7 @@ def encode_examples(
     eos = tokenizer.eos_token_id if cfg.add_eos else None
     ids, plen, task = [], [], []
     tails: list[np.ndarray] | None = [] if cfg.composite_fraction > 0 else None
+    tail_text = turn_tail_text(tokenizer, cfg.prompt_template) if tails is not None else None
     truncated = 0
     for name, exs in examples.items():
         t = list(expert_names).index(name)
@@ -205,8 +206,7 @@ def encode_examples(
             plen.append(min(len(prompt_ids), max_len))
             task.append(t)
             if tails is not None:
-                text = turn_tail_text(tokenizer, cfg.prompt_template, ex.prompt)
-                tails.append(np.asarray(_encode(tokenizer, text), np.int32))
+                tails.append(np.asarray(_encode(tokenizer, tail_text(ex.prompt)), np.int32))
     return EncodedSet(
         ids=ids,
         prompt_len=np.asarray(plen, np.int32),
@@ -240,35 +240,8 @@ def make_batch(
     ``groups`` (``train.conversations.conversation_groups`` of ``idx``): rows become conversations of their
     group's examples, and the batch carries each token's gate target (``task_bl``).
     """
-    if groups is not None:
-        return _conversation_batch(data, groups, pad_id=pad_id, buckets=buckets, response_only=response_only)
-    seqs = [data.ids[i] for i in idx]
-    length = bucket_for(max(len(s) for s in seqs), buckets)
-    b = len(seqs)
-    tokens = np.full((b, length), pad_id, np.int32)
-    mask = np.zeros((b, length), np.int32)
-    weight = np.zeros((b, length), np.float32)
-    response = np.zeros((b, length), np.int32)
-    for r, (i, s) in enumerate(zip(idx, seqs)):
-        n = len(s)
-        tokens[r, :n] = s
-        mask[r, :n] = 1
-        # position t predicts token t + 1; count it when t + 1 is real (and, optionally, a response token)
-        first = max(int(data.prompt_len[i]), 1) if response_only else 1
-        weight[r, first - 1 : n - 1] = 1.0
-        response[r, int(data.prompt_len[i]) : n] = 1
-    return Batch(tokens, mask, weight, data.task[np.asarray(idx)].astype(np.int32), response)
-
-
-def _conversation_batch(
-    data: EncodedSet,
-    groups: Sequence[tuple[int, ...]],
-    *,
-    pad_id: int,
-    buckets: Sequence[int],
-    response_only: bool,
-) -> Batch:
-    rows = [join_turns(data, g) for g in groups]
+    # a plain row is a conversation of one turn: join_turns gives back exactly its example's tokens
+    rows = [join_turns(data, g) for g in (groups if groups is not None else [(int(i),) for i in idx])]
     length = bucket_for(max(len(ids) for ids, _, _ in rows), buckets)
     b = len(rows)
     tokens = np.full((b, length), pad_id, np.int32)
@@ -276,13 +249,14 @@ def _conversation_batch(
     weight = np.zeros((b, length), np.float32)
     response = np.zeros((b, length), np.int32)
     task = np.zeros((b, length), np.int32)
-    for r, ((ids, task_t, resp_t), g) in enumerate(zip(rows, groups)):
+    first_task_b = data.task[np.asarray(idx)].astype(np.int32)
+    for r, (ids, task_t, resp_t) in enumerate(rows):
         n = len(ids)
         tokens[r, :n], mask[r, :n], response[r, :n] = ids, 1, resp_t
-        task[r, :n], task[r, n:] = task_t, data.task[g[0]]
+        task[r, :n], task[r, n:] = task_t, first_task_b[r]
         # position t predicts token t + 1: every real next token, or (response_only) every response token
         weight[r, : n - 1] = resp_t[1:] if response_only else 1.0
-    return Batch(tokens, mask, weight, data.task[[g[0] for g in groups]].astype(np.int32), response, task)
+    return Batch(tokens, mask, weight, first_task_b, response, task if groups is not None else None)
 
 
 def batch_indices(data: EncodedSet, step: int, cfg: TrainConfig) -> np.ndarray:
