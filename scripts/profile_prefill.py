@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from meteora_jax.io import write_text_atomic  # noqa: E402
+from meteora_jax.model import moe_lora  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 # First match wins: our Pallas kernels are named lora_* (pallas_gpu.py, pallas_gpu_decode.py); cuDNN's
@@ -76,6 +77,9 @@ def kernels_by_kind(kernels: list[tuple[float, float, str]], top: int) -> dict:
     }
 
 
+_SPLIT_GATE_MIN_TOKENS = moe_lora.SPLIT_GATE_MIN_TOKENS  # restored after a +f32gate variant
+
+
 def profile_variant(model, variant: str, args: argparse.Namespace) -> dict:  # noqa: ANN001
     import jax
     import jax.numpy as jnp
@@ -83,8 +87,13 @@ def profile_variant(model, variant: str, args: argparse.Namespace) -> dict:  # n
 
     from meteora_jax.generate.sampler import GREEDY, _prefill
 
-    base = variant == "base"
-    model.set_lora_implementation(None if base or variant == "auto" else variant)
+    name, _, option = variant.partition("+")
+    if option not in ("", "f32gate"):
+        raise ValueError(f"variant {variant!r}: the only option is +f32gate")
+    base = name == "base"
+    model.set_lora_implementation(None if base or name == "auto" else name)
+    # +f32gate: the float32 gate GEMMs of before split_gate_logits, for an A/B in the same run (read at trace)
+    moe_lora.SPLIT_GATE_MIN_TOKENS = sys.maxsize if option else _SPLIT_GATE_MIN_TOKENS
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     graphdef, state = nnx.split(model)
     ids = jax.random.randint(jax.random.key(args.tokens), (1, args.tokens), 0, model.config.vocab_size)
@@ -148,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=4096, help="prompt length (one row)")
     ap.add_argument(
         "--variants",
-        default="base,auto,xla_masked_lowp",
-        help="comma list: base, auto or a grouped_lora implementation (auto = xla_masked at prefill on GPU)",
+        default="base,auto+f32gate,auto,xla_masked_lowp",
+        help="comma list: base, auto or a grouped_lora implementation (auto = xla_masked at prefill on GPU); "
+        "a +f32gate suffix computes the gates in float32 GEMMs instead of split_gate_logits",
     )
     ap.add_argument("--attention", default=None, help="attention implementation (default: cudnn on GPU)")
     ap.add_argument("--reps", type=int, default=5, help="timed prefills per variant (median)")
