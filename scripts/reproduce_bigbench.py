@@ -40,7 +40,7 @@ is lost at the machine's return (the partial results below still come back).
 RECIPE VARIANTS (knobs, no code change). MeteoRA's own recipe, as session 6 ran it on seed 0 with
 `--until eval:meteora` (1,390 s: gates:top2 took 590 s with the LoRA factors trained too, 351 s without):
     --set prompt_template=chat_no_system --set gates.mode=gate_and_experts
-    --set gates.expert_learning_rate=5e-4
+    --set gates.expert_learning_rate=5e-4 --set gates.composite_fraction=0
 Its result (routing 98.9%, but jointly trained experts scoring below their adapters) is in
 benchmarks/RESULTS.md (its files renamed bigbench_small_nosys_joint_seed0.* on copying, so as not to
 replace the plain seed 0's). Only the first flag, the system-turn-free prompts with gates alone (session 7,
@@ -48,7 +48,9 @@ replace the plain seed 0's). Only the first flag, the system-turn-free prompts w
 joint training made the routing. To test whether it did so by letting the gate loss train the experts
 (RESULTS.md), add `--set gates.detach_gate_input=true` to the joint recipe's flags. Composite prompts: the
 gates kept routing a turn to the previous turn's task (session 7); `--set gates.composite_fraction=0.3` trains
-them on multi-task conversations too (not yet run on the GPU).
+them on multi-task conversations too; session 8 ran it (RESULTS.md; bigbench_small_nosys_conv_seed0.*) and
+it is the config's default since, with chat_no_system. `--set gates.composite_fraction=0` and
+`--set prompt_template=chat` give the recipe of seeds 0 and 1 (sessions 3 and 5).
 
 WHAT COMES BACK. At most 8 files return from $OUT per call (16 MiB each). Every call writes
 $OUT/study_state.json: progress, seconds per step, and `partial_results` (every finished eval score so far

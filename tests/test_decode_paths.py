@@ -102,7 +102,7 @@ def test_gather_hands_over_above_its_row_limit():
 
 
 def test_auto_is_masked_for_few_expert_columns_only():
-    assert api._ops("xla", 28, 8).forward is xla.masked_forward
+    assert api._ops("xla", 28, 8).forward is xla.auto_masked_forward
     assert api._ops("xla", 1024, 4).forward is None  # sorted rows, as before
     assert api._ops("xla_dense", 28, 8).forward is None
     assert api._ops("xla_gather", 1024, 4).forward is xla.gather_forward
@@ -134,6 +134,23 @@ def test_low_precision_sum_writes_no_float32_output():
         else:
             got, want = _forward(inp, "xla_masked_lowp", True), _forward(inp, "xla_masked", True)
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_auto_sums_in_bf16_from_prefill_sizes_on(dtype):
+    """``xla`` (the automatic dense path): bitwise ``xla_masked`` below ``LOW_PRECISION_SUM_MIN_TOKENS`` rows and
+    bitwise ``xla_masked_lowp`` from there on, which in bf16 leaves no float32 [T, O] array; float32 is
+    ``xla_masked`` at every size."""
+    at = xla.LOW_PRECISION_SUM_MIN_TOKENS
+    for t in (at - 1, at):
+        inp = _inputs(t, 2, dtype, f"auto-sum-{t}-{dtype}")
+        got = np.asarray(_forward(inp, "xla", True))
+        low = dtype == "bfloat16" and t >= at
+        want = _forward(inp, "xla_masked_lowp" if low else "xla_masked", True)
+        np.testing.assert_array_equal(got, np.asarray(want))
+        jaxpr = str(jax.make_jaxpr(lambda i: _forward(i, "xla", True))(inp))
+        assert (f"f32[{t},40]" in jaxpr) == (not low)
+        assert rel_err(got, _forward(inp, "reference", True)) < TOLERANCE[dtype]
 
 
 def test_top2_softmax_is_jax_softmax():

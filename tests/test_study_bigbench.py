@@ -244,6 +244,10 @@ def test_out_state_carries_partial_results(tmp_path, monkeypatch):
     T.write_json(work / "eval" / "composite.json", {"scores": comp, "routing_plot": {"top1_lt": [[0] * 50]}})
     held = {"routing_acc": 0.5, "routing_acc_per_layer": {"0": 0.5}, "routing_acc_per_gate": {"g": 0.5}}
     T.write_json(work / "models" / "meteora_top2" / "training_report.json", {"held_out": held})
+    log = [{"step": 50, "loss": 3.123456, "gate_ce": 0.5, "grad_norm": 1.0}, {"step": 100, "gate_ce": 0.25}]
+    (work / "models" / "meteora_top2" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(x) for x in log) + "\n{cut sho"
+    )
     state = T.StudyState(work)
     state.step("gates:top2").update(done=True, outputs={"model": str(work / "models" / "meteora_top2")})
     state.step("gates:top1")  # not finished: not reported
@@ -254,7 +258,11 @@ def test_out_state_carries_partial_results(tmp_path, monkeypatch):
     assert part["eval"]["single"] == {"scores": {"base": {"upper": {"score": 40.0, "n": 3, "seconds": 1.0}}}}
     assert part["eval"]["meteora"]["routing"] == routing
     assert part["eval"]["composite"] == {"scores": {"3": {"meteora": {"correct": 1.0, "attempted": 2.0}}}}
-    assert part["gates"] == {"gates:top2": {"routing_acc": 0.5, "routing_acc_per_layer": {"0": 0.5}}}
+    # the training log comes back as a curve: headline keys, rounded; a torn last line is skipped
+    curve = [{"step": 50, "loss": 3.123, "gate_ce": 0.5}, {"step": 100, "gate_ce": 0.25}]
+    assert part["gates"] == {
+        "gates:top2": {"routing_acc": 0.5, "routing_acc_per_layer": {"0": 0.5}, "curve": curve}
+    }
 
     monkeypatch.setattr(S, "OUT_STATE_MAX_BYTES", 10)
     small = S.out_state(work, state)["partial_results"]

@@ -206,8 +206,10 @@ def out_state(work: Path, state: StudyState) -> dict:
 
 def partial_results(work: Path, state: StudyState) -> dict:
     """``eval``: ``<work>/eval/<name>.json``'s ``scores`` (without the per-example ``examples``) and
-    ``routing``; ``gates``: ``gates:topK`` -> its held-out report without the per-gate lists."""
-    from meteora_jax.train.loop import REPORT_FILE
+    ``routing``; ``gates``: ``gates:topK`` -> its held-out report without the per-gate lists, plus ``curve``:
+    its training log (``metrics.jsonl``, one line per ``log_every`` steps), so that a run shows whether the
+    gates were still learning when training stopped."""
+    from meteora_jax.train.loop import METRICS_FILE, REPORT_FILE
 
     out: dict[str, Any] = {"eval": {}, "gates": {}}
     for path in sorted((work / "eval").glob("*.json")):
@@ -224,7 +226,27 @@ def partial_results(work: Path, state: StudyState) -> dict:
             report = Path(st["outputs"]["model"]) / REPORT_FILE
             held = json.loads(report.read_text()).get("held_out", {}) if report.is_file() else {}
             out["gates"][name] = {k: v for k, v in held.items() if not k.endswith("_per_gate")}
+            out["gates"][name]["curve"] = _training_curve(Path(st["outputs"]["model"]) / METRICS_FILE)
     return out
+
+
+_CURVE_KEYS = ("step", "loss", "lm_loss", "gate_ce", "routing_acc", "tokens_per_s", "held_out_routing_acc")
+
+
+def _training_curve(path: Path) -> list[dict]:
+    """The logged training lines, their headline keys rounded to 4 significant digits ([] if no log)."""
+    curve = []
+    try:
+        lines = path.read_text().splitlines() if path.is_file() else []
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        curve.append({k: float(f"{rec[k]:.4g}") if k != "step" else rec[k] for k in _CURVE_KEYS if k in rec})
+    return curve
 
 
 def _without_examples(node: Any) -> Any:
@@ -249,7 +271,7 @@ def _headline(partial: dict) -> dict:
             for n, e in partial["eval"].items()
         },
         "gates": {
-            n: {k: v for k, v in g.items() if not k.endswith("_per_layer")}
+            n: {k: v for k, v in g.items() if not k.endswith("_per_layer") and k != "curve"}
             for n, g in partial["gates"].items()
         },
     }

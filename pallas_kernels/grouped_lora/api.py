@@ -75,15 +75,17 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
     interpret = name.endswith("_interpret")
     base = name.removesuffix("_interpret")
     dense = num_experts * rank <= xla.DENSE_MAX_EXPERT_COLUMNS
-    if base == "xla":  # the dense path (masked forward) for few expert columns, else sorted rows
-        return xla.DenseOps("xla_masked", xla.masked_forward) if dense else xla.RaggedOps()
+    if (
+        base == "xla"
+    ):  # the dense path (masked forward, bf16 sum at prefill) for few expert columns, else sorted rows
+        return xla.DenseOps("xla_masked", xla.auto_masked_forward) if dense else xla.RaggedOps()
     if base == "xla_ragged":
         return xla.RaggedOps()
     if base == "xla_dense":  # shrink + expand, with their one-hot contractions, in inference too
         return xla.DenseOps()
     if base == "xla_masked":
         return xla.DenseOps("xla_masked", xla.masked_forward)
-    if base == "xla_masked_lowp":  # xla_masked summing base and LoRA in bf16 (inference A/B; training as xla)
+    if base == "xla_masked_lowp":  # xla_masked summing base and LoRA in bf16 at every T (training as xla)
         return xla.DenseOps("xla_masked_lowp", xla.masked_lowp_forward)
     if base == "xla_masked_batched":  # xla_masked with the shrink batched over experts (inference A/B)
         return xla.DenseOps("xla_masked_batched", xla.masked_batched_forward)

@@ -28,9 +28,12 @@ values; an inference forward does not, so:
   ``GATHER_MAX_ROWS``; above that it hands over to ``masked_forward``).
 
 Both round like ``vjp._forward``: ``h`` in float32, ``h * coef`` cast to B's dtype, float32 accumulation.
-``masked_lowp_forward`` (``xla_masked_lowp``, an A/B candidate for prefill, not yet measured on a GPU) is
-``masked_forward`` writing the LoRA term and the base GEMM in x's dtype when that is bf16 / f16 and summing
-them there (``common.add_base_low_precision``: no float32 [T, O] arrays).
+``masked_lowp_forward`` (``xla_masked_lowp``) is ``masked_forward`` writing the LoRA term and the base GEMM
+in x's dtype when that is bf16 / f16 and summing them there (``common.add_base_low_precision``: no float32
+[T, O] arrays), as torch PEFT does in bf16. ``auto_masked_forward``, the dense forward of ``xla`` (and so of
+the automatic choice on GPU), takes it from ``LOW_PRECISION_SUM_MIN_TOKENS`` rows on: on the H200 it took a
+4096-token Llama-3-8B prefill from 142.7 to 131.4 ms (session 8, benchmarks/RESULTS.md). Fewer rows (decode)
+keep the float32 sum, whose figures were measured with it.
 ``masked_batched_forward`` (``xla_masked_batched``) is ``masked_forward`` with the shrink as a matmul batched
 over experts (an A/B variant for ``scripts/profile_decode.py``; see ``masked_forward``).
 """
@@ -53,6 +56,9 @@ _HIGHEST = lax.Precision.HIGHEST
 DENSE_MAX_EXPERT_COLUMNS = 1024
 # Above this many rows (T * k) gathering per-row expert weights copies more than the dense path reads.
 GATHER_MAX_ROWS = 64
+# From this many rows on (prefill), ``auto_masked_forward`` sums base and LoRA in bf16: the float32 [T, O]
+# arrays it saves are bandwidth there; at decode sizes they are not, and decode was measured without it.
+LOW_PRECISION_SUM_MIN_TOKENS = 256
 
 
 def masked_forward(
@@ -106,6 +112,21 @@ def masked_lowp_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, 
     """``masked_forward`` summing base and LoRA in x's dtype when that is bf16 / f16 (``xla_masked_lowp``)."""
     return masked_forward(
         x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, low_precision_sum=True
+    )
+
+
+def auto_masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
+    """``xla``'s dense forward: ``masked_lowp_forward`` from ``LOW_PRECISION_SUM_MIN_TOKENS`` rows on, else
+    ``masked_forward`` (the row count is static: the choice is made at trace time)."""
+    return masked_forward(
+        x_td,
+        w_do,
+        lora_a_edr,
+        lora_b_ero,
+        ids_tk,
+        weights_tk,
+        scaling_e,
+        low_precision_sum=x_td.shape[0] >= LOW_PRECISION_SUM_MIN_TOKENS,
     )
 
 
