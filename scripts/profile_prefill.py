@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=4096, help="prompt length (one row)")
     ap.add_argument(
         "--variants",
-        default="base,auto+f32gate,auto,xla_masked_lowp",
-        help="comma list: base, auto or a grouped_lora implementation (auto = xla_masked at prefill on GPU); "
-        "a +f32gate suffix computes the gates in float32 GEMMs instead of split_gate_logits",
+        default="base,auto,xla_masked",
+        help="comma list: base, auto or a grouped_lora implementation (auto at prefill on GPU: the dense "
+        "masked path with the bf16 sum; xla_masked: the same with the float32 sum); a +f32gate suffix computes "
+        "the gates in float32 GEMMs instead of split_gate_logits",
     )
     ap.add_argument("--attention", default=None, help="attention implementation (default: cudnn on GPU)")
     ap.add_argument("--reps", type=int, default=5, help="timed prefills per variant (median)")
