@@ -507,6 +507,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         "composite",
         "routing_accuracy",
         "routing_accuracy_per_layer",
+        "routing_accuracy_per_projection",
         "routing_accuracy_prompt_majority",
         "routing_accuracy_prompt_tokens",
         "ablations",
@@ -543,6 +544,14 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     per_layer = report["routing_accuracy_per_layer"]
     num_layers = json.loads((tmp_path / "base" / "config.json").read_text())["num_hidden_layers"]
     assert len(per_layer) == num_layers and np.isclose(np.mean(per_layer), report["routing_accuracy"])
+    # per projection, likewise: one figure per MoE projection (in forward order), the per-(layer, projection)
+    # grid averaging to both
+    per_proj = report["routing_accuracy_per_projection"]
+    grid = np.asarray(meteora["routing"]["per_layer_projection"])
+    assert list(per_proj)[:3] == ["q_proj", "k_proj", "v_proj"] and grid.shape == (num_layers, len(per_proj))
+    np.testing.assert_allclose(100 * grid.mean(axis=0), list(per_proj.values()), rtol=1e-9)
+    np.testing.assert_allclose(100 * grid.mean(axis=1), per_layer, rtol=1e-9)
+    assert np.isclose(np.mean(list(per_proj.values())), report["routing_accuracy"])
     assert 0.0 <= report["routing_accuracy_prompt_majority"] <= 100.0
     prompt = report["routing_accuracy_prompt_tokens"]
     assert prompt["shared_prefix_tokens"] > 0  # the chat template's system turn + user header
@@ -551,6 +560,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     assert prompt["last_prompt_token"]["tokens"] == meteora["routing"]["pairs"]
     section = (out / "bigbench_small_section.md").read_text()
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
+    assert "By projection: q_proj " in section
     assert "| meteora_top2_oracle_first1 | 3 |" in section
     assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section
     # the traced composite conversation turn by turn (turns protocol): 1 shot + 3 questions of 3 tasks

@@ -351,6 +351,7 @@ def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
     and the list is filled up to whole batches with repeats (discarded). Padding is masked; the forward
     compute it adds is seconds, each extra compile of the 22-expert forward ~15-20 s (ESTIMATED)."""
     from meteora_jax.eval.routing import teacher_forced_top1
+    from meteora_jax.generate.sampler import moe_projections
 
     sampler, _ = meteora_system(ctx, top_k)()
     model, tok = sampler.model, sampler.tokenizer
@@ -392,6 +393,14 @@ def teacher_forced_routing(ctx: Ctx, top_k: int) -> dict:
         "overall": float(all_tlp.mean()) if all_tlp.size else 0.0,
         "per_task": {t: float(np.concatenate(hs).mean()) if hs else None for t, hs in hits.items()},
         "per_layer": [float(x) for x in all_tlp.mean(axis=(0, 2))] if all_tlp.size else [],
+        # which projections' gates miss: their inputs differ (q/k/v and gate/up read the normed residual, o the
+        # attention output, down the MLP's activation), so a layer's figure can hide one weak projection
+        "per_projection": {p: float(all_tlp[:, :, j].mean()) for j, p in enumerate(moe_projections(model))}
+        if all_tlp.size
+        else {},
+        "per_layer_projection": [[float(x) for x in row] for row in all_tlp.mean(axis=0)]
+        if all_tlp.size
+        else [],
         "prompt_majority": float(np.mean([m for ms in majority.values() for m in ms])) if all_hits else 0.0,
         "prompt_majority_per_task": {t: float(np.mean(ms)) if ms else None for t, ms in majority.items()},
         "prompt_tokens": prompt_token_routing(prompt_hits, prefix),

@@ -61,6 +61,9 @@ def build_report(ctx: Ctx) -> dict:
         # supplementary, not the must-show: per layer (mean over projections), and per prompt (the expert
         # most often top-1 over all its response tokens, layers and projections == the task's)
         "routing_accuracy_per_layer": [100.0 * x for x in routing.get("per_layer", [])],
+        "routing_accuracy_per_projection": {
+            p: 100.0 * x for p, x in routing.get("per_projection", {}).items()
+        },
         "routing_accuracy_prompt_majority": None
         if routing.get("prompt_majority") is None
         else 100.0 * routing["prompt_majority"],
@@ -154,6 +157,9 @@ def _routing_detail(report: dict) -> str:
     if layers:
         out += f" By layer: {layers[0]:.0f}% at layer 0, {layers[len(layers) // 2]:.0f}% at layer {len(layers) // 2}, "
         out += f"{layers[-1]:.0f}% at layer {len(layers) - 1}."
+    projections = report.get("routing_accuracy_per_projection") or {}
+    if projections:
+        out += " By projection: " + ", ".join(f"{p} {x:.1f}%" for p, x in projections.items()) + "."
     if report.get("routing_accuracy_prompt_majority") is not None:
         out += (
             f" Per prompt (the expert most often top-1 over its response tokens, layers and projections): "
