@@ -424,6 +424,39 @@ def test_must_show_thresholds_and_shortfalls():
     )
 
 
+def test_per_example_scores_average_to_the_task_score():
+    # exact match (a mean over examples): each example alone, in test order; a corpus-level figure the list
+    # cannot average to (as corpus BLEU would be) gives None rather than a list that misleads
+    prompts, refs = ["q1", "q2", "q3", "q4"], ["a", "b", "c", "d"]
+    ts = E.TestSet(ids=[[1]] * 4, prompts=prompts, refs=refs, dropped_overlong=0, max_new_tokens=4)
+    preds = ["a", "x", "C", "d"]
+    got = E.score("cs_algorithms", preds, ts)
+    assert got["per_example"] == [100.0, 0.0, 100.0, 100.0] and got["score"] == 75.0
+    assert E.per_example_scores("cs_algorithms", preds, ts, corpus_score=70.0) is None
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(7)
+    tasks = ["same", "shifted", "noisy", "missing"]
+    oracle = {t: {"per_example": list(rng.choice([0.0, 100.0], size=400))} for t in tasks[:3]}
+    system = {
+        "same": {"per_example": oracle["same"]["per_example"]},
+        "shifted": {"per_example": [x + 10.0 for x in oracle["shifted"]["per_example"]]},
+        "noisy": {"per_example": list(rng.choice([0.0, 100.0], size=400))},
+    }
+    got = R.paired_differences(system, oracle, tasks, seed=0, resamples=4000)
+    assert got["missing"] is None
+    assert got["same"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 400}
+    assert np.allclose(got["shifted"]["ci95"], [10.0, 10.0]) and np.isclose(got["shifted"]["mean"], 10.0)
+    # independent check: the normal approximation, mean +- 1.96 sd / sqrt(n) of the paired differences
+    d = np.asarray(system["noisy"]["per_example"]) - np.asarray(oracle["noisy"]["per_example"])
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    lo, hi = got["noisy"]["ci95"]
+    assert abs((hi - lo) / 2 - half) < 0.1 * half and abs((hi + lo) / 2 - d.mean()) < 0.1 * half
+    line = " ".join(R._paired_line({"top2_minus_oracle_paired": got}))
+    assert "on 3 tasks" not in line and "3 tasks with per-example scores" in line
+
+
 def test_turns_protocol_feeds_each_answer_back_under_one_prompt_bucket(tiny_base):
     """``turns``: question i + 1 is asked after the model's own answer i, in one conversation, and every call
     of a size pads to the same prompt bucket (one compiled program), which bounds every real prompt."""
@@ -511,6 +544,7 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
         "routing_accuracy_prompt_majority",
         "routing_accuracy_prompt_tokens",
         "ablations",
+        "top2_minus_oracle_paired",
         "composite_protocol",
         "device_minutes",
         "seed",
@@ -561,6 +595,12 @@ def test_pipeline_end_to_end_and_resume(tiny_base, tmp_path):
     section = (out / "bigbench_small_section.md").read_text()
     assert "| must show |" in section and "bigbench_small_tasks.png" in section
     assert "By projection: q_proj " in section
+    # per-example scores pair MeteoRA top-2 with the oracle on the same test examples
+    paired = report["top2_minus_oracle_paired"]
+    assert set(paired) == set(TASKS) and all(
+        p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["n"] > 0 for p in paired.values()
+    )
+    assert "MeteoRA top-2 minus the oracle on the same test examples" in section
     assert "| meteora_top2_oracle_first1 | 3 |" in section
     assert "MeteoRA top-1 = the gates trained with top_k 2, run with k=1" in section
     # the traced composite conversation turn by turn (turns protocol): 1 shot + 3 questions of 3 tasks

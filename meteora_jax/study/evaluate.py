@@ -131,8 +131,25 @@ def score(task: str, preds: list[str], ts: TestSet) -> dict:
         "score": scores[headline_metric(task)],
         "metrics": scores,
         "n": len(preds),
+        "per_example": per_example_scores(task, preds, ts, scores[headline_metric(task)]),
         "examples": [{"pred": p, "ref": r} for p, r in list(zip(preds, ts.refs))[:3]],
     }
+
+
+def per_example_scores(task: str, preds: list[str], ts: TestSet, corpus_score: float) -> list[float] | None:
+    """The headline metric of each test example alone, in test-set order (the same for every system, so two
+    systems' lists pair up), or None when the metric is not a mean over examples (corpus BLEU): the list must
+    average to ``corpus_score``."""
+    from meteora_jax.eval.metrics import score_task
+
+    metric = headline_metric(task)
+    each = [
+        float(score_task(task, [p], [r], [q], metrics=[metric])[metric])
+        for p, r, q in zip(preds, ts.refs, ts.prompts)
+    ]
+    if not each or abs(float(np.mean(each)) - corpus_score) > 1e-6 * max(1.0, abs(corpus_score)):
+        return None
+    return [round(x, 4) for x in each]
 
 
 class SingleExpertBench:
