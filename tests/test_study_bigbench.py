@@ -453,8 +453,12 @@ def test_paired_bootstrap_interval():
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
     lo, hi = got["noisy"]["ci95"]
     assert abs((hi - lo) / 2 - half) < 0.1 * half and abs((hi + lo) / 2 - d.mean()) < 0.1 * half
-    line = " ".join(R._paired_line({"top2_minus_oracle_paired": got}))
-    assert "on 3 tasks" not in line and "3 tasks with per-example scores" in line
+    two = {"same": got["same"], "shifted": got["shifted"], "missing": None}
+    line = " ".join(R._paired_line({"top2_minus_oracle_paired": two}))
+    assert "2 tasks with per-example scores" in line and "includes 0 on 1/2 tasks" in line
+    assert "wholly above -1 point on 2/2" in line and "beyond this noise) on 0/2." in line
+    worse = {"t": {"mean": -5.0, "ci95": [-8.0, -2.0], "n": 50}}
+    assert "on 1/1: t." in " ".join(R._paired_line({"top2_minus_oracle_paired": worse}))
 
 
 def test_turns_protocol_feeds_each_answer_back_under_one_prompt_bucket(tiny_base):

@@ -75,9 +75,8 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
     interpret = name.endswith("_interpret")
     base = name.removesuffix("_interpret")
     dense = num_experts * rank <= xla.DENSE_MAX_EXPERT_COLUMNS
-    if (
-        base == "xla"
-    ):  # the dense path (masked forward, bf16 sum at prefill) for few expert columns, else sorted rows
+    # xla: the dense path (masked forward, bf16 sum at prefill sizes) for few expert columns, else sorted rows
+    if base == "xla":
         return xla.DenseOps("xla_masked", xla.auto_masked_forward) if dense else xla.RaggedOps()
     if base == "xla_ragged":
         return xla.RaggedOps()
