@@ -36,6 +36,11 @@ measure composite alone: `run --seed S --until gates:top2`, then `run --seed S -
 eval:composite --step report` (~15 + ~7 minutes, ESTIMATED). If a seed runs short:
 --set gates.steps=1200 (~-70 s); then --set composite.sizes=[3,10]. A seed whose session runs out
 is lost at the machine's return (the partial results below still come back).
+Session 8 (seed 0, today's defaults, composite-3 and -5): 1,433 s of steps in calls of 161 (data plus
+issue-5 benchmarks), 488, 501 and 456 s; the lease held 1,664 s. MeteoRA top-1 costs ~50 s of eval:meteora
+(`--set eval.meteora_top_ks=[2]` drops it). Inside eval:composite each (size, system) starts only with
+`composite.unit_seconds_estimate` seconds left (else it resumes on the next call), so composite-10 cannot
+outrun a call.
 
 RECIPE VARIANTS (knobs, no code change). MeteoRA's own recipe, as session 6 ran it on seed 0 with
 `--until eval:meteora` (1,390 s: gates:top2 took 590 s with the LoRA factors trained too, 351 s without):

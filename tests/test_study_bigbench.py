@@ -424,6 +424,20 @@ def test_must_show_thresholds_and_shortfalls():
     )
 
 
+def test_composite_unit_reserve_scales_with_size():
+    # session 8's composite timings: each system's fastest per-question rate at a smaller size, x1.5, + 30 s
+    from meteora_jax.study.composite import unit_seconds_estimate
+
+    scores = {
+        "3": {"meteora": {"seconds": 112.4}, "lora_b": {"seconds": 36.2}},
+        "5": {"meteora": {"seconds": 48.4}, "lora_b": {}},
+    }
+    assert unit_seconds_estimate(scores, "meteora", 10) == pytest.approx(30 + 1.5 * 10 * 48.4 / 5)
+    assert unit_seconds_estimate(scores, "lora_b", 10) == pytest.approx(30 + 1.5 * 10 * 36.2 / 3)
+    assert unit_seconds_estimate(scores, "meteora", 3) == 30.0  # nothing smaller has run: the bare reserve
+    assert unit_seconds_estimate(scores, "lora_f", 10) == 30.0
+
+
 def test_per_example_scores_average_to_the_task_score():
     # exact match (a mean over examples): each example alone, in test order; a corpus-level figure the list
     # cannot average to (as corpus BLEU would be) gives None rather than a list that misleads

@@ -135,8 +135,8 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
         for name in ("meteora", *BASELINES):
             if name in results["scores"].get(str(n), {}):
                 continue
-            if ctx.time_left() < 30:
-                return None
+            if ctx.time_left() < unit_seconds_estimate(results["scores"], name, n):
+                return None  # checkpointed: the next call (--resume) starts this (size, system) afresh
             t0 = time.perf_counter()
             sampler, routing = system(name)
             want_trace = name == "meteora" and n == cc.sizes[0] and "routing_plot" not in results
@@ -183,6 +183,19 @@ def step_eval_composite(ctx: Ctx) -> dict | None:
         )
         write_json(path, results)
     return {"results": str(path)}
+
+
+def unit_seconds_estimate(scores: dict, name: str, n: int) -> float:
+    """Seconds to hold in reserve before starting ``name``'s composite-``n`` (one unit of this step): 1.5x the
+    fastest per-question rate ``name`` showed at a smaller size (which includes its compiles, so the rate
+    falls with size), plus 30 s for a new prompt bucket's compile; 30 s when it has not run yet. A unit
+    started too late would outrun --max-minutes and the call's hard limit, losing the call's results."""
+    rates = [
+        row["seconds"] / int(size)
+        for size, rows in scores.items()
+        if int(size) < n and (row := rows.get(name)) and row.get("seconds")
+    ]
+    return 30.0 + (1.5 * n * min(rates) if rates else 0.0)
 
 
 def composite_file(protocol: str) -> str:
