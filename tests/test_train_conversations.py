@@ -55,6 +55,25 @@ def test_conversation_row_is_the_turns_protocols_conversation(template):
     assert tok.decode(ids).count("<|im_start|>system") == (1 if template == "chat" else 0)
 
 
+@pytest.mark.parametrize("template", ["chat_no_system", "chat", "meteora"])
+def test_batched_encoding_is_the_per_example_encoding(template):
+    # encode_examples tokenises each task's texts in one call (and renders chat_no_system's system head once);
+    # the reference is one call per text, as PromptFormatter.ids and turn_tail_text give them
+    tok, examples, data = _encoded(template, per_task=4)
+    cfg = TrainConfig(prompt_template=template, composite_fraction=1.0)
+    fmt, tail = PromptFormatter(tok, template), turn_tail_text(tok, template)
+    enc = lambda text: list(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    flat = [ex for name in NAMES for ex in examples[name]]
+    for i, ex in enumerate(flat):
+        prompt = fmt.ids(ex.prompt, cfg.add_bos)
+        assert data.ids[i].tolist() == prompt + enc(ex.response) + [tok.eos_token_id]
+        assert data.prompt_len[i] == len(prompt)
+        assert data.tail_ids[i].tolist() == enc(tail(ex.prompt))
+    # a second tokenizer with another chat template gets its own system head, not the first one's
+    other = _tok(SMOLLM2.replace("<|im_start|>", "<|im_begin|>"), "<s>")
+    assert PromptFormatter(other, template)("q?") != fmt("q?") or template == "meteora"
+
+
 def test_groups_are_distinct_tasks_that_fit_and_a_pure_function_of_the_step():
     _, _, data = _encoded("chat_no_system")
     idx = np.arange(len(data))

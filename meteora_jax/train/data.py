@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,6 +79,23 @@ class EncodedSet:
         return np.flatnonzero(self.task == t)
 
 
+# tokenizer -> (its chat template, the placeholder system turn rendered alone): the same for every prompt, and
+# rendering it each time was a third of the time to load the study's 40k examples
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _system_head(tokenizer, placeholder: list[dict[str, str]], render: Callable) -> str:  # noqa: ANN001
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        cached = _HEADS.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no cache
+        return render(placeholder, False)
+    if cached is None or cached[0] != template:
+        cached = (template, render(placeholder, False))
+        _HEADS[tokenizer] = cached
+    return cached[1]
+
+
 def render_chat(tokenizer, messages: Sequence[dict[str, str]], template: str = "chat") -> str:  # noqa: ANN001
     """``messages`` through the tokenizer's chat template, ending where the assistant answers.
 
@@ -93,7 +111,7 @@ def render_chat(tokenizer, messages: Sequence[dict[str, str]], template: str = "
         return render(list(messages), True)
     placeholder = [{"role": "system", "content": "placeholder"}]
     try:
-        head, full = render(placeholder, False), render(placeholder + list(messages), True)
+        head, full = _system_head(tokenizer, placeholder, render), render(placeholder + list(messages), True)
     except Exception as e:  # noqa: BLE001 (jinja raises whatever the template author chose)
         raise MeteoraInputError(
             f"prompt_template=chat_no_system: this chat template does not take a system turn ({e}); use chat."
@@ -171,6 +189,14 @@ def _encode(tokenizer, text: str) -> list[int]:  # noqa: ANN001
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:  # noqa: ANN001
+    """``_encode`` of each text, in ONE tokenizer call: a fast tokenizer encodes a list on all cores, where one
+    call per text spent ~80% of the study's 40k-example data load (44 s on 2 cores) in per-call overhead."""
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def encode_examples(
     examples: Mapping[str, Sequence[Example]],
     tokenizer,  # noqa: ANN001
@@ -187,11 +213,16 @@ def encode_examples(
     tails: list[np.ndarray] | None = [] if cfg.composite_fraction > 0 else None
     tail_text = turn_tail_text(tokenizer, cfg.prompt_template) if tails is not None else None
     truncated = 0
+    bos_ids = fmt.bos_ids(cfg.add_bos)
     for name, exs in examples.items():
         t = list(expert_names).index(name)
-        for i, ex in enumerate(exs):
-            prompt_ids = fmt.ids(ex.prompt, cfg.add_bos)
-            resp_ids = _encode(tokenizer, ex.response) + ([eos] if eos is not None else [])
+        # one batched call per task and kind of text (fmt.ids and _encode of each example, token for token)
+        prompts = _encode_many(tokenizer, [fmt(ex.prompt) for ex in exs])
+        responses = _encode_many(tokenizer, [ex.response for ex in exs])
+        tail_ids = _encode_many(tokenizer, [tail_text(ex.prompt) for ex in exs]) if tail_text else None
+        for i in range(len(exs)):
+            prompt_ids = bos_ids + prompts[i]
+            resp_ids = responses[i] + ([eos] if eos is not None else [])
             seq = prompt_ids + resp_ids
             if len(seq) > max_len:
                 if cfg.overlong == "error":
@@ -205,8 +236,8 @@ def encode_examples(
             ids.append(np.asarray(seq, np.int32))
             plen.append(min(len(prompt_ids), max_len))
             task.append(t)
-            if tails is not None:
-                tails.append(np.asarray(_encode(tokenizer, tail_text(ex.prompt)), np.int32))
+            if tails is not None and tail_ids is not None:
+                tails.append(np.asarray(tail_ids[i], np.int32))
     return EncodedSet(
         ids=ids,
         prompt_len=np.asarray(plen, np.int32),
