@@ -74,6 +74,18 @@ def test_batched_encoding_is_the_per_example_encoding(template):
     assert PromptFormatter(other, template)("q?") != fmt("q?") or template == "meteora"
 
 
+def test_a_stale_cached_system_head_is_rendered_afresh():
+    # a template whose head changes under the same template string (one that writes today's date) must not
+    # leave a cached head that no longer prefixes the conversation: it is rendered again, not an error
+    from meteora_jax.train import data as D
+
+    tok = _tok(SMOLLM2, "<s>")
+    want = D.render_chat(tok, [{"role": "user", "content": "q?"}], "chat_no_system")
+    D._HEADS[tok] = (tok.chat_template, "a head from yesterday")
+    assert D.render_chat(tok, [{"role": "user", "content": "q?"}], "chat_no_system") == want
+    assert D._HEADS[tok][1] != "a head from yesterday"
+
+
 def test_groups_are_distinct_tasks_that_fit_and_a_pure_function_of_the_step():
     _, _, data = _encoded("chat_no_system")
     idx = np.arange(len(data))

@@ -80,17 +80,18 @@ class EncodedSet:
 
 
 # tokenizer -> (its chat template, the placeholder system turn rendered alone): the same for every prompt, and
-# rendering it each time was a third of the time to load the study's 40k examples
+# rendering it each time was a third of the time to load the study's 40k examples. A template may still change
+# its head (one that writes today's date), so a head that no longer prefixes a render is rendered afresh.
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _system_head(tokenizer, placeholder: list[dict[str, str]], render: Callable) -> str:  # noqa: ANN001
+def _system_head(tokenizer, placeholder: list[dict[str, str]], render: Callable, fresh: bool = False) -> str:  # noqa: ANN001
     template = getattr(tokenizer, "chat_template", None)
     try:
         cached = _HEADS.get(tokenizer)
     except TypeError:  # not weak-referenceable: no cache
         return render(placeholder, False)
-    if cached is None or cached[0] != template:
+    if fresh or cached is None or cached[0] != template:
         cached = (template, render(placeholder, False))
         _HEADS[tokenizer] = cached
     return cached[1]
@@ -116,6 +117,8 @@ def render_chat(tokenizer, messages: Sequence[dict[str, str]], template: str = "
         raise MeteoraInputError(
             f"prompt_template=chat_no_system: this chat template does not take a system turn ({e}); use chat."
         ) from None
+    if not full.startswith(head):
+        head = _system_head(tokenizer, placeholder, render, fresh=True)
     if not full.startswith(head):
         raise MeteoraInputError(
             "prompt_template=chat_no_system: this chat template does not render the system turn as a prefix of "
