@@ -107,15 +107,15 @@ def _paired_line(report: dict) -> list[str]:
     if not paired:
         return []
     n = len(paired)
+    with_zero = sum(p["ci95"][0] <= 0.0 <= p["ci95"][1] for p in paired.values())
     above = sum(p["ci95"][0] >= -1.0 for p in paired.values())
     worse = sorted(t for t, p in paired.items() if p["ci95"][1] < 0.0)
     return [
         "",
         f"MeteoRA top-2 minus the oracle on the same test examples (supplementary; 95% bootstrap interval over "
-        f"examples, {n} tasks with per-example scores): the interval includes 0 on "
-        f"{sum(p['ci95'][0] <= 0.0 <= p['ci95'][1] for p in paired.values())}/{n} tasks, lies wholly above "
-        f"-1 point on {above}/{n}, and wholly below 0 (worse than the oracle beyond this noise) on {len(worse)}/{n}"
-        + (f": {', '.join(worse)}." if worse else "."),
+        f"examples, {n} tasks with per-example scores): the interval includes 0 on {with_zero}/{n} tasks, lies "
+        f"wholly above -1 point on {above}/{n}, and wholly below 0 (worse than the oracle beyond this noise) on "
+        f"{len(worse)}/{n}" + (f": {', '.join(worse)}." if worse else "."),
     ]
 
 

@@ -213,8 +213,8 @@ def encode_examples(
     fmt = PromptFormatter(tokenizer, cfg.prompt_template)
     eos = tokenizer.eos_token_id if cfg.add_eos else None
     ids, plen, task = [], [], []
-    tails: list[np.ndarray] | None = [] if cfg.composite_fraction > 0 else None
-    tail_text = turn_tail_text(tokenizer, cfg.prompt_template) if tails is not None else None
+    tail_text = turn_tail_text(tokenizer, cfg.prompt_template) if cfg.composite_fraction > 0 else None
+    tails: list[np.ndarray] | None = [] if tail_text else None
     truncated = 0
     bos_ids = fmt.bos_ids(cfg.add_bos)
     for name, exs in examples.items():
@@ -239,7 +239,7 @@ def encode_examples(
             ids.append(np.asarray(seq, np.int32))
             plen.append(min(len(prompt_ids), max_len))
             task.append(t)
-            if tails is not None and tail_ids is not None:
+            if tail_ids is not None:
                 tails.append(np.asarray(tail_ids[i], np.int32))
     return EncodedSet(
         ids=ids,
