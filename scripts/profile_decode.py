@@ -18,6 +18,11 @@ shrink as a matmul batched over experts), ``xla_gather`` (gathers the chosen exp
 ``reference``, ``pallas_gpu`` (at decode batches up to ``--decode-max-tokens``, default
 ``pallas_gpu_decode.DECODE_MAX_TOKENS`` = 1: one kernel per projection, ``pallas_gpu_decode.py``),
 ``pallas_gpu_decode`` (that kernel at T=1, ``xla`` otherwise; what ``auto`` picks on GPU for 28 experts).
+Any of them may carry ``+KNOB=N`` suffixes (``KNOBS``): a trace-time token-count threshold of the automatic
+path set for that variant only, e.g. ``auto+group_route=inf`` (one top-k per projection, not per group),
+``auto+lowp=1`` (bf16 sum at decode), ``auto+batched=64`` (shrink batched over experts),
+``auto+split_gate=1`` (the bf16 split gate GEMM at decode). ``--dump-hlo F.tar.gz`` keeps each variant's
+compiled decode program, to find what a kernel in the trace is.
 
 XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process
 starts: ``XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_decode.py``. ``--flag-sets``
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -162,7 +168,54 @@ def kernel_summary(kernels: list[tuple[float, float, str]], steps: int, top: int
 
 
 # ----------------------------------------------------------------------------- the runs
+# ``VARIANT+knob=N``: a trace-time size threshold set for that variant only (``inf`` = never reached), so
+# one run can A/B the choices the automatic path makes by token count.
+KNOBS = {
+    "group_route": ("meteora_jax.model.moe_lora", "GROUP_ROUTE_MIN_TOKENS"),
+    "split_gate": ("meteora_jax.model.moe_lora", "SPLIT_GATE_MIN_TOKENS"),
+    "lowp": ("pallas_kernels.grouped_lora.xla", "LOW_PRECISION_SUM_MIN_TOKENS"),
+    "batched": ("pallas_kernels.grouped_lora.xla", "BATCHED_SHRINK_MAX_TOKENS"),
+}
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, int]]:
+    """``name+knob=N+...`` -> (name, {knob: N}); ValueError names the knobs on a bad one."""
+    name, *opts = variant.split("+")
+    knobs = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key not in KNOBS or not (value.isdigit() or value == "inf"):
+            raise ValueError(
+                f"variant {variant!r}: expected +KNOB=N (N an integer or inf), KNOB in {list(KNOBS)}"
+            )
+        knobs[key] = sys.maxsize if value == "inf" else int(value)
+    return name, knobs
+
+
+@contextlib.contextmanager
+def knobs_set(knobs: dict[str, int]):  # noqa: ANN201
+    """Sets the knobs' module attributes while a variant is traced, then restores them."""
+    import importlib
+
+    saved = []
+    try:
+        for key, value in knobs.items():
+            module = importlib.import_module(KNOBS[key][0])
+            saved.append((module, KNOBS[key][1], getattr(module, KNOBS[key][1])))
+            setattr(module, KNOBS[key][1], value)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
 def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    name, knobs = parse_variant(variant)
+    with knobs_set(knobs):
+        return _profile_variant(model, variant, name, batch, args)
+
+
+def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.Namespace) -> dict:  # noqa: ANN001
     import jax
     import jax.numpy as jnp
     from bench_generate import fresh_decode_state
@@ -171,8 +224,8 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
     from meteora_jax.generate.sampler import _decode
     from meteora_jax.generate.sampling import SamplingParams
 
-    base = variant == "base"
-    model.set_lora_implementation(None if base or variant == "auto" else variant)
+    base = name == "base"
+    model.set_lora_implementation(None if base or name == "auto" else name)
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     routing = model.routing_options(no_experts=base)
     graphdef, state = nnx.split(model)
@@ -191,7 +244,10 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
         return_routing=False,
     ).compile()
     row: dict = {"variant": variant, "batch": batch, "compile_s": time.perf_counter() - t0}
-    row["hlo"] = hlo_step_summary(compiled.as_text())
+    hlo_text = compiled.as_text()
+    row["hlo"] = hlo_step_summary(hlo_text)
+    if args.dump_hlo:
+        _add_to_tar(args.dump_hlo, f"{re.sub(r'[^A-Za-z0-9_.=-]', '_', variant)}_b{batch}.hlo.txt", hlo_text)
 
     def once() -> float:
         carry = fresh()
@@ -225,6 +281,25 @@ def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -
                 1e3 * row["wall_ms_per_token"] - row["trace"]["busy_us_per_token"]
             )
     return row
+
+
+def _add_to_tar(path: str, member: str, text: str) -> None:
+    """Appends one text file to the gzipped tar at ``path`` (rewritten whole: gzip cannot be appended to)."""
+    import io
+    import tarfile
+
+    members = {}
+    if os.path.exists(path):
+        with tarfile.open(path, "r:gz") as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+    members[member] = text.encode()
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
 
 
 def print_table(rows: list[dict], top: int) -> None:
@@ -285,7 +360,8 @@ def main() -> int:
     ap.add_argument(
         "--variants",
         default="base,auto,xla_masked",
-        help="comma list: base, auto or a grouped_lora implementation",
+        help="comma list: base, auto or a grouped_lora implementation, each optionally +KNOB=N (N or inf; "
+        f"KNOB one of {list(KNOBS)}: a trace-time threshold for that variant, e.g. auto+group_route=inf)",
     )
     ap.add_argument("--batches", default="1,64", help="comma list of decode batch sizes")
     ap.add_argument("--steps", type=int, default=32, help="tokens per timed decode call")
@@ -293,6 +369,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15, help="kernels listed per run")
     ap.add_argument("--no-trace", action="store_true", help="skip the profiler run (timings and HLO only)")
+    ap.add_argument("--dump-hlo", default=None, help="tar.gz: each variant's compiled decode HLO text")
     ap.add_argument("--flag-sets", default=None, help="'name=XLA FLAGS;name2=...': one process per set")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/profile_decode.json)")
     ap.add_argument(

@@ -247,28 +247,66 @@ def test_decode_logits_match_the_reference_backend():
     assert rel_err(out["pallas_gpu_interpret"], out["reference"]) < 1e-5
 
 
-def test_shared_gate_logits_are_each_projections_own():
-    """q/k/v (and gate/up) route from one concatenated GEMV: same logits as each gate alone, None where a
-    projection has no experts or no routing is needed."""
-    from meteora_jax.model.gate import RoutingOptions
+def test_auto_batched_shrink_knob(monkeypatch):
+    """``xla.BATCHED_SHRINK_MAX_TOKENS`` (a profiling A/B knob, off by default): up to that many rows the
+    automatic dense path is bitwise ``xla_masked_batched``, above it bitwise ``xla_masked``."""
+    monkeypatch.setattr(xla, "BATCHED_SHRINK_MAX_TOKENS", 8)
+    for t, want_impl in ((8, "xla_masked_batched"), (9, "xla_masked")):
+        inp = _inputs(t, 2, "float32", f"batched-knob-{t}")
+        got = np.asarray(_forward(inp, "xla", True))
+        np.testing.assert_array_equal(got, np.asarray(_forward(inp, want_impl, True)))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize(
+    "routing_kw",
+    [{}, {"top_k": 1}, {"mode": "softmax_then_topk", "temperature": 0.7}, {"top_k": 3, "temperature": 2.0}],
+)
+def test_shared_gate_logits_are_each_projections_own(monkeypatch, grouped, routing_kw):
+    """q/k/v (and gate/up) route from one concatenated GEMV and, grouped, one top-k over [T, P, E]: the same
+    logits as each gate alone, and bitwise the same expert ids and weights as each projection's own ``route``;
+    None where a projection has no experts or no routing is needed."""
+    from meteora_jax.model import moe_lora
+    from meteora_jax.model.gate import RoutingOptions, route
     from meteora_jax.model.moe_lora import gate_logits, shared_gate_logits
 
+    monkeypatch.setattr(moe_lora, "GROUP_ROUTE_MIN_TOKENS", 1 if grouped else 10**9)
     cfg = ModelConfig.tiny(vocab_size=99)
-    moe = MoEConfig(expert_names=("a", "b", "c"), top_k=2, target_modules=("q_proj", "v_proj", "up_proj"))
+    moe = MoEConfig(
+        expert_names=("a", "b", "c", "d"),
+        top_k=2,
+        target_modules=("q_proj", "v_proj", "gate_proj", "up_proj"),
+    )
     model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(7))
-    attn = model.layers[0].attn
-    x_btd = jax.random.normal(key_for("shared_gate"), (2, 5, cfg.hidden_size))
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    lq, lk, lv = shared_gate_logits(projs, x_btd, RoutingOptions())
-    assert lk is None  # k_proj carries no experts here
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    x_btd = jax.random.normal(key_for(f"shared_gate-{grouped}-{routing_kw}"), (2, 5, cfg.hidden_size))
     x_td = x_btd.reshape(-1, cfg.hidden_size)
-    for got, proj in ((lq, attn.q_proj), (lv, attn.v_proj)):
-        want = gate_logits(x_td, proj.gate_de[...])
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    opts = RoutingOptions(**routing_kw)
+    for projs in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        shared = shared_gate_logits(projs, x_btd, opts)
+        for got, proj in zip(shared, projs, strict=True):
+            if proj.num_experts == 0:
+                assert got is None  # k_proj carries no experts here
+                continue
+            want = gate_logits(x_td, proj.gate_de[...])
+            np.testing.assert_allclose(np.asarray(got.logits_te), np.asarray(want), rtol=1e-6, atol=1e-6)
+            assert (got.ids_tk is not None) == grouped
+            if grouped:
+                ids_tk, weights_tk = route(
+                    got.logits_te, top_k=opts.top_k, temperature=opts.temperature, mode=opts.mode
+                )
+                np.testing.assert_array_equal(np.asarray(got.ids_tk), np.asarray(ids_tk))
+                np.testing.assert_array_equal(np.asarray(got.weights_tk), np.asarray(weights_tk))
+        y_shared = [p(x_btd, opts, None, s) for p, s in zip(projs, shared, strict=True)]
+        y_own = [p(x_btd, opts, None) for p in projs]
+        for a, b in zip(y_shared, y_own, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     assert shared_gate_logits(projs, x_btd, RoutingOptions(force_expert=1)) == [None] * 3
     assert shared_gate_logits(projs, x_btd, RoutingOptions(no_experts=True)) == [None] * 3
-    mlp = model.layers[0].mlp  # only up_proj routes: nothing to share
-    assert shared_gate_logits((mlp.gate_proj, mlp.up_proj), x_btd, RoutingOptions()) == [None, None]
+    moe1 = MoEConfig(expert_names=("a", "b", "c"), top_k=2, target_modules=("q_proj", "up_proj"))
+    mlp1 = MeteoraLlama(cfg, moe1, dtype="float32", rngs=nnx.Rngs(8)).layers[0].mlp  # only up_proj routes
+    assert shared_gate_logits((mlp1.gate_proj, mlp1.up_proj), x_btd, opts) == [None, None]
 
 
 def test_set_lora_implementation_reaches_every_moe_projection():

@@ -95,3 +95,25 @@ def test_kernel_summary_from_a_trace(prof, tmp_path):
     assert s["memcpy_per_token"] == 0.5
     assert s["busy_us_per_token"] == 13.0  # 26 us of intervals, none overlapping
     assert s["top_kernels"][0] == {"name": "gemv", "calls_per_token": 1.0, "us_per_token": 10.0}
+
+
+def test_variant_knobs_parse_set_and_restore(prof):
+    """``auto+group_route=inf+lowp=1``: the knobs hold while the variant is traced and are restored after,
+    an exception included; an unknown knob or a non-integer value is refused, naming the knobs."""
+    from meteora_jax.model import moe_lora
+    from pallas_kernels.grouped_lora import xla
+
+    name, knobs = prof.parse_variant("auto+group_route=inf+lowp=1")
+    assert name == "auto" and knobs["lowp"] == 1 and knobs["group_route"] > 10**9
+    assert prof.parse_variant("xla_masked") == ("xla_masked", {})
+    before = (moe_lora.GROUP_ROUTE_MIN_TOKENS, xla.LOW_PRECISION_SUM_MIN_TOKENS)
+    with pytest.raises(RuntimeError), prof.knobs_set(knobs):
+        assert (moe_lora.GROUP_ROUTE_MIN_TOKENS, xla.LOW_PRECISION_SUM_MIN_TOKENS) == (
+            knobs["group_route"],
+            1,
+        )
+        raise RuntimeError
+    assert (moe_lora.GROUP_ROUTE_MIN_TOKENS, xla.LOW_PRECISION_SUM_MIN_TOKENS) == before
+    for bad in ("auto+nope=1", "auto+lowp=x", "auto+lowp"):
+        with pytest.raises(ValueError, match="group_route"):
+            prof.parse_variant(bad)

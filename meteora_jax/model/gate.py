@@ -33,8 +33,10 @@ class RoutingOptions:
 
 
 def route(
-    logits_te: Float[Array, "T E"], *, top_k: int, temperature: float, mode: str
-) -> tuple[Int[Array, "T K"], Float[Array, "T K"]]:
+    logits_te: Float[Array, "*T E"], *, top_k: int, temperature: float, mode: str
+) -> tuple[Int[Array, "*T K"], Float[Array, "*T K"]]:
+    """Each row's (over the last axis) top-k experts and weights; leading axes are rows alike ([T, P, E]: the
+    projections of one group routed in one top-k, ``moe_lora.shared_gate_logits``)."""
     logits_te = logits_te.astype(jnp.float32) / temperature
     if mode == "topk_then_softmax":
         vals_tk, ids_tk = jax.lax.top_k(logits_te, top_k)

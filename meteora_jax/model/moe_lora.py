@@ -10,13 +10,14 @@ The expert contribution is computed by ``pallas_kernels.grouped_lora_fused``; th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from meteora_jax.model.gate import RoutingOptions, forced, route
 from meteora_jax.params import ExpertParam, GateParam
@@ -84,23 +85,56 @@ def gate_input(x_td: Float[Array, "T D"], routing: RoutingOptions) -> Float[Arra
     return jax.lax.stop_gradient(x_td) if routing.detach_gate_input else x_td
 
 
+# From this many tokens on, projections that share an input also share ONE top-k over their stacked logits
+# ([T, P, E]: one TopK kernel per group instead of one per projection). Set from the H200 decode profile.
+GROUP_ROUTE_MIN_TOKENS = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedRoute:
+    """A projection's routing computed by its caller: gate logits, and the top-k when it was done jointly."""
+
+    logits_te: Float[Array, "T E"]
+    ids_tk: Int[Array, "T K"] | None = None
+    weights_tk: Float[Array, "T K"] | None = None
+
+
 def shared_gate_logits(
     projections: Sequence[MoELoRALinear], x_btd: Float[Array, "B T D"], routing: RoutingOptions
-) -> list[Float[Array, "T E"] | None]:
-    """The gate logits of projections that read the same input (q/k/v, gate/up), from ONE gate product.
+) -> list[SharedRoute | None]:
+    """The routing of projections that read the same input (q/k/v, gate/up), from ONE gate product.
 
     ``x @ [G_q | G_k | G_v]`` instead of three products: at batch-1 decode each gate GEMV is a ~5 us kernel
     bound by latency, not bytes (0.93 ms of a 9.4 ms Llama-3-8B token on the H200, benchmarks/RESULTS.md).
-    Each column is the same dot product as the projection's own, so routing is unchanged. None (the
-    projection computes its own, or needs none) where fewer than two projections route.
+    Each column is the same dot product as the projection's own, so routing is unchanged. From
+    ``GROUP_ROUTE_MIN_TOKENS`` tokens on, and when the projections have the same expert count, the top-k runs
+    once over the stacked [T, P, E] logits: per row the same selection and weights as each projection's own.
+    None (the projection computes its own, or needs none) where fewer than two projections route.
     """
     routed = [p for p in projections if p.num_experts > 0]
     if routing.no_experts or routing.force_expert is not None or len(routed) < 2:
         return [None] * len(projections)
     x_td = gate_input(x_btd.reshape(-1, x_btd.shape[-1]), routing)
     logits_tn = gate_logits(x_td, jnp.concatenate([p.gate_de[...] for p in routed], axis=1))
-    bounds = list(itertools.accumulate(p.num_experts for p in routed))[:-1]
-    parts = iter(jnp.split(logits_tn, bounds, axis=1))
+    num_experts = {p.num_experts for p in routed}
+    if len(num_experts) == 1 and x_td.shape[0] >= GROUP_ROUTE_MIN_TOKENS:
+        (e,) = num_experts
+        t, p = x_td.shape[0], len(routed)
+        logits_tpe = logits_tn.reshape(t, p, e)
+        # rows flattened to [T * P, E]: XLA's TopK kernel takes a 2-D operand (3-D becomes a full sort on CPU)
+        ids_mk, weights_mk = route(
+            logits_tn.reshape(t * p, e),
+            top_k=routing.top_k,
+            temperature=routing.temperature,
+            mode=routing.mode,
+        )
+        ids_tpk, weights_tpk = ids_mk.reshape(t, p, -1), weights_mk.reshape(t, p, -1)
+        parts = iter(
+            SharedRoute(logits_tpe[:, i], ids_tpk[:, i], weights_tpk[:, i]) for i in range(len(routed))
+        )
+    else:
+        bounds = list(itertools.accumulate(p.num_experts for p in routed))[:-1]
+        parts = iter(SharedRoute(lg) for lg in jnp.split(logits_tn, bounds, axis=1))
     return [next(parts) if p.num_experts > 0 else None for p in projections]
 
 
@@ -151,9 +185,9 @@ class MoELoRALinear(nnx.Module):
         x_btd: Float[Array, "B T D"],
         routing: RoutingOptions,
         aux: list | None = None,
-        logits_te: Float[Array, "T E"] | None = None,
+        shared: SharedRoute | None = None,
     ) -> Float[Array, "B T O"]:
-        """``logits_te``: this projection's gate logits when the caller computed them (``shared_gate_logits``)."""
+        """``shared``: this projection's routing when the caller computed it (``shared_gate_logits``)."""
         b, t, _ = x_btd.shape
         x_td = x_btd.reshape(b * t, self.d_in)
         if self.num_experts == 0 or routing.no_experts:
@@ -162,8 +196,12 @@ class MoELoRALinear(nnx.Module):
             if routing.force_expert is not None:
                 ids_tk, weights_tk = forced(b * t, routing.force_expert)
                 logits_te = None
+            elif shared is not None and shared.ids_tk is not None:
+                logits_te, ids_tk, weights_tk = shared.logits_te, shared.ids_tk, shared.weights_tk
             else:
-                if logits_te is None:
+                if shared is not None:
+                    logits_te = shared.logits_te
+                else:
                     logits_te = gate_logits(gate_input(x_td, routing), self.gate_de[...])
                 ids_tk, weights_tk = route(
                     logits_te, top_k=routing.top_k, temperature=routing.temperature, mode=routing.mode

@@ -59,6 +59,9 @@ GATHER_MAX_ROWS = 64
 # From this many rows on (prefill), ``auto_masked_forward`` sums base and LoRA in bf16: the float32 [T, O]
 # arrays it saves are bandwidth there; at decode sizes they are not, and decode was measured without it.
 LOW_PRECISION_SUM_MIN_TOKENS = 256
+# Up to this many rows ``auto_masked_forward`` shrinks with the matmul batched over experts (reads A as
+# stored, no [d, E * r] relayout); 0 = never. An A/B knob for ``scripts/profile_decode.py`` (``+batched=64``).
+BATCHED_SHRINK_MAX_TOKENS = 0
 
 
 def masked_forward(
@@ -117,7 +120,8 @@ def masked_lowp_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, 
 
 def auto_masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
     """``xla``'s dense forward: ``masked_lowp_forward`` from ``LOW_PRECISION_SUM_MIN_TOKENS`` rows on, else
-    ``masked_forward`` (the row count is static: the choice is made at trace time)."""
+    ``masked_forward``; the batched shrink up to ``BATCHED_SHRINK_MAX_TOKENS`` rows (the row count is static:
+    the choices are made at trace time)."""
     return masked_forward(
         x_td,
         w_do,
@@ -127,6 +131,7 @@ def auto_masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, 
         weights_tk,
         scaling_e,
         low_precision_sum=x_td.shape[0] >= LOW_PRECISION_SUM_MIN_TOKENS,
+        batched_shrink=x_td.shape[0] <= BATCHED_SHRINK_MAX_TOKENS,
     )
 
 
