@@ -90,7 +90,7 @@ def test_tiny_bench_writes_the_issue_schema_with_timer_fields(tmp_path):
 
 
 def test_bench_runs_the_decode_kernel_with_the_tiles_named_in_the_impl(tmp_path):
-    """``pallas_gpu@BNxBKxWxS`` rows: parsed, run (interpret mode here) and labelled; the override is undone."""
+    """``pallas_gpu@BNxBKxWxS[f]`` rows: parsed, run (interpret mode) and labelled; the override is undone."""
     from pallas_kernels.grouped_lora import pallas_gpu_decode
 
     bench = _bench_module()
@@ -99,14 +99,47 @@ def test_bench_runs_the_decode_kernel_with_the_tiles_named_in_the_impl(tmp_path)
     assert name == "pallas_gpu"
     assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k) == (64, 512, 8, 3, 0)
     assert bench.parse_impl("pallas_gpu@32x256x4x4x2")[1].split_k == 2
+    assert bench.parse_impl("pallas_gpu@32x256x4x4x2")[1].base_dot == "mma"  # no f: the tensor-core base
     with pytest.raises(ValueError, match="BNxBKxWxS"):
         bench.parse_impl("pallas_gpu@32x256x4x4x2x1")
 
     out = tmp_path / "rows.json"
-    impls = ["xla", "pallas_gpu_interpret@16x32x4x2"]
+    impls = ["xla", "pallas_gpu_interpret@16x32x4x2", "pallas_gpu_interpret@16x32x4x2f"]
     bench.bench(bench.TINY_CASES[:1], impls, str(out), timers=("fori",), calls=2, reps=5)
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == impls
     assert rows[1]["decode_config"]["block_n"] == 16 and rows[1]["decode_config"]["block_k"] == 32
     assert rows[1]["rel_err_vs_first_impl"] < 1e-2  # bf16 output, same inputs as the xla row
+    assert [r["decode_config"]["base_dot"] for r in rows[1:]] == ["mma", "fma"]
+    assert rows[2]["rel_err_vs_first_impl"] < 1e-2
     assert pallas_gpu_decode.DECODE_CONFIG_OVERRIDE is None
+
+
+@pytest.mark.parametrize(
+    "spec,split_k",
+    [("pallas_gpu@64x128x4x3x0f", 0), ("pallas_gpu@64x128x4x3f", 0), ("pallas_gpu@64x128x4x3x2f", 2)],
+)
+def test_parse_impl_reads_the_fma_flag(spec, split_k):
+    """A trailing ``f`` after the numbers selects the CUDA-core base product; the tiles parse as without it."""
+    name, cfg = _bench_module().parse_impl(spec)
+    assert name == "pallas_gpu" and cfg.base_dot == "fma"
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k) == (64, 128, 4, 3, split_k)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pallas_gpu@64x128x4x3ff",
+        "pallas_gpu@64x128x4f",
+        "pallas_gpu@64x128x4x3xf",
+        "pallas_gpu@f64x128x4x3",
+        "pallas_gpu@64x128x4x3g",
+        "pallas_gpu@64x128x4x3x0fx1",
+        "pallas_gpu@64x128x4x3 f",
+        "pallas_gpu@",
+    ],
+)
+def test_parse_impl_refuses_malformed_tiles(spec):
+    """Anything but four or five numbers and an optional ``f`` after the ``@`` is an error, not a guess."""
+    with pytest.raises(ValueError, match=r"BNxBKxWxS\[xK\]\[f\]"):
+        _bench_module().parse_impl(spec)

@@ -3,8 +3,9 @@ wiring into ``pallas_gpu`` inference, and its lowering for CUDA at Llama-3-8B sh
 
 The numerical cases use small shapes and small tiles, so the kernel's loops, sub-steps and masks all run:
 several K steps with a masked tail (d_in not a multiple of block_k), a masked last column tile, padded
-token rows (T = 3) and a padded rank (r = 3), repeated experts and a zero routing weight. Their compiled
-twins and a check at Llama-3-8B shapes with the default tiles are marked ``gpu`` (skipped without one).
+token rows (T = 3) and a padded rank (r = 3), repeated experts and a zero routing weight. Each runs with both
+base products (``DecodeConfig.base_dot``: tensor-core "mma", CUDA-core "fma"). Their compiled twins and a
+check at Llama-3-8B shapes with the default tiles are marked ``gpu`` (skipped without one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.lib import triton
+from jax._src.lib.mlir import ir
 
 from pallas_kernels.grouped_lora import api, pallas_gpu, pallas_gpu_decode, shapes
 from pallas_kernels.grouped_lora.reference import grouped_lora_reference
@@ -44,7 +47,13 @@ CASES = {
     "t1_k2_bf16_split2": (_case(1, 128, 40, 28, 8, 2, "bfloat16"), dataclasses.replace(SMALL, split_k=2)),
     "t3_k2_f32_dmod_split2": (_case(3, 72, 40, 5, 8, 2, "float32"), dataclasses.replace(SMALL, split_k=2)),
     "t1_k1_f32_split_auto": (_case(1, 256, 48, 6, 4, 1, "float32"), dataclasses.replace(SMALL, split_k=0)),
+    # tiles of the size "fma" is meant for (block_k 64, block_n 64), masked tails on both, split from the shape
+    "t1_k2_bf16_fma_tiles": (
+        _case(1, 200, 100, 28, 8, 2, "bfloat16"),
+        pallas_gpu_decode.DecodeConfig(block_n=64, block_k=64, split_k=0),
+    ),
 }
+BASE_DOTS = pallas_gpu_decode.BASE_DOTS
 
 
 def _inputs(case: shapes.Case, name: str) -> dict:
@@ -112,12 +121,30 @@ def _check(
     assert _norm(y_to.astype(jnp.float32) - want_to) / _norm(lora_to) < TOLERANCE[case.dtype]
 
 
+def _with_base_dot(
+    config: pallas_gpu_decode.DecodeConfig | None, case: shapes.Case, base_dot: str
+) -> pallas_gpu_decode.DecodeConfig:
+    """``config`` (None: the default tiles for ``case``) with the base product ``base_dot``."""
+    config = config or pallas_gpu_decode.DecodeConfig.for_shape(case.num_tokens, case.d_in, case.d_out)
+    return dataclasses.replace(config, base_dot=base_dot)
+
+
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("base_dot", BASE_DOTS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_decode_kernel_matches_reference(name, interpret):
+def test_decode_kernel_matches_reference(name, base_dot, interpret):
     case, config = CASES[name]
-    # Seeded by the case, not the test id: the compiled run sees the inputs the interpret run checked.
-    _check(case, config, name, interpret=interpret)
+    # Seeded by the case, not the test id: the compiled run and both base products see the same inputs.
+    _check(case, _with_base_dot(config, case, base_dot), name, interpret=interpret)
+
+
+def test_base_dot_defaults_to_mma_reaches_the_tiles_and_refuses_unknown_names():
+    fma = pallas_gpu_decode.DecodeConfig(block_n=64, block_k=128, base_dot="fma")
+    assert pallas_gpu_decode.DecodeConfig(block_n=64, block_k=128).base_dot == "mma"  # the default
+    assert pallas_gpu_decode._tiles(fma, 1, 4096, 4096, 8).fma
+    assert not pallas_gpu_decode._tiles(dataclasses.replace(fma, base_dot="mma"), 1, 4096, 4096, 8).fma
+    with pytest.raises(ValueError, match="base_dot"):
+        pallas_gpu_decode.DecodeConfig(block_n=64, block_k=128, base_dot="wmma")
 
 
 @pytest.mark.gpu
@@ -218,17 +245,25 @@ def test_pallas_gpu_decode_takes_the_kernel_only_for_one_token(num_tokens, want_
     assert rel_err(jax.jit(grad)(inp["x"]), ref_grad) < TOLERANCE["float32"]
 
 
+# "fma" lowering: its intended tiles (DecodeConfig doc), split-K from the shape.
+FMA_LOWERING_CONFIG = pallas_gpu_decode.DecodeConfig(block_n=128, block_k=64, split_k=0, base_dot="fma")
+
+
+@pytest.mark.parametrize("base_dot", BASE_DOTS)
 @pytest.mark.parametrize("num_tokens", [1, 16])
 @pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 14336), (14336, 4096), (72, 40)])
-def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out, monkeypatch):
+def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out, base_dot, monkeypatch):
     """Llama-3-8B projections (E=28, r=8, top-2, bf16) lower to Triton for CUDA as one custom call.
 
     The only other ops allowed are the sum of the split-K partials (reshape, reduce, convert), present
-    exactly when the default tiles split d_in. This runs Pallas's lowering to Triton IR on a CPU-only
-    jaxlib; Triton's own compiler passes (layouts, registers, shared memory) run only when XLA compiles the
-    module on a GPU. (72, 40) lowers the masks.
+    exactly when the tiles split d_in. This runs Pallas's lowering to Triton IR on a CPU-only jaxlib;
+    Triton's own compiler passes (layouts, registers, shared memory) run only when XLA compiles the module
+    on a GPU. (72, 40) lowers the masks. "mma" runs the default tiles, "fma" ``FMA_LOWERING_CONFIG``. In
+    the Triton IR only "mma" has a ``tt.dot``, and no ``tt.reduce`` is inside the K loop.
     """
     monkeypatch.setattr(pallas_gpu_decode, "DECODE_MAX_TOKENS", 16)  # the kernel itself serves any T
+    if base_dot == "fma":
+        monkeypatch.setattr(pallas_gpu_decode, "DECODE_CONFIG_OVERRIDE", FMA_LOWERING_CONFIG)
     num_experts, rank, top_k = 28, 8, 2
     spec = jax.ShapeDtypeStruct
     args = (
@@ -247,8 +282,39 @@ def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out, mo
     ops_in_module = {
         line.split("=", 1)[-1].split()[0].split("(")[0] for line in text.splitlines() if "stablehlo." in line
     }
-    cfg = pallas_gpu_decode.DecodeConfig.for_shape(num_tokens, d_in, d_out)
+    cfg = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE or pallas_gpu_decode.DecodeConfig.for_shape(
+        num_tokens, d_in, d_out
+    )
+    assert cfg.base_dot == base_dot
     split = pallas_gpu_decode._tiles(cfg, num_tokens, d_in, d_out, rank).split_k
     partial_sum = {"stablehlo.reshape", "stablehlo.reduce", "stablehlo.convert", "stablehlo.constant"}
     want = {"stablehlo.custom_call"} | (partial_sum if split > 1 else set())
     assert ops_in_module == want, (split, ops_in_module)
+    (kernel,) = _triton_kernels(lowered)
+    ops = [op.name for op in _walk(kernel)]
+    assert ("tt.dot" in ops) == (base_dot == "mma")
+    # Both the base ("fma") and the shrink accumulate elementwise and reduce once, after the K loop.
+    (loop,) = [op for op in _walk(kernel) if op.name == "scf.for"]
+    assert "tt.reduce" in ops and "tt.reduce" not in [op.name for op in _walk(loop)]
+
+
+def _walk(op: ir.Operation):
+    """``op`` and every operation nested in it."""
+    yield op
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield from _walk(child.operation)
+
+
+def _triton_kernels(lowered: jax.stages.Lowered) -> list[ir.Operation]:
+    """The Triton IR modules of the lowered module's Pallas custom calls (serialized in ``backend_config``)."""
+    kernels = []
+    for op in _walk(lowered.compiler_ir("stablehlo").operation):
+        if op.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.attributes:
+            config = ir.DictAttr(op.attributes["mhlo.backend_config"])
+            ctx = ir.Context()
+            triton.dialect.register_dialect(ctx)
+            with ctx:
+                kernels.append(ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes).operation)
+    return kernels

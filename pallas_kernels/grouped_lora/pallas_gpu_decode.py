@@ -35,6 +35,13 @@ takes 1.68x, 1.50x, 1.25x and 1.34x. Before split-K (one program per 32 columns)
 ``make_decode_ops`` (``implementation="pallas_gpu_decode"``, the automatic first choice on GPU for few
 experts) takes it for single-token calls only.
 
+Base product on CUDA cores (``DecodeConfig(base_dot="fma")``, not the default): at T = 1 the tensor-core
+dot spends 15/16 of its work on padded rows, and the W stream reached only ~2.1-2.4 TB/s against ~2.7 TB/s
+for XLA's GEMV. The "fma" variant keeps a float32 ``[toks, block_k, block_n]`` accumulator, adds
+``x[t, k] * W[k, n]`` into it elementwise every step (no padding to 16 rows), and sums over ``block_k`` once
+after the loop, like the shrink. Whether it streams W faster is unmeasured so far: it exists to be swept
+(``pallas_gpu@...f`` in ``scripts/bench_moe_lora.py``).
+
 Masks: rows past T and columns past ``d_out`` use out-of-range indices (never clamped ones: interpret mode
 writes masked lanes back), ``d_in`` need not divide ``block_k`` (the tail step is masked), any rank works
 (padded to a power of two and masked).
@@ -62,6 +69,9 @@ DECODE_MAX_TOKENS = 1
 Ref = Any  # a Pallas ref: indexed with ``.at[...]`` and read with ``plgpu.load``
 # Rows of the base dot: Triton's dot needs M >= 16.
 _MIN_DOT_ROWS = 16
+# ``DecodeConfig.base_dot``: "mma" = tensor-core ``tl.dot`` on rows padded to 16; "fma" = CUDA-core
+# broadcast multiply-accumulate on the token rows only.
+BASE_DOTS = ("mma", "fma")
 # Programs that keep an H200's 132 SMs streaming W (about two each), for ``DecodeConfig.split_for``.
 _TARGET_PROGRAMS = 256
 
@@ -72,7 +82,13 @@ def _floor_pow2(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Tile sizes; ``for_shape`` picks them, ``DECODE_CONFIG_OVERRIDE`` replaces them (benchmark sweeps)."""
+    """Tile sizes; ``for_shape`` picks them, ``DECODE_CONFIG_OVERRIDE`` replaces them (benchmark sweeps).
+
+    ``base_dot="fma"`` (see the module doc) holds ``toks * block_k * block_n`` float32 accumulators per
+    program, ``toks * block_k * block_n / (32 * num_warps)`` registers per thread (64 at T = 1, 64 x 128
+    tiles, 4 warps) next to the shrink's; sensible tiles are block_k 64-128 with block_n 64-256 (more warps
+    for the larger ones). Not measured yet; ``for_shape`` never picks it.
+    """
 
     block_n: int  # output columns per program
     block_k: int  # d_in per loop step: the W tile is [block_k, block_n]
@@ -82,6 +98,11 @@ class DecodeConfig:
     # Programs per column block, each over 1/split_k of d_in; >1 writes float32 partials [split_k, T, d_out]
     # that one XLA reduction sums (deterministic: no atomics). 0 = pick from the shape (``split_for``).
     split_k: int = 1
+    base_dot: str = "mma"  # the base product x @ W: one of BASE_DOTS
+
+    def __post_init__(self) -> None:
+        if self.base_dot not in BASE_DOTS:
+            raise ValueError(f"base_dot={self.base_dot!r}: expected one of {BASE_DOTS}")
 
     @classmethod
     def for_shape(cls, num_tokens: int, d_in: int, d_out: int) -> DecodeConfig:
@@ -113,14 +134,15 @@ DECODE_CONFIG_OVERRIDE: DecodeConfig | None = None
 class _Tiles:
     """The static sizes one kernel instance uses, all powers of two."""
 
-    rows: int  # base-dot rows: T padded to >= 16
-    toks: int  # LoRA rows: T padded to a power of two
+    rows: int  # mma base-dot rows: T padded to >= 16 (unused by "fma")
+    toks: int  # LoRA rows (and "fma" base rows): T padded to a power of two
     block_n: int
     block_k: int
     block_s: int  # d_in per shrink sub-step; divides block_k
     rank: int  # r padded to a power of two
     split_k: int  # programs per column block along d_in
     split_steps: int  # block_k steps per split
+    fma: bool  # base product on CUDA cores over the toks rows (DecodeConfig.base_dot == "fma")
 
 
 def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int) -> _Tiles:
@@ -139,6 +161,7 @@ def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int)
         rank=rank_p,
         split_k=split_k,
         split_steps=cdiv(steps, split_k),
+        fma=cfg.base_dot == "fma",
     )
 
 
@@ -187,10 +210,12 @@ def _decode_kernel(
     cols = pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32)
     split = pl.program_id(1)  # this program's share of d_in: steps [split * split_steps, ...)
     cmask = None if d_out % bn == 0 else cols < d_out
-    rows = jnp.arange(tiles.rows, dtype=jnp.int32)  # base-dot rows; rows >= T are out of range, masked
-    row_mask = rows < n_tok
-    toks = jnp.arange(tiles.toks, dtype=jnp.int32)  # LoRA rows
+    toks = jnp.arange(tiles.toks, dtype=jnp.int32)  # LoRA rows, and all rows of "fma"
     tmask = None if tiles.toks == n_tok else toks < n_tok
+    # Rows of the base product and the store: T padded to 16 for tl.dot ("mma"), the LoRA rows for "fma".
+    # Rows >= T are out of range and masked.
+    rows = toks if tiles.fma else jnp.arange(tiles.rows, dtype=jnp.int32)
+    row_mask = tmask if tiles.fma else rows < n_tok
     ri = jnp.arange(tiles.rank, dtype=jnp.int32)
     rmask = None if tiles.rank == rank else ri < rank
     # A split's last steps may lie past d_in when the steps do not divide evenly: those loads are masked too.
@@ -202,33 +227,38 @@ def _decode_kernel(
     def kmask_of(kk):  # noqa: ANN001, ANN202
         return kk < d_in if k_tail else None
 
+    def x_tile(row_idx, row_m, kk, kmask):  # noqa: ANN001, ANN202
+        """x[row_idx][:, kk], zero where a row is past T or a column past d_in."""
+        return _load(
+            x_ref.at[row_idx[:, None], kk[None, :]],
+            _all(None if row_m is None else row_m[:, None], None if kmask is None else kmask[None, :]),
+        )
+
     def step(kb, carry):  # noqa: ANN001, ANN202
-        acc_mn, hk = carry
+        acc, hk = carry  # acc: float32 [rows, bn] ("mma") or [toks, bk, bn] ("fma")
         k0 = (split * tiles.split_steps + kb) * bk
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = kmask_of(kk)
-        x_mk = _load(
-            x_ref.at[rows[:, None], kk[None, :]],
-            _all(row_mask[:, None], None if kmask is None else kmask[None, :]),
-        )
+        x_mk = x_tile(rows, row_mask, kk, kmask)  # m: 16 padded rows ("mma") or toks ("fma")
         w_kn = _load(
             w_ref.at[kk[:, None], cols[None, :]],
             _all(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
         )
-        acc_mn = acc_mn + jnp.dot(
-            x_mk.astype(w_kn.dtype),
-            w_kn,
-            preferred_element_type=jnp.float32,
-            precision=dot_precision(w_kn.dtype),
-        )
+        if tiles.fma:
+            # Elementwise multiply-add on CUDA cores over the token rows only; no reduction in the loop.
+            acc = acc + x_mk.astype(jnp.float32)[:, :, None] * w_kn.astype(jnp.float32)[None, :, :]
+        else:
+            acc = acc + jnp.dot(
+                x_mk.astype(w_kn.dtype),
+                w_kn,
+                preferred_element_type=jnp.float32,
+                precision=dot_precision(w_kn.dtype),
+            )
         hk = list(hk)
         for s in range(bk // bs):  # shrink sub-steps: bounded [toks, bs, r] tiles
             ks = k0 + s * bs + jnp.arange(bs, dtype=jnp.int32)
             ksmask = kmask_of(ks)
-            x_ls = _load(
-                x_ref.at[toks[:, None], ks[None, :]],
-                _all(None if tmask is None else tmask[:, None], None if ksmask is None else ksmask[None, :]),
-            ).astype(jnp.float32)
+            x_ls = x_tile(toks, tmask, ks, ksmask).astype(jnp.float32)
             a_mask = _all(
                 None if tmask is None else tmask[:, None, None],
                 None if ksmask is None else ksmask[None, :, None],
@@ -237,11 +267,12 @@ def _decode_kernel(
             for j in range(top_k):
                 a_lsr = _load(a_ref.at[ids[j][:, None, None], ks[None, :, None], ri[None, None, :]], a_mask)
                 hk[j] = hk[j] + x_ls[:, :, None] * a_lsr.astype(jnp.float32)
-        return acc_mn, tuple(hk)
+        return acc, tuple(hk)
 
-    acc_mn = jnp.zeros((tiles.rows, bn), jnp.float32)
+    acc = jnp.zeros((tiles.toks, bk, bn) if tiles.fma else (tiles.rows, bn), jnp.float32)
     hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
-    acc_mn, hk = lax.fori_loop(0, tiles.split_steps, step, (acc_mn, hk))
+    acc, hk = lax.fori_loop(0, tiles.split_steps, step, (acc, hk))
+    base_mn = jnp.sum(acc, axis=1) if tiles.fma else acc  # "fma": the one reduction over bk ([toks, bn])
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
     # split expands its partial shrink and the partials' sum is the whole term.
@@ -258,13 +289,13 @@ def _decode_kernel(
         b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
         y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
 
-    y_mn = acc_mn + _embed_rows(y_ln, tiles.rows)
+    y_mn = base_mn + (y_ln if tiles.fma else _embed_rows(y_ln, tiles.rows))
     # With split-K, o_ref holds float32 partials [split_k * T, d_out]: this split's rows start at split * T.
     out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
     plgpu.store(
         o_ref.at[out_rows[:, None], cols[None, :]],
         y_mn.astype(o_ref.dtype),
-        mask=_all(row_mask[:, None], None if cmask is None else cmask[None, :]),
+        mask=_all(None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]),
     )
 
 
