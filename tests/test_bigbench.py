@@ -1,5 +1,6 @@
 """BIG-bench importer on a tiny synthetic sdist with the real layout, plus the real sdist when cached."""
 
+import hashlib
 import io
 import json
 import os
@@ -52,27 +53,41 @@ def _add(tf, name, data=b"", kind=tarfile.REGTYPE, linkname=""):
     tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
 
-def make_sdist(path, extra_members=()):
-    """A tarball with the sdist's internal layout: top-level, sub-task and parent task.json files."""
-    files = {
-        f"{ROOT}/mc_task/task.json": _mc_task(40),
-        f"{ROOT}/gen_task/task.json": _gen_task(30),
-        f"{ROOT}/sub_task/task.json": {"name": "sub_task", "description": "parent, no examples"},
-        f"{ROOT}/sub_task/one/task.json": _sub("one", 20),
+def _task_files():
+    """task.json objects by path under benchmark_tasks/: top-level, sub-task and parent task.json files."""
+    return {
+        "mc_task/task.json": _mc_task(40),
+        "gen_task/task.json": _gen_task(30),
+        "sub_task/task.json": {"name": "sub_task", "description": "parent, no examples"},
+        "sub_task/one/task.json": _sub("one", 20),
         # Both target and target_scores (as strategyqa): the target is the response, choices not listed.
-        f"{ROOT}/sub_task/two/task.json": {
+        "sub_task/two/task.json": {
             **_sub("two", 30, target="No. Because."),
             "append_choices_to_input": False,
         },
-        f"{ROOT}/unused_task/task.json": _gen_task(20),
+        "unused_task/task.json": _gen_task(20),
     }
+
+
+def make_sdist(path, extra_members=(), root="bigbench-1.0.0"):
+    """A tarball with the sdist's internal layout; another ``root`` gives a GitHub archive's layout."""
     with tarfile.open(path, "w:gz") as tf:
-        _add(tf, "bigbench-1.0.0/setup.py", b"raise SystemExit('never run')\n")
-        for name, obj in files.items():
-            _add(tf, name, json.dumps(obj).encode())
+        _add(tf, f"{root}/setup.py", b"raise SystemExit('never run')\n")
+        for rel, obj in _task_files().items():
+            _add(tf, f"{root}/bigbench/benchmark_tasks/{rel}", json.dumps(obj).encode())
         for name, data, kind, link in extra_members:
             _add(tf, name, data, kind, link)
     return path
+
+
+def make_checkout(root):
+    """The same task.json files as ``make_sdist``, as a google/BIG-bench checkout directory."""
+    for rel, obj in _task_files().items():
+        path = root / "bigbench" / "benchmark_tasks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
+    (root / "setup.py").write_text("raise SystemExit('never run')\n")
+    return root
 
 
 @pytest.fixture
@@ -189,6 +204,10 @@ def test_malicious_members_are_never_written_or_read(tmp_path, monkeypatch):
         (f"../../{ROOT}/mc_task/task.json", evil, tarfile.REGTYPE, ""),
         (f"/{ROOT}/mc_task/task.json", evil, tarfile.REGTYPE, ""),
         (f"bigbench-1.0.0/../{ROOT.split('/', 1)[1]}/mc_task/task.json", evil, tarfile.REGTYPE, ""),
+        # Any one root folder is accepted now, but never "." or ".." (nor an empty one).
+        ("./bigbench/benchmark_tasks/mc_task/task.json", evil, tarfile.REGTYPE, ""),
+        ("../bigbench/benchmark_tasks/mc_task/task.json", evil, tarfile.REGTYPE, ""),
+        ("/bigbench/benchmark_tasks/mc_task/task.json", evil, tarfile.REGTYPE, ""),
         (f"{ROOT}/mc_task/sub/task.json", b"", tarfile.SYMTYPE, "/etc/passwd"),
         (f"{ROOT}/mc_task/hard/task.json", b"", tarfile.LNKTYPE, f"{ROOT}/gen_task/task.json"),
     ]
@@ -210,8 +229,9 @@ def test_ensure_sdist_offline_and_bad_hash(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(B.urllib.request, "urlopen", offline)
-    with pytest.raises(MeteoraInputError, match="--sdist PATH"):
+    with pytest.raises(MeteoraInputError, match="--sdist PATH") as e:
         B.ensure_sdist(tmp_path / "cache")
+    assert "no longer be downloadable from PyPI" in str(e.value) and B.GITHUB_URL in str(e.value)
     monkeypatch.setattr(B.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"tampered"))
     with pytest.raises(MeteoraInputError, match="not the pinned"):
         B.ensure_sdist(tmp_path / "cache")
@@ -243,6 +263,114 @@ def test_cli(tmp_path, sdist, capsys):
         cli.main(["data", "bigbench", "--help"])
     assert e.value.code == 0
     assert "bigbench==1.0.0" in capsys.readouterr().out
+
+
+def _outputs(out):
+    """Every train/test jsonl of a build, by relative path, as bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.jsonl"))}
+
+
+def test_github_archive_same_as_sdist(tmp_path, sdist):
+    archive = make_sdist(tmp_path / "BIG-bench-main.tar.gz", root="BIG-bench-main")
+    a = B.build_bigbench(tmp_path / "a", sdist=sdist, tasks=TASKS, progress=False)
+    b = B.build_bigbench(tmp_path / "b", sdist=archive, tasks=TASKS, progress=False)
+    assert len(_outputs(tmp_path / "a")) == 2 * len(TASKS)
+    assert _outputs(tmp_path / "b") == _outputs(tmp_path / "a")
+    assert a["tasks"] == b["tasks"]
+    manifest = json.loads((tmp_path / "b" / B.MANIFEST).read_text())
+    assert (a["source_kind"], manifest["source_kind"]) == ("sdist", "archive")
+    assert manifest["sdist_sha256"] == B.sha256_of(archive) and not manifest["sdist_is_pinned_release"]
+    assert "directory_sha256" not in manifest
+
+
+def test_archive_with_two_roots_is_refused(tmp_path):
+    other = "BIG-bench-main/bigbench/benchmark_tasks/mc_task/extra/task.json"
+    archive = make_sdist(
+        tmp_path / "two.tar.gz", [(other, json.dumps(_sub("extra", 20)).encode(), tarfile.REGTYPE, "")]
+    )
+    with pytest.raises(MeteoraInputError, match="more than one top folder"):
+        B.build_bigbench(tmp_path / "o", sdist=archive, tasks=["mc_task"], progress=False)
+
+
+def _digest(base, rels):
+    """The manifest's directory_sha256, recomputed: sorted (relative path, sha256 of the file)."""
+    lines = sorted(f"{r}\t{B.sha256_of(base / r)}\n" for r in rels)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def test_checkout_directory_same_as_sdist(tmp_path, sdist, capsys):
+    B.build_bigbench(tmp_path / "ref", sdist=sdist, tasks=TASKS, progress=False)
+    ref = _outputs(tmp_path / "ref")
+    checkout = make_checkout(tmp_path / "BIG-bench")
+    base = checkout / "bigbench" / "benchmark_tasks"
+    digests = set()
+    for i, given in enumerate([checkout, checkout / "bigbench", base]):
+        out = tmp_path / f"dir{i}"
+        summary = B.build_bigbench(out, sdist=given, tasks=TASKS, progress=False)
+        assert _outputs(out) == ref, given
+        manifest = json.loads((out / B.MANIFEST).read_text())
+        assert manifest["source_kind"] == "directory" and manifest["sdist"] == str(given)
+        assert manifest["sdist_sha256"] is None and manifest["sdist_is_pinned_release"] is False
+        assert manifest["directory_sha256"] == summary["directory_sha256"]
+        digests.add(manifest["directory_sha256"])
+    # The same files read, whichever folder was given; unused_task is not read, so not in the digest.
+    read = [r for r in _task_files() if not r.startswith("unused_task/")]
+    assert digests == {_digest(base, read)}
+    (base / "unused_task" / "task.json").write_text("{}")
+    assert (
+        B.build_bigbench(tmp_path / "d3", sdist=base, tasks=TASKS, progress=False)["directory_sha256"]
+        in digests
+    )
+    (base / "sub_task" / "task.json").write_text('{"name": "sub_task"} ')  # one byte more, no examples
+    changed = B.build_bigbench(tmp_path / "d4", sdist=base, tasks=TASKS, progress=False)
+    assert changed["directory_sha256"] not in digests and _outputs(tmp_path / "d4") == ref
+
+    argv = ["data", "bigbench", "--out", str(tmp_path / "cli"), "--sdist", str(checkout), "--quiet"]
+    assert cli.main(argv + ["--tasks", "mc_task"]) == 0
+    assert "may differ from the bigbench 1.0.0 release in detail" in capsys.readouterr().out
+
+
+def test_checkout_symlinks_are_not_followed(tmp_path, monkeypatch):
+    checkout = make_checkout(tmp_path / "BIG-bench")
+    base = checkout / "bigbench" / "benchmark_tasks"
+    outside = tmp_path / "outside"
+    (outside / "three").mkdir(parents=True)
+    (outside / "task.json").write_text(json.dumps(_mc_task(40) | {"task_prefix": "EVIL "}))
+    (outside / "three" / "task.json").write_text(json.dumps(_sub("three", 20)))
+    (base / "mc_task" / "task.json").unlink()
+    (base / "mc_task" / "task.json").symlink_to(outside / "task.json")
+    (base / "sub_task" / "three").symlink_to(outside / "three", target_is_directory=True)
+    # A symlinked task.json is skipped unread, so its task has no examples: named, with the skipped path.
+    with pytest.raises(MeteoraInputError, match=r"no task.json with examples for \['mc_task'\]") as e:
+        B.build_bigbench(tmp_path / "o", sdist=checkout, tasks=["mc_task", "gen_task"], progress=False)
+    assert "Skipped" in str(e.value) and str(base / "mc_task" / "task.json") in str(e.value)
+    summary = B.build_bigbench(tmp_path / "o", sdist=checkout, tasks=["sub_task"], progress=False)
+    assert summary["tasks"]["sub_task"]["subtasks"] == [
+        "one",
+        "two",
+    ]  # the linked sub-task folder is not read
+    # Oversized files are skipped the same way.
+    monkeypatch.setattr(B, "MAX_MEMBER_BYTES", 100)
+    with pytest.raises(MeteoraInputError, match=r"examples for \['gen_task'\]"):
+        B.build_bigbench(tmp_path / "o2", sdist=checkout, tasks=["gen_task"], progress=False)
+
+
+def test_checkout_bad_json_names_the_file(tmp_path):
+    checkout = make_checkout(tmp_path / "BIG-bench")
+    bad = checkout / "bigbench" / "benchmark_tasks" / "gen_task" / "task.json"
+    bad.write_text("{not json")
+    with pytest.raises(MeteoraInputError, match="not valid UTF-8 JSON") as e:
+        B.build_bigbench(tmp_path / "o", sdist=checkout, tasks=["gen_task"], progress=False)
+    assert str(bad) in str(e.value) and "git checkout" in str(e.value)
+
+
+def test_missing_source_names_path_and_github(tmp_path):
+    missing = tmp_path / "nowhere" / "BIG-bench-main.tar.gz"
+    with pytest.raises(MeteoraInputError, match="does not exist") as e:
+        B.read_task_jsons(missing, ["mc_task"], progress=False)
+    assert str(missing) in str(e.value)
+    assert "https://github.com/google/BIG-bench" in str(e.value) and "archive tarball" in str(e.value)
+    assert "no longer be downloadable from PyPI" in str(e.value)
 
 
 REAL_SDIST = B.cache_dir() / B.SDIST_NAME

@@ -1,13 +1,19 @@
-"""Build MeteoRA's 22 BIG-bench tasks in the task-data layout, from the ``bigbench==1.0.0`` PyPI sdist.
+"""Build MeteoRA's 22 BIG-bench tasks in the task-data layout, from BIG-bench's ``task.json`` files.
 
-Source. The sdist (``bigbench-1.0.0.tar.gz``, 358 MB, sha256 pinned below) carries every task as
-``bigbench-1.0.0/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json``. The tarball is untrusted input: it
-is only *read*, member by member, by exact name pattern (regular files, bounded size), and parsed as JSON in
-memory. Nothing from it is extracted, installed or executed, so a member named ``../../x`` cannot be
-written anywhere. ``pip download bigbench==1.0.0`` does not work for this package (pip has to build the
-sdist's metadata, which runs its ``setup.py`` and then rejects its direct-URL dependency on ``bleurt``), so
-when no ``--sdist`` is given the file is fetched from PyPI's file host with ``urllib`` into
-``~/.cache/meteora-jax/`` (or ``$METEORA_JAX_CACHE``) and checked against the pinned sha256.
+Source. Every task is a ``bigbench/benchmark_tasks/<task>[/<subtask>]/task.json``. Three sources carry them:
+the ``bigbench==1.0.0`` PyPI sdist (``bigbench-1.0.0.tar.gz``, 358 MB, sha256 pinned below; members
+``bigbench-1.0.0/bigbench/...``), a GitHub archive of https://github.com/google/BIG-bench (``.tar.gz``,
+members ``BIG-bench-main/bigbench/...``: any one top folder), or a checkout of that repository (a directory).
+The sdist may no longer be downloadable from PyPI (in December 2026 it listed only 0.0.1), so the other two
+are the fallback; the manifest records which was read and its digest, since they may differ in detail from
+the 1.0.0 release. A tarball is untrusted input: it is only *read*, member by member, by exact name
+pattern (regular files, bounded size), and parsed as JSON in memory. Nothing from it is extracted,
+installed or executed, so a member named ``../../x`` cannot be written anywhere. A checkout is read the same
+way: only the wanted ``task.json`` paths, never through a symlink. ``pip download bigbench==1.0.0`` does not
+work for this package (pip has to build the sdist's metadata, which runs its ``setup.py`` and then rejects
+its direct-URL dependency on ``bleurt``), so when no ``--sdist`` is given the file is fetched from PyPI's
+file host with ``urllib`` into ``~/.cache/meteora-jax/`` (or ``$METEORA_JAX_CACHE``) and checked against
+the pinned sha256.
 
 How MeteoRA built these tasks (``data/create_dataset.py`` in NJUDeepEngine/meteora) and what we keep:
 
@@ -51,13 +57,14 @@ import os
 import random
 import re
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from meteora_jax.data.tasks import num_test_examples, split_train_test, write_jsonl_atomic
 from meteora_jax.errors import MeteoraInputError
@@ -120,12 +127,22 @@ SDIST_URL = (
     "https://files.pythonhosted.org/packages/95/f8/"
     "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz"
 )
+GITHUB_URL = "https://github.com/google/BIG-bench"
+_GITHUB_ADVICE = (
+    f"--sdist also takes a checkout of {GITHUB_URL} (git clone --depth 1) or its archive tarball "
+    f"({GITHUB_URL}/archive/refs/heads/main.tar.gz)."
+)
 # The largest task.json we need (vitaminc_fact_verification) is ~40 MB; anything far larger is not a task.
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
-# bigbench-<version>/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json, from a conservative alphabet only.
+# <root>/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json, from a conservative alphabet only. The root
+# is one plain folder name (``bigbench-1.0.0``, ``BIG-bench-main``, ...); its first character excludes ``.``
+# and ``..``.
 _MEMBER_RE = re.compile(
-    r"^bigbench-[0-9][A-Za-z0-9.]*/bigbench/benchmark_tasks/([a-z0-9_]+)/(?:([A-Za-z0-9_]+)/)?task\.json$"
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*)/bigbench/benchmark_tasks/([a-z0-9_]+)/(?:([A-Za-z0-9_]+)/)?task\.json$"
 )
+# The sdist's root; any other root is a GitHub archive (or a repacked tree).
+_SDIST_ROOT_RE = re.compile(r"^bigbench-[0-9][A-Za-z0-9.]*$")
+_SUBTASK_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _TASK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
 MANIFEST = "bigbench_manifest.json"
 
@@ -159,14 +176,15 @@ def ensure_sdist(cache: str | os.PathLike[str] | None = None, *, url: str = SDIS
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         raise MeteoraInputError(
-            f"Could not download {SDIST_NAME} from {url} ({e}). On a machine with internet access, download "
-            f"that URL (sha256 {SDIST_SHA256}), then pass it with --sdist PATH or copy it to {path}."
+            f"Could not download {SDIST_NAME} from {url} ({e}). The 1.0.0 sdist may no longer be "
+            f"downloadable from PyPI. Where you have it (sha256 {SDIST_SHA256}), pass it with --sdist PATH "
+            f"or copy it to {path}. Otherwise {_GITHUB_ADVICE}"
         ) from None
     if digest.hexdigest() != SDIST_SHA256:
         tmp.unlink(missing_ok=True)
         raise MeteoraInputError(
             f"The download of {url} has sha256 {digest.hexdigest()}, not the pinned {SDIST_SHA256}; nothing "
-            "was kept. Retry, or download it yourself and pass --sdist PATH."
+            f"was kept. Retry, or download it yourself and pass --sdist PATH. Or {_GITHUB_ADVICE}"
         )
     os.replace(tmp, path)
     return path
@@ -202,61 +220,199 @@ class _CountingReader(io.RawIOBase):
         return n
 
 
+TaskJsons = dict[str, list[tuple[str, dict[str, Any]]]]
+
+
+class SourceRead(NamedTuple):
+    """What ``read_source`` found: the task.json files, and provenance for the manifest."""
+
+    tasks: TaskJsons
+    kind: str  # "sdist" (root bigbench-<version>/), "archive" (any other root) or "directory"
+    digest: str | None  # directory only: sha256 over the sorted (relative path, sha256) of the files read
+
+
 def read_task_jsons(
     sdist: str | os.PathLike[str], tasks: Sequence[str], *, progress: bool = True
-) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+) -> TaskJsons:
     """Parse ``task.json`` of every wanted task and sub-task: ``{task: [(subtask, task_json), ...]}``.
 
-    One sequential pass over the gzip stream. Members are matched by exact name pattern and read only if
-    they are regular files under ``MAX_MEMBER_BYTES``; everything else (links, devices, ``..`` paths,
-    other tasks) is skipped unread. A parent ``task.json`` that only lists sub-tasks has no examples and is
-    skipped. Sub-tasks come back sorted by name (tar order is not a contract).
+    ``sdist`` is the bigbench sdist, a GitHub archive of google/BIG-bench (``.tar.gz``) or a BIG-bench
+    checkout directory (see ``read_source``). A parent ``task.json`` that only lists sub-tasks has no
+    examples and is skipped. Sub-tasks come back sorted by name (tar and directory order are not a contract).
     """
+    return read_source(sdist, tasks, progress=progress).tasks
+
+
+def read_source(sdist: str | os.PathLike[str], tasks: Sequence[str], *, progress: bool = True) -> SourceRead:
+    """``read_task_jsons`` plus which kind of source it was and, for a directory, its content digest."""
     sdist = Path(sdist)
+    if sdist.is_dir():
+        return _read_directory(sdist, tasks, progress)
     if not sdist.is_file():
         raise MeteoraInputError(
-            f"BIG-bench sdist {sdist} does not exist. Pass the path of {SDIST_NAME} (from {SDIST_URL}), or "
-            "leave --sdist out to download it into the cache."
+            f"BIG-bench source {sdist} does not exist. Pass the path of {SDIST_NAME} (from {SDIST_URL}; it "
+            f"may no longer be downloadable from PyPI), or leave --sdist out to download it into the cache. "
+            f"{_GITHUB_ADVICE}"
         )
+    return _read_tarball(sdist, tasks, progress)
+
+
+def _parse_task_json(raw: bytes, where: str, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MeteoraInputError(f"{where} is not valid UTF-8 JSON ({e}). {fix}") from None
+    if not isinstance(data, dict):
+        raise MeteoraInputError(f"{where} is not a JSON object. {fix}")
+    return data
+
+
+def _check_found(found: TaskJsons, source: Path, hint: str) -> TaskJsons:
+    missing = [t for t, subs in found.items() if not subs]
+    if missing:
+        raise MeteoraInputError(
+            f"{source} has no task.json with examples for {missing}. Check the task names (the 22 MeteoRA "
+            f"tasks are {list(BIGBENCH_TASKS)}) and {hint}"
+        )
+    return {t: sorted(subs, key=lambda s: s[0]) for t, subs in found.items()}
+
+
+def _read_tarball(sdist: Path, tasks: Sequence[str], progress: bool) -> SourceRead:
+    """One sequential pass over the gzip stream.
+
+    Members are matched by exact name pattern and read only if they are regular files under
+    ``MAX_MEMBER_BYTES``; everything else (links, devices, ``..`` paths, other tasks) is skipped unread.
+    """
     wanted = set(tasks)
-    found: dict[str, list[tuple[str, dict[str, Any]]]] = {t: [] for t in tasks}
+    found: TaskJsons = {t: [] for t in tasks}
+    roots: set[str] = set()
+    fix = "The archive is damaged; delete it and download it again."
     bar = _progress(
-        total=sdist.stat().st_size, unit="B", unit_scale=True, desc="read sdist", disable=not progress
+        total=sdist.stat().st_size, unit="B", unit_scale=True, desc="read archive", disable=not progress
     )
     try:
         with open(sdist, "rb") as raw, tarfile.open(fileobj=_CountingReader(raw, bar), mode="r|gz") as tf:
             for member in tf:
                 m = _MEMBER_RE.match(member.name)
-                if not m or m.group(1) not in wanted or not member.isfile() or member.size > MAX_MEMBER_BYTES:
+                if not m:
                     continue
-                task, subtask = m.group(1), m.group(2) or m.group(1)
+                roots.add(m.group(1))
+                if len(roots) > 1:
+                    # Two trees would merge two BIG-bench versions' sub-tasks into one task.
+                    raise MeteoraInputError(
+                        f"{sdist} holds BIG-bench tasks under more than one top folder ({sorted(roots)}). "
+                        "Pass an archive of one BIG-bench tree (the sdist or one GitHub archive)."
+                    )
+                if m.group(2) not in wanted or not member.isfile() or member.size > MAX_MEMBER_BYTES:
+                    continue
+                task, subtask = m.group(2), m.group(3) or m.group(2)
                 fobj = tf.extractfile(member)
                 assert fobj is not None  # regular file
-                try:
-                    data = json.loads(fobj.read().decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise MeteoraInputError(
-                        f"{sdist}: member {member.name} is not valid UTF-8 JSON ({e}). The sdist is damaged; "
-                        "delete it and download it again."
-                    ) from None
-                if not isinstance(data, dict):
-                    raise MeteoraInputError(f"{sdist}: member {member.name} is not a JSON object.")
+                data = _parse_task_json(fobj.read(), f"{sdist}: member {member.name}", fix)
                 if data.get("examples"):
                     found[task].append((subtask, data))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise MeteoraInputError(
-            f"{sdist} is not a readable .tar.gz ({e}). Delete it and download {SDIST_NAME} again "
-            f"(sha256 {SDIST_SHA256})."
+            f"{sdist} is not a readable .tar.gz ({e}). Pass {SDIST_NAME} (sha256 {SDIST_SHA256}) or a GitHub "
+            f"archive of {GITHUB_URL}, downloaded again, or a checkout directory of it."
         ) from None
     finally:
         bar.close()
-    missing = [t for t, subs in found.items() if not subs]
-    if missing:
+    hint = (
+        f"that the file is {SDIST_NAME} or a GitHub archive of {GITHUB_URL} (members "
+        "<root>/bigbench/benchmark_tasks/<task>/task.json)."
+    )
+    kind = "sdist" if roots and all(_SDIST_ROOT_RE.match(r) for r in roots) else "archive"
+    return SourceRead(_check_found(found, sdist, hint), kind, None)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+
+
+def _is_real_dir(path: Path) -> bool:
+    """A directory and not a symlink to one (lstat): a link in a checkout could lead anywhere."""
+    st = _lstat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of a regular file (not a symlink) under ``MAX_MEMBER_BYTES``, else None: skipped unread."""
+    st = _lstat(path)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MEMBER_BYTES:
+        return None
+    # O_NOFOLLOW: the file may have been replaced by a link since the lstat.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        data = f.read(MAX_MEMBER_BYTES + 1)
+    return data if len(data) <= MAX_MEMBER_BYTES else None
+
+
+def benchmark_tasks_dir(root: Path) -> Path:
+    """``benchmark_tasks`` of a checkout: given its root, its ``bigbench`` folder, or the folder itself."""
+    for cand in (root / "bigbench" / "benchmark_tasks", root / "benchmark_tasks"):
+        if _is_real_dir(cand):
+            return cand
+    return root
+
+
+def _read_directory(root: Path, tasks: Sequence[str], progress: bool) -> SourceRead:
+    """Only ``<task>/task.json`` and ``<task>/<subtask>/task.json`` of the wanted tasks are read.
+
+    Symlinked folders and files, non-regular files and files over ``MAX_MEMBER_BYTES`` are skipped unread,
+    as a tarball's links are; the error for a task left without examples lists what was skipped.
+    """
+    base = benchmark_tasks_dir(root)
+    found: TaskJsons = {t: [] for t in tasks}
+    hashes: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    fix = f"Restore that file from {GITHUB_URL} (e.g. `git checkout -- <file>` in the checkout)."
+
+    def read(path: Path, task: str, subtask: str) -> None:
+        if _lstat(path) is None:
+            return
+        raw = _read_regular(path)
+        if raw is None:
+            skipped.append(str(path))
+            return
+        hashes.append((path.relative_to(base).as_posix(), hashlib.sha256(raw).hexdigest()))
+        data = _parse_task_json(raw, str(path), fix)
+        if data.get("examples"):
+            found[task].append((subtask, data))
+
+    try:
+        for task in _progress(tasks, desc="read task.json", unit="task", disable=not progress):
+            task_dir = base / task
+            if not _is_real_dir(task_dir):
+                if _lstat(task_dir) is not None:
+                    skipped.append(str(task_dir))
+                continue
+            read(task_dir / "task.json", task, task)
+            for sub in sorted(os.listdir(task_dir)):
+                if not _SUBTASK_RE.match(sub):
+                    continue
+                if _is_real_dir(task_dir / sub):
+                    read(task_dir / sub / "task.json", task, sub)
+                elif (task_dir / sub).is_symlink():
+                    skipped.append(str(task_dir / sub))
+    except OSError as e:
         raise MeteoraInputError(
-            f"{sdist} has no task.json with examples for {missing}. Check the task names (the 22 MeteoRA "
-            f"tasks are {list(BIGBENCH_TASKS)}) and that the file is {SDIST_NAME}."
-        )
-    return {t: sorted(subs, key=lambda s: s[0]) for t, subs in found.items()}
+            f"Could not read the BIG-bench checkout {root} ({e}). Check its permissions."
+        ) from None
+    hint = (
+        f"that {root} is a checkout of {GITHUB_URL}, its bigbench/ or its bigbench/benchmark_tasks/ folder."
+        + (f" Skipped (symlinks, not regular files, or too large): {skipped}." if skipped else "")
+    )
+    tasks_read = _check_found(found, root, hint)
+    digest = hashlib.sha256()
+    for rel, sha in sorted(hashes):
+        digest.update(f"{rel}\t{sha}\n".encode())
+    return SourceRead(tasks_read, "directory", digest.hexdigest())
 
 
 def _best_choice(scores: dict[str, Any], where: str) -> str:
@@ -368,7 +524,8 @@ def build_bigbench(
     """Write ``out_dir/<task>/{train,test}.jsonl`` for the BIG-bench ``tasks`` (default: MeteoRA's 22).
 
     ``test_size`` is per sub-task: a fraction in (0, 1) or a count; at least ``min_test`` examples are held
-    out (BIG-bench's split rule is 0.2 and 16). ``sdist=None`` uses or downloads the cached sdist.
+    out (BIG-bench's split rule is 0.2 and 16). ``sdist`` is the sdist, a GitHub
+    archive or a checkout directory (``read_source``); ``None`` uses or downloads the cached sdist.
     The output appears all at once: everything is built in ``<out>.tmp-*`` next to it, then renamed; an
     existing non-empty ``out_dir`` is refused unless ``overwrite``. Returns the summary that is also
     written to ``out_dir/bigbench_manifest.json``.
@@ -383,18 +540,21 @@ def build_bigbench(
     _prepare_out(out, overwrite)  # fail before the slow read
     num_test_examples(100, test_size)  # validates test_size early
     sdist_path = Path(sdist) if sdist is not None else ensure_sdist()
-    task_jsons = read_task_jsons(sdist_path, tasks, progress=progress)
-    # Provenance: a user-supplied file of another version would silently give other data.
-    sha = sha256_of(sdist_path)
+    source = read_source(sdist_path, tasks, progress=progress)
+    task_jsons = source.tasks
+    # Provenance: a file of another version, a GitHub archive or a checkout may silently give other data.
+    sha = None if source.kind == "directory" else sha256_of(sdist_path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     summary: dict[str, Any] = {
-        "source": SDIST_NAME,
+        "source": SDIST_NAME if source.kind == "sdist" else GITHUB_URL,
+        "source_kind": source.kind,
         "sdist": str(sdist_path),
-        "sdist_sha256": sha,
+        "sdist_sha256": sha,  # None for a directory: see directory_sha256
         "sdist_is_pinned_release": sha == SDIST_SHA256,
+        **({"directory_sha256": source.digest} if source.digest is not None else {}),
         "seed": seed,
         "test_size": test_size,
         "min_test": min_test,

@@ -12,9 +12,12 @@ _BIGBENCH_HELP = """\
 Build MeteoRA's BIG-bench tasks in the task-data layout: OUT/<task>/train.jsonl and test.jsonl, one
 {"prompt", "response", "subtask"} object a line, plus OUT/bigbench_manifest.json (counts, seed, source).
 
-The examples come from the task.json files inside the PyPI sdist bigbench==1.0.0 (358 MB). The sdist is
-read, never installed or extracted. Without --sdist it is downloaded once into ~/.cache/meteora-jax/
-(or $METEORA_JAX_CACHE) and checked against a pinned sha256.
+The examples come from BIG-bench's task.json files: by default inside the PyPI sdist bigbench==1.0.0
+(358 MB), read, never installed or extracted. Without --sdist it is downloaded once into
+~/.cache/meteora-jax/ (or $METEORA_JAX_CACHE) and checked against a pinned sha256. That sdist may no longer
+be downloadable from PyPI: --sdist also takes a checkout of https://github.com/google/BIG-bench (its root,
+bigbench/ or bigbench/benchmark_tasks/) or GitHub's archive tarball of it (BIG-bench-main.tar.gz), whose
+task data may differ from the 1.0.0 release in detail (the manifest records the source and its digest).
 
 Sub-tasks (e.g. logical_deduction/three_objects) are merged into their task, as MeteoRA did. Prompts are
 stored without a chat template; the trainer adds it. The split is per sub-task and deterministic given
@@ -45,7 +48,7 @@ def register(subparsers: Any) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="SOURCE")
     bb = sub.add_parser(
         "bigbench",
-        help="Import MeteoRA's 22 BIG-bench tasks from the bigbench==1.0.0 sdist.",
+        help="Import MeteoRA's 22 BIG-bench tasks (bigbench==1.0.0 sdist, or a BIG-bench checkout/archive).",
         description=_BIGBENCH_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,7 +59,10 @@ def register(subparsers: Any) -> None:
         help="Comma-separated task names (default: MeteoRA's 22 BIG-bench tasks).",
     )
     bb.add_argument(
-        "--sdist", default=None, help="Path to bigbench-1.0.0.tar.gz (default: cache, else download)."
+        "--sdist",
+        default=None,
+        help="The bigbench-1.0.0 sdist, a GitHub archive of google/BIG-bench (.tar.gz), or a BIG-bench "
+        "checkout directory (default: the cached sdist, else download).",
     )
     bb.add_argument(
         "--seed", type=int, default=0, help="Seed of the train/test split and choice order (default 0)."
@@ -105,8 +111,14 @@ def _run_bigbench(args: argparse.Namespace) -> int:
             f"{task:<{width}}  train {info['train']:>6}  test {info['test']:>6}  subtasks {len(info['subtasks'])}"
         )
     if not summary["sdist_is_pinned_release"]:
+        # A checkout or GitHub archive is not the 1.0.0 sdist MeteoRA's data came from: tasks may differ.
+        what = {
+            "directory": "a BIG-bench checkout",
+            "archive": "a BIG-bench archive",
+        }.get(summary["source_kind"], "not the bigbench 1.0.0 release (sha256 differs)")
         print(
-            f"warning: {summary['sdist']} is not the bigbench 1.0.0 release (sha256 differs); see the manifest."
+            f"warning: {summary['sdist']} is {what}, so the data may differ from the bigbench 1.0.0 release "
+            "in detail; the manifest records the source and its digest."
         )
     print(json.dumps({"out": summary["out"], "tasks": len(summary["tasks"])}))
     return 0

