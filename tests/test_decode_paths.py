@@ -321,3 +321,100 @@ def test_set_lora_implementation_reaches_every_moe_projection():
     assert {m.implementation for _, m in nnx.iter_modules(model) if isinstance(m, MoELoRALinear)} == {
         "reference"
     }
+
+
+def _shared_inputs(t: int, dtype: str, name: str) -> list[dict]:
+    """Three projections that read the same x (d_out 40, 24, 24: q/k/v-like), 28 rank-8 experts, top-2."""
+    projs = [
+        shapes.make_inputs(shapes.Case("c", t, 48, o, 28, 8, 2, "uniform", dtype), key_for(f"{name}-{o}-{i}"))
+        for i, o in enumerate((40, 24, 24))
+    ]
+    for p in projs[1:]:
+        p["x"] = projs[0]["x"]
+    return projs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "implementation", ["xla", "xla_masked", "xla_masked_lowp", "pallas_gpu_decode_interpret"]
+)
+def test_shared_shrink_forward_matches_each_projection(monkeypatch, dtype, implementation):
+    """``grouped_lora_fused_shared`` with the shared shrink on (one GEMM over the concatenated A) gives each
+    projection's own ``grouped_lora_fused`` result: float32 to 1e-6, bf16 to the bf16 tolerance (the
+    same products, one more rounding order at most); off (below the threshold) it is bitwise the same."""
+    projs = _shared_inputs(5, dtype, f"shared-fwd-{dtype}-{implementation}")
+
+    @jax.jit
+    def shared(projs):
+        return api.grouped_lora_fused_shared(
+            projs[0]["x"],
+            [p["w"] for p in projs],
+            [p["lora_a"] for p in projs],
+            [p["lora_b"] for p in projs],
+            [p["expert_ids"] for p in projs],
+            [p["expert_weights"] for p in projs],
+            scalings=[p["scaling"] for p in projs],
+            implementation=implementation,
+        )
+
+    want = [_forward(p, implementation, True) for p in projs]
+    monkeypatch.setattr(api, "SHARED_SHRINK_MIN_TOKENS", 10**9)
+    for got, w in zip(shared(projs), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+    monkeypatch.setattr(api, "SHARED_SHRINK_MIN_TOKENS", 2)
+    jax.clear_caches()
+    assert "concatenate" in str(jax.make_jaxpr(shared)(projs))  # the shared path did run
+    tol = 1e-6 if dtype == "float32" else TOLERANCE["bfloat16"]
+    for got, w in zip(shared(projs), want, strict=True):
+        assert rel_err(got, w) <= tol
+
+
+def test_shared_shrink_gradients_are_each_projections_own(monkeypatch):
+    """Under differentiation the shared path runs each projection's own VJP: gradients w.r.t. the routing
+    weights and A/B equal the unshared ones bitwise, w.r.t. x (summed over the projections) to 1e-6; a
+    gate-only gradient traces no dA / dB (``lora_tgmm``) work."""
+    projs = _shared_inputs(6, "float32", "shared-grad")
+    monkeypatch.setattr(api, "SHARED_SHRINK_MIN_TOKENS", 2)
+
+    def loss(x, wts, a_list, b_list, shared):
+        args = ([p["w"] for p in projs], a_list, b_list, [p["expert_ids"] for p in projs], wts)
+        scalings = [p["scaling"] for p in projs]
+        if shared:
+            ys = api.grouped_lora_fused_shared(x, *args, scalings=scalings, implementation="xla")
+        else:
+            ys = [
+                api.grouped_lora_fused(x, *a, scaling=s, implementation="xla")
+                for *a, s in zip(*args, scalings)
+            ]
+        return sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(ys))
+
+    inputs = (
+        projs[0]["x"],
+        [p["expert_weights"] for p in projs],
+        [p["lora_a"] for p in projs],
+        [p["lora_b"] for p in projs],
+    )
+    got = jax.grad(loss, argnums=(0, 1, 2, 3))(*inputs, True)
+    want = jax.grad(loss, argnums=(0, 1, 2, 3))(*inputs, False)
+    assert rel_err(got[0], want[0]) <= 1e-6  # dx: the same three terms, summed in another order
+    for g, w in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:]), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    shared_loss = functools.partial(loss, shared=True)
+    assert "lora_tgmm" not in str(jax.make_jaxpr(jax.grad(shared_loss, argnums=(0, 1)))(*inputs))
+    assert "lora_tgmm" in str(jax.make_jaxpr(jax.grad(shared_loss, argnums=(2,)))(*inputs))
+
+
+def test_model_with_shared_shrink_matches(monkeypatch):
+    """A tiny 28-expert model's logits and routing with the shared shrink on equal those with it off."""
+    cfg = ModelConfig.tiny(vocab_size=99)
+    moe = MoEConfig(expert_names=tuple(f"e{i}" for i in range(28)), top_k=2)
+    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(3))
+    tokens = jax.random.randint(key_for("shared-model"), (2, 7), 0, 99)
+    monkeypatch.setattr(api, "SHARED_SHRINK_MIN_TOKENS", 10**9)
+    off = model.forward(tokens, return_routing=True)
+    monkeypatch.setattr(api, "SHARED_SHRINK_MIN_TOKENS", 2)
+    on = model.forward(tokens, return_routing=True)
+    assert rel_err(on.logits, off.logits) <= 1e-6
+    assert [r["name"] for r in on.routing] == [r["name"] for r in off.routing]
+    for a, b in zip(on.routing, off.routing, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["expert_ids"]), np.asarray(b["expert_ids"]))

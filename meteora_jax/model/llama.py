@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 from meteora_jax.config import ModelConfig, MoEConfig
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.model.kv_cache import KVCache, LayerCache
-from meteora_jax.model.moe_lora import MoELoRALinear, shared_gate_logits
+from meteora_jax.model.moe_lora import MoELoRALinear, project_group
 from meteora_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from pallas_kernels.grouped_lora.api import resolve_implementation
 
@@ -91,10 +91,10 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
         b, t, _ = x_btd.shape
         cos_btd, sin_btd, cache_index = inputs.cos_btd, inputs.sin_btd, inputs.cache_index
-        lq, lk, lv = shared_gate_logits((self.q_proj, self.k_proj, self.v_proj), x_btd, routing)
-        q_btnh = self.q_proj(x_btd, routing, aux, lq).reshape(b, t, self.num_heads, self.head_dim)
-        k_btkh = self.k_proj(x_btd, routing, aux, lk).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v_btkh = self.v_proj(x_btd, routing, aux, lv).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_btd, k_btd, v_btd = project_group((self.q_proj, self.k_proj, self.v_proj), x_btd, routing, aux)
+        q_btnh = q_btd.reshape(b, t, self.num_heads, self.head_dim)
+        k_btkh = k_btd.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_btkh = v_btd.reshape(b, t, self.num_kv_heads, self.head_dim)
         q_btnh = apply_rope(q_btnh, cos_btd, sin_btd)
         k_btkh = apply_rope(k_btkh, cos_btd, sin_btd)
         if cache is not None:
@@ -198,10 +198,8 @@ class MLP(nnx.Module):
         self.down_proj = _projection("down_proj", cfg, moe, dtype, rngs)
 
     def __call__(self, x_btd: Float[Array, "B T D"], routing: RoutingOptions, aux: list | None) -> jax.Array:
-        l_gate, l_up = shared_gate_logits((self.gate_proj, self.up_proj), x_btd, routing)
-        h_btm = jax.nn.silu(self.gate_proj(x_btd, routing, aux, l_gate)) * self.up_proj(
-            x_btd, routing, aux, l_up
-        )
+        gate_btm, up_btm = project_group((self.gate_proj, self.up_proj), x_btd, routing, aux)
+        h_btm = jax.nn.silu(gate_btm) * up_btm
         return self.down_proj(h_btm, routing, aux)
 
 

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from meteora_jax.model.gate import RoutingOptions, forced, route
 from meteora_jax.params import ExpertParam, GateParam
-from pallas_kernels import grouped_lora_fused
+from pallas_kernels import grouped_lora_fused, grouped_lora_fused_shared
 
 # logical axes of each projection's (d_in, d_out)
 PROJECTION_AXES = {
@@ -136,6 +136,41 @@ def shared_gate_logits(
         bounds = list(itertools.accumulate(p.num_experts for p in routed))[:-1]
         parts = iter(SharedRoute(lg) for lg in jnp.split(logits_tn, bounds, axis=1))
     return [next(parts) if p.num_experts > 0 else None for p in projections]
+
+
+def project_group(
+    projections: Sequence[MoELoRALinear],
+    x_btd: Float[Array, "B T D"],
+    routing: RoutingOptions,
+    aux: list | None,
+) -> list[Float[Array, "B T O"]]:
+    """Projections that read the same input (q/k/v, gate/up): their gates in one product, their top-k in one
+    (``shared_gate_logits``) and, when every one routes through the same backend, their expert terms through
+    ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it). Same results as calling
+    each projection alone."""
+    shared = shared_gate_logits(projections, x_btd, routing)
+    if any(s is None or s.ids_tk is None for s in shared) or any(p.bias_o is not None for p in projections):
+        return [p(x_btd, routing, aux, s) for p, s in zip(projections, shared, strict=True)]
+    impls = {p.implementation for p in projections}
+    if len(impls) != 1:
+        return [p(x_btd, routing, aux, s) for p, s in zip(projections, shared, strict=True)]
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    compute = projections[0].kernel_io.dtype
+    ys = grouped_lora_fused_shared(
+        x_td,
+        [p.kernel_io[...] for p in projections],
+        [p.lora_a_edr[...].astype(compute) for p in projections],
+        [p.lora_b_ero[...].astype(compute) for p in projections],
+        [s.ids_tk for s in shared],
+        [s.weights_tk for s in shared],
+        scalings=[p.scaling_e[...] for p in projections],
+        implementation=impls.pop(),
+    )
+    if aux is not None:
+        for p, s in zip(projections, shared, strict=True):
+            aux.append({"name": p.name, "gate_logits": s.logits_te, "expert_ids": s.ids_tk})
+    return [y_to.reshape(b, t, p.d_out) for p, y_to in zip(projections, ys, strict=True)]
 
 
 class MoELoRALinear(nnx.Module):

@@ -11,13 +11,15 @@ plain JAX and differentiated by JAX itself, which makes it an independent check 
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_lora import xla
+from pallas_kernels.grouped_lora import vjp, xla
 from pallas_kernels.grouped_lora.reference import grouped_lora_reference
 from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 
@@ -151,3 +153,116 @@ def grouped_lora_fused(
 ) -> Float[Array, "T O"]:
     """``x @ w`` plus the grouped LoRA contribution; backends with a fused kernel do both in one GEMM."""
     return _dispatch(x, w, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation)
+
+
+# From this many tokens on, ``grouped_lora_fused_shared`` runs projections that share ``x`` with ONE shrink GEMM
+# (``xla.shared_masked_forward``) where their backend's inference forward is the dense masked one. An A/B knob
+# (``scripts/profile_decode.py``'s ``+shared_shrink=N``): off until measured on a GPU.
+SHARED_SHRINK_MIN_TOKENS = sys.maxsize
+# Backends whose inference forward for more than one token is ``xla.masked_forward``; value: its bf16-sum rule.
+_MASKED_FORWARDS = {"xla": None, "xla_masked": False, "xla_masked_lowp": True, "pallas_gpu_decode": None}
+
+
+def _shared_plan(
+    implementation: str | Sequence[str] | None, num_tokens: int, lora_as: Sequence[Array]
+) -> tuple[str, bool] | None:
+    """(backend, low_precision_sum) when the shared shrink may serve these projections, else None."""
+    shapes = {(a.shape[1], a.shape[2]) for a in lora_as}
+    if len(lora_as) < 2 or num_tokens < max(2, SHARED_SHRINK_MIN_TOKENS) or len(shapes) != 1:
+        return None
+    columns = {a.shape[0] * a.shape[2] for a in lora_as}
+    names = {_candidates(implementation, c)[0] for c in columns}
+    if len(names) != 1 or max(columns) > xla.DENSE_MAX_EXPERT_COLUMNS:
+        return None
+    (name,) = names
+    base = name.removesuffix("_interpret")
+    if base not in _MASKED_FORWARDS or num_tokens <= _decode_max_tokens(base):
+        return None
+    low = _MASKED_FORWARDS[base]
+    return name, (num_tokens >= xla.LOW_PRECISION_SUM_MIN_TOKENS) if low is None else low
+
+
+def _decode_max_tokens(name: str) -> int:
+    if name != "pallas_gpu_decode":
+        return 0
+    from pallas_kernels.grouped_lora import pallas_gpu_decode
+
+    return pallas_gpu_decode.DECODE_MAX_TOKENS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _shared_vjp(names, low, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
+    """The shared-shrink forward when nothing is differentiated; under differentiation each projection's own
+    ``grouped_lora_vjp`` rules (so gate-only training still traces no dA / dB, and gradients are unchanged)."""
+    return xla.shared_masked_forward(x, ws, lora_as, lora_bs, ids, weights, scalings, low_precision_sum=low)
+
+
+def _shared_fwd(names, low, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
+    del low
+    outs, residuals = [], []
+    for i, name in enumerate(names):
+        ops = _ops(name, lora_as[i].value.shape[0], lora_as[i].value.shape[2])
+        y, res = vjp._fwd(ops, x, ws[i], lora_as[i], lora_bs[i], ids[i], weights[i], scalings[i])
+        outs.append(y)
+        residuals.append(res)
+    return outs, residuals
+
+
+def _shared_bwd(names, low, residuals, dys):  # noqa: ANN001, ANN202
+    del low
+    dx, dws, das, dbs, dwts, dscs = None, [], [], [], [], []
+    for name, res, dy in zip(names, residuals, dys, strict=True):
+        a = res[0][2]
+        d_x, d_w, d_a, d_b, _, d_wt, d_sc = vjp._bwd(_ops(name, a.shape[0], a.shape[2]), res, dy)
+        if d_x is not None:
+            dx = d_x if dx is None else dx + d_x  # as JAX sums the cotangents of a shared input
+        dws.append(d_w)
+        das.append(d_a)
+        dbs.append(d_b)
+        dwts.append(d_wt)
+        dscs.append(d_sc)
+    return dx, dws, das, dbs, [None] * len(names), dwts, dscs
+
+
+_shared_vjp.defvjp(_shared_fwd, _shared_bwd, symbolic_zeros=True)
+
+
+def grouped_lora_fused_shared(
+    x: Float[Array, "T D"],
+    ws: Sequence[Float[Array, "D O"]],
+    lora_as: Sequence[Float[Array, "E D R"]],
+    lora_bs: Sequence[Float[Array, "E R O"]],
+    expert_ids: Sequence[Int[Array, "T K"]],
+    expert_weights: Sequence[Float[Array, "T K"]],
+    *,
+    scalings: Sequence[Float[Array, " E"]],
+    implementation: str | Sequence[str] | None = None,
+) -> list[Float[Array, "T O"]]:
+    """``grouped_lora_fused`` of several projections that read the same ``x`` (q/k/v, gate/up), one result
+    each. From ``SHARED_SHRINK_MIN_TOKENS`` tokens on, where the backend's inference forward is the dense
+    masked one, their shrinks run as one GEMM (``xla.shared_masked_forward``); otherwise, and for every
+    gradient, each projection is its own ``grouped_lora_fused``."""
+    plan = _shared_plan(implementation, x.shape[0], lora_as)
+    if plan is None:
+        return [
+            grouped_lora_fused(x, w, a, b, i, wt, scaling=s, implementation=implementation)
+            for w, a, b, i, wt, s in zip(
+                ws, lora_as, lora_bs, expert_ids, expert_weights, scalings, strict=True
+            )
+        ]
+    name, low = plan
+    scalings = [
+        jnp.broadcast_to(jnp.asarray(s, jnp.float32), (a.shape[0],)) for s, a in zip(scalings, lora_as)
+    ]
+    names = tuple(name for _ in lora_as)
+    return _shared_vjp(
+        names,
+        low,
+        x,
+        list(ws),
+        list(lora_as),
+        list(lora_bs),
+        list(expert_ids),
+        list(expert_weights),
+        scalings,
+    )

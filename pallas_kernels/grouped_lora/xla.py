@@ -41,7 +41,7 @@ over experts (an A/B variant for ``scripts/profile_decode.py``; see ``masked_for
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,12 +79,6 @@ def masked_forward(
     """The dense forward with the routing applied as one [T, E] coefficient mask (see the module doc).
     ``low_precision_sum`` (``xla_masked_lowp``): see ``common.add_base_low_precision``."""
     num_experts = lora_a_edr.shape[0]
-    # [T, E]: routing weight times scaling, zero for experts a token did not pick. A token's k experts are
-    # distinct, so the sum over slots adds one weight to zeros (exact) and the product equals vjp's coef_tk;
-    # scaling is broadcast, not gathered.
-    hit_tke = ids_tk[:, :, None] == jnp.arange(num_experts, dtype=ids_tk.dtype)
-    weight_te = jnp.sum(jnp.where(hit_tke, weights_tk.astype(jnp.float32)[:, :, None], 0.0), axis=1)
-    coef_te = weight_te * scaling_e.astype(jnp.float32)[None, :]
     if batched_shrink:
         # [T, E, R] from a matmul batched over experts: reads A as stored ([E, d, r]), where the flat form
         # below needs A as [d, E * r], a relayout XLA may redo every call; costs a broadcast of x instead.
@@ -94,10 +88,29 @@ def masked_forward(
         )
         h_ter = jnp.transpose(h_etr, (1, 0, 2))
     else:
-        # [T, E, R]: every expert's shrink, the same contraction as DenseOps.shrink.
-        h_ter = jnp.einsum(
-            "td,edr->ter", x_td, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32
-        )
+        h_ter = _shrink_all(x_td, lora_a_edr)
+    coef_te = _coef_te(ids_tk, weights_tk, scaling_e)
+    return _masked_expand(x_td, w_do, h_ter, coef_te, lora_b_ero, low_precision_sum)
+
+
+def _shrink_all(x_td: Array, lora_a_edr: Array) -> Float[Array, "T E R"]:
+    """[T, E, R]: every expert's shrink, the same contraction as DenseOps.shrink."""
+    return jnp.einsum("td,edr->ter", x_td, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _coef_te(ids_tk: Array, weights_tk: Array, scaling_e: Array) -> Float[Array, "T E"]:
+    """Routing weight times scaling, zero for experts a token did not pick. A token's k experts are distinct,
+    so the sum over slots adds one weight to zeros (exact) and the product equals vjp's coef_tk; scaling is
+    broadcast, not gathered."""
+    hit_tke = ids_tk[:, :, None] == jnp.arange(scaling_e.shape[0], dtype=ids_tk.dtype)
+    weight_te = jnp.sum(jnp.where(hit_tke, weights_tk.astype(jnp.float32)[:, :, None], 0.0), axis=1)
+    return weight_te * scaling_e.astype(jnp.float32)[None, :]
+
+
+def _masked_expand(
+    x_td: Array, w_do: Array | None, h_ter: Array, coef_te: Array, lora_b_ero: Array, low_precision_sum: bool
+) -> Array:
+    """``(h * coef) @ B_flat`` plus the base term, summed in float32 or (``low_precision_sum``) x's dtype."""
     hc_ter = (h_ter * coef_te[:, :, None]).astype(lora_b_ero.dtype)
     # bf16 / f16: the expand writes x's dtype and the base GEMM adds it (common.add_base_low_precision)
     low = low_precision_sum and x_td.dtype != jnp.float32 and lora_b_ero.dtype == x_td.dtype
@@ -109,6 +122,34 @@ def masked_forward(
         preferred_element_type=x_td.dtype if low else jnp.float32,
     )
     return common.add_base_low_precision(x_td, w_do, y_to) if low else common.add_base(x_td, w_do, y_to)
+
+
+def shared_masked_forward(
+    x_td: Array,
+    ws_do: Sequence[Array],
+    lora_as_edr: Sequence[Array],
+    lora_bs_ero: Sequence[Array],
+    ids_tk: Sequence[Array],
+    weights_tk: Sequence[Array],
+    scalings_e: Sequence[Array],
+    *,
+    low_precision_sum: bool,
+) -> list[Array]:
+    """``masked_forward`` of several projections that read the same ``x``, with ONE shrink GEMM over their
+    experts' A concatenated (``x @ [A_1 | A_2 | ...]_flat``): at decode sizes each shrink is a small,
+    latency-bound GEMM, so P of them cost about P times one. Every column is the same dot product as the
+    projection's own shrink; the rest (mask, expand, base) is per projection as in ``masked_forward``."""
+    h_tnr = _shrink_all(x_td, jnp.concatenate(list(lora_as_edr), axis=0))
+    outs, start = [], 0
+    for w_do, a_edr, b_ero, ids, wts, scaling_e in zip(
+        ws_do, lora_as_edr, lora_bs_ero, ids_tk, weights_tk, scalings_e, strict=True
+    ):
+        h_ter = h_tnr[:, start : start + a_edr.shape[0]]
+        start += a_edr.shape[0]
+        outs.append(
+            _masked_expand(x_td, w_do, h_ter, _coef_te(ids, wts, scaling_e), b_ero, low_precision_sum)
+        )
+    return outs
 
 
 def masked_lowp_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
