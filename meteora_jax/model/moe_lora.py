@@ -86,7 +86,9 @@ def gate_input(x_td: Float[Array, "T D"], routing: RoutingOptions) -> Float[Arra
 
 
 # From this many tokens on, projections that share an input also share ONE top-k over their stacked logits
-# ([T, P, E]: one TopK kernel per group instead of one per projection). Set from the H200 decode profile.
+# ([T * P, E]: one TopK kernel per group instead of one per projection). On the H200 (session 9,
+# benchmarks/RESULTS.md): batch-1 decode 109.1 -> 117.6 tok/s, batch-64 5,998 -> 6,332 tok/s; the device
+# copies that came with each TopK fell from 449 to 193 per batch-1 token.
 GROUP_ROUTE_MIN_TOKENS = 1
 
 

@@ -156,8 +156,9 @@ def grouped_lora_fused(
 
 
 # From this many tokens on, ``grouped_lora_fused_shared`` runs projections that share ``x`` with ONE shrink GEMM
-# (``xla.shared_masked_forward``) where their backend's inference forward is the dense masked one. An A/B knob
-# (``scripts/profile_decode.py``'s ``+shared_shrink=N``): off until measured on a GPU.
+# (``xla.shared_masked_forward``) where their backend's inference forward is the dense masked one. Off: at
+# batch-64 decode on the H200 it was slower (6,222 vs 6,332 tok/s, session 9). An A/B knob
+# (``scripts/profile_decode.py``'s ``+shared_shrink=N``).
 SHARED_SHRINK_MIN_TOKENS = sys.maxsize
 # Backends whose inference forward for more than one token is ``xla.masked_forward``; value: its bf16-sum rule.
 _MASKED_FORWARDS = {"xla": None, "xla_masked": False, "xla_masked_lowp": True, "pallas_gpu_decode": None}

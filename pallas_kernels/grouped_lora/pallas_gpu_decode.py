@@ -39,8 +39,9 @@ Base product on CUDA cores (``DecodeConfig(base_dot="fma")``, not the default): 
 dot spends 15/16 of its work on padded rows, and the W stream reached only ~2.1-2.4 TB/s against ~2.7 TB/s
 for XLA's GEMV. The "fma" variant keeps a float32 ``[toks, block_k, block_n]`` accumulator, adds
 ``x[t, k] * W[k, n]`` into it elementwise every step (no padding to 16 rows), and sums over ``block_k`` once
-after the loop, like the shrink. Whether it streams W faster is unmeasured so far: it exists to be swept
-(``pallas_gpu@...f`` in ``scripts/bench_moe_lora.py``).
+after the loop, like the shrink. Measured on the H200 (session 9, benchmarks/RESULTS.md): slower than "mma"
+at 3 of the 4 shapes with every tile tried (best fma vs mma: 16.6 vs 15.7 us at 4096->4096, 49.6 vs 48.2 at
+4096->14336, 47.2 vs 39.2 at 14336->4096) and 4% faster at 4096->1024 (7.4 vs 7.7 us); so "mma" stays.
 
 Masks: rows past T and columns past ``d_out`` use out-of-range indices (never clamped ones: interpret mode
 writes masked lanes back), ``d_in`` need not divide ``block_k`` (the tail step is masked), any rank works
@@ -87,7 +88,7 @@ class DecodeConfig:
     ``base_dot="fma"`` (see the module doc) holds ``toks * block_k * block_n`` float32 accumulators per
     program, ``toks * block_k * block_n / (32 * num_warps)`` registers per thread (64 at T = 1, 64 x 128
     tiles, 4 warps) next to the shrink's; sensible tiles are block_k 64-128 with block_n 64-256 (more warps
-    for the larger ones). Not measured yet; ``for_shape`` never picks it.
+    for the larger ones). Measured slower than "mma" (module doc); ``for_shape`` never picks it.
     """
 
     block_n: int  # output columns per program

@@ -32,10 +32,11 @@ Both round like ``vjp._forward``: ``h`` in float32, ``h * coef`` cast to B's dty
 in x's dtype when that is bf16 / f16 and summing them there (``common.add_base_low_precision``: no float32
 [T, O] arrays), as torch PEFT does in bf16. ``auto_masked_forward``, the dense forward of ``xla`` (and so of
 the automatic choice on GPU), takes it from ``LOW_PRECISION_SUM_MIN_TOKENS`` rows on: on the H200 it took a
-4096-token Llama-3-8B prefill from 142.7 to 131.4 ms (session 8, benchmarks/RESULTS.md). Fewer rows (decode)
-keep the float32 sum, whose figures were measured with it.
+4096-token Llama-3-8B prefill from 142.7 to 131.4 ms (session 8) and a batch-64 decode step from 10.25 to
+9.84 ms (session 9, with the batched shrink; benchmarks/RESULTS.md). A single token (batch-1 decode) keeps the
+float32 sum; on GPU the decode kernel serves it anyway.
 ``masked_batched_forward`` (``xla_masked_batched``) is ``masked_forward`` with the shrink as a matmul batched
-over experts (an A/B variant for ``scripts/profile_decode.py``; see ``masked_forward``).
+over experts; ``auto_masked_forward`` takes it up to ``BATCHED_SHRINK_MAX_TOKENS`` rows (see there).
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ _HIGHEST = lax.Precision.HIGHEST
 DENSE_MAX_EXPERT_COLUMNS = 1024
 # Above this many rows (T * k) gathering per-row expert weights copies more than the dense path reads.
 GATHER_MAX_ROWS = 64
-# From this many rows on (prefill), ``auto_masked_forward`` sums base and LoRA in bf16: the float32 [T, O]
-# arrays it saves are bandwidth there; at decode sizes they are not, and decode was measured without it.
-LOW_PRECISION_SUM_MIN_TOKENS = 256
-# Up to this many rows ``auto_masked_forward`` shrinks with the matmul batched over experts (reads A as
-# stored, no [d, E * r] relayout); 0 = never. An A/B knob for ``scripts/profile_decode.py`` (``+batched=64``).
-BATCHED_SHRINK_MAX_TOKENS = 0
+# From this many rows on, ``auto_masked_forward`` sums base and LoRA in bf16 (no float32 [T, O] arrays).
+# Measured on the H200 (benchmarks/RESULTS.md): prefill 4096 142.7 -> 131.4 ms (session 8); batch-64 decode
+# 6,245 -> 6,503 tok/s with the batched shrink on (session 9; 6,332 -> 6,484 without it).
+LOW_PRECISION_SUM_MIN_TOKENS = 2
+# Up to this many rows ``auto_masked_forward`` shrinks with the matmul batched over experts: it reads A as
+# stored ([E, d, r]) where the flat shrink made XLA relayout A to [d, E * r] at every decode step. Batch-64
+# decode on the H200: 6,332 -> 6,540 tok/s, 128 fewer kernels a step (session 9). Untimed between 65 rows and
+# prefill sizes, where the flat GEMM is the one measured; ``scripts/profile_decode.py`` ``+batched=N`` A/Bs it.
+BATCHED_SHRINK_MAX_TOKENS = 64
 
 
 def masked_forward(
@@ -138,7 +142,9 @@ def shared_masked_forward(
     """``masked_forward`` of several projections that read the same ``x``, with ONE shrink GEMM over their
     experts' A concatenated (``x @ [A_1 | A_2 | ...]_flat``): at decode sizes each shrink is a small,
     latency-bound GEMM, so P of them cost about P times one. Every column is the same dot product as the
-    projection's own shrink; the rest (mask, expand, base) is per projection as in ``masked_forward``."""
+    projection's own shrink; the rest (mask, expand, base) is per projection as in ``masked_forward``.
+    Measured SLOWER on the H200 at batch-64 decode (6,222 vs 6,332 tok/s, session 9: the kernel count did not
+    fall, the concatenation costs what the GEMMs saved), so ``api.SHARED_SHRINK_MIN_TOKENS`` leaves it off."""
     h_tnr = _shrink_all(x_td, jnp.concatenate(list(lora_as_edr), axis=0))
     outs, start = [], 0
     for w_do, a_edr, b_ero, ids, wts, scaling_e in zip(
