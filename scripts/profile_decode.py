@@ -22,8 +22,8 @@ Any of them may carry ``+KNOB=N`` suffixes (``KNOBS``): a trace-time token-count
 path set for that variant only, e.g. ``auto+group_route=inf`` (one top-k per projection, not per group),
 ``auto+lowp=1`` (bf16 sum at decode), ``auto+batched=64`` (shrink batched over experts),
 ``auto+split_gate=1`` (the bf16 split gate GEMM at decode), ``auto+shared_shrink=2`` (one shrink GEMM for
-the projections that share an input). ``--dump-hlo F.tar.gz`` keeps each variant's
-compiled decode program, to find what a kernel in the trace is.
+the projections that share an input), ``auto+argmax_topk=2`` (top-k as argmax passes, no sort).
+``--dump-hlo F.tar.gz`` keeps each variant's compiled decode program, to find what a kernel in the trace is.
 
 XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process
 starts: ``XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/profile_decode.py``. ``--flag-sets``
@@ -177,6 +177,7 @@ KNOBS = {
     "lowp": ("pallas_kernels.grouped_lora.xla", "LOW_PRECISION_SUM_MIN_TOKENS"),
     "batched": ("pallas_kernels.grouped_lora.xla", "BATCHED_SHRINK_MAX_TOKENS"),
     "shared_shrink": ("pallas_kernels.grouped_lora.api", "SHARED_SHRINK_MIN_TOKENS"),
+    "argmax_topk": ("meteora_jax.model.gate", "ARGMAX_TOP_K_MAX"),
 }
 
 

@@ -1,5 +1,7 @@
 """Routing against a NumPy float64 version of both MeteoRA orderings."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,3 +110,29 @@ def test_split_gate_logits_backward_is_the_float32_one(rng):
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
+    """``top_k_values`` by argmax passes (``ARGMAX_TOP_K_MAX``) gives ``lax.top_k``'s values and indices, ties
+    to the lower index included, over [T, E] and [T, P, E] rows, and the same gradient."""
+    from meteora_jax.model import gate
+
+    monkeypatch.setattr(gate, "ARGMAX_TOP_K_MAX", 3)
+    rng = np.random.default_rng(k)
+    cases = [
+        rng.standard_normal((7, 28)).astype(np.float32),
+        rng.standard_normal((5, 3, 28)).astype(np.float32),
+        rng.integers(0, 3, (9, 6)).astype(np.float32),  # many ties
+    ]
+    for x in cases:
+        got_v, got_i = gate.top_k_values(jnp.asarray(x), k)
+        want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+        w = jnp.asarray(rng.standard_normal((*x.shape[:-1], k)).astype(np.float32))
+        g_got = jax.grad(lambda v, w=w: jnp.sum(gate.top_k_values(v, k)[0] * w))(jnp.asarray(x))
+        g_want = jax.grad(lambda v, w=w: jnp.sum(jax.lax.top_k(v, k)[0] * w))(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+    monkeypatch.setattr(gate, "ARGMAX_TOP_K_MAX", 0)
+    assert "top_k" in str(jax.make_jaxpr(lambda v: gate.top_k_values(v, 2))(jnp.asarray(cases[0])))

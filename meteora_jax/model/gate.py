@@ -32,6 +32,29 @@ class RoutingOptions:
     detach_gate_input: bool = False
 
 
+# Up to this k, ``route`` takes the top-k as k argmax passes (each masking the last pick) instead of
+# ``lax.top_k``: on GPU a top_k is a sort fusion plus slice fusions, and XLA runs a contiguous slice as a
+# device memcpy (~190 a batch-1 Llama-3-8B token, benchmarks/RESULTS.md session 9); argmax passes are
+# reductions that fuse with the softmax. 0 = always ``lax.top_k``.
+ARGMAX_TOP_K_MAX = 0
+
+
+def top_k_values(x_te: Float[Array, "*T E"], k: int) -> tuple[Float[Array, "*T K"], Int[Array, "*T K"]]:
+    """``jax.lax.top_k(x, k)``: values in descending order and their indices, ties to the lower index; for
+    k <= ``ARGMAX_TOP_K_MAX`` computed as k argmax passes (the same values and indices, ties included)."""
+    if k > ARGMAX_TOP_K_MAX:
+        return jax.lax.top_k(x_te, k)
+    iota_te = jax.lax.broadcasted_iota(jnp.int32, x_te.shape, x_te.ndim - 1)
+    vals, ids = [], []
+    for _ in range(k):
+        i_t = jnp.argmax(x_te, axis=-1).astype(jnp.int32)  # the first maximum: lax.top_k's tie order
+        hit_te = iota_te == i_t[..., None]
+        vals.append(jnp.max(jnp.where(hit_te, x_te, -jnp.inf), axis=-1))
+        ids.append(i_t)
+        x_te = jnp.where(hit_te, -jnp.inf, x_te)
+    return jnp.stack(vals, axis=-1), jnp.stack(ids, axis=-1)
+
+
 def route(
     logits_te: Float[Array, "*T E"], *, top_k: int, temperature: float, mode: str
 ) -> tuple[Int[Array, "*T K"], Float[Array, "*T K"]]:
@@ -39,11 +62,11 @@ def route(
     projections of one group routed in one top-k, ``moe_lora.shared_gate_logits``)."""
     logits_te = logits_te.astype(jnp.float32) / temperature
     if mode == "topk_then_softmax":
-        vals_tk, ids_tk = jax.lax.top_k(logits_te, top_k)
+        vals_tk, ids_tk = top_k_values(logits_te, top_k)
         weights_tk = softmax_sorted(vals_tk)
     elif mode == "softmax_then_topk":
         probs_te = jax.nn.softmax(logits_te, axis=-1)
-        vals_tk, ids_tk = jax.lax.top_k(probs_te, top_k)
+        vals_tk, ids_tk = top_k_values(probs_te, top_k)
         weights_tk = vals_tk / jnp.sum(vals_tk, axis=-1, keepdims=True)
     else:
         raise ValueError(f"unknown routing mode {mode!r}")
