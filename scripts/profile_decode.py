@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import re
@@ -53,6 +52,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+
+from variant_knobs import KNOBS, knobs_set, parse_variant  # noqa: E402, F401 (parse_variant: tests)
 
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
@@ -169,49 +170,6 @@ def kernel_summary(kernels: list[tuple[float, float, str]], steps: int, top: int
 
 
 # ----------------------------------------------------------------------------- the runs
-# ``VARIANT+knob=N``: a trace-time size threshold set for that variant only (``inf`` = never reached), so
-# one run can A/B the choices the automatic path makes by token count.
-KNOBS = {
-    "group_route": ("meteora_jax.model.moe_lora", "GROUP_ROUTE_MIN_TOKENS"),
-    "split_gate": ("meteora_jax.model.moe_lora", "SPLIT_GATE_MIN_TOKENS"),
-    "lowp": ("pallas_kernels.grouped_lora.xla", "LOW_PRECISION_SUM_MIN_TOKENS"),
-    "batched": ("pallas_kernels.grouped_lora.xla", "BATCHED_SHRINK_MAX_TOKENS"),
-    "shared_shrink": ("pallas_kernels.grouped_lora.api", "SHARED_SHRINK_MIN_TOKENS"),
-    "argmax_topk": ("meteora_jax.model.gate", "ARGMAX_TOP_K_MAX"),
-}
-
-
-def parse_variant(variant: str) -> tuple[str, dict[str, int]]:
-    """``name+knob=N+...`` -> (name, {knob: N}); ValueError names the knobs on a bad one."""
-    name, *opts = variant.split("+")
-    knobs = {}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key not in KNOBS or not (value.isdigit() or value == "inf"):
-            raise ValueError(
-                f"variant {variant!r}: expected +KNOB=N (N an integer or inf), KNOB in {list(KNOBS)}"
-            )
-        knobs[key] = sys.maxsize if value == "inf" else int(value)
-    return name, knobs
-
-
-@contextlib.contextmanager
-def knobs_set(knobs: dict[str, int]):  # noqa: ANN201
-    """Sets the knobs' module attributes while a variant is traced, then restores them."""
-    import importlib
-
-    saved = []
-    try:
-        for key, value in knobs.items():
-            module = importlib.import_module(KNOBS[key][0])
-            saved.append((module, KNOBS[key][1], getattr(module, KNOBS[key][1])))
-            setattr(module, KNOBS[key][1], value)
-        yield
-    finally:
-        for module, attr, value in reversed(saved):
-            setattr(module, attr, value)
-
-
 def profile_variant(model, variant: str, batch: int, args: argparse.Namespace) -> dict:  # noqa: ANN001
     name, knobs = parse_variant(variant)
     with knobs_set(knobs):

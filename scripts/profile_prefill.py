@@ -30,8 +30,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from variant_knobs import KNOBS, knobs_set, parse_variant  # noqa: E402
+
 from meteora_jax.io import write_text_atomic  # noqa: E402
-from meteora_jax.model import moe_lora  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 # First match wins: our Pallas kernels are named lora_* (pallas_gpu.py, pallas_gpu_decode.py); cuDNN's
@@ -77,23 +78,25 @@ def kernels_by_kind(kernels: list[tuple[float, float, str]], top: int) -> dict:
     }
 
 
-_SPLIT_GATE_MIN_TOKENS = moe_lora.SPLIT_GATE_MIN_TOKENS  # restored after a +f32gate variant
+# +f32gate: the float32 gate GEMMs of before split_gate_logits (session 8's A/B), i.e. +split_gate=inf
+_ALIASES = {"f32gate": "split_gate=inf"}
 
 
 def profile_variant(model, variant: str, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    name, knobs = parse_variant(variant, _ALIASES)
+    with knobs_set(knobs):
+        return _profile_variant(model, variant, name, args)
+
+
+def _profile_variant(model, variant: str, name: str, args: argparse.Namespace) -> dict:  # noqa: ANN001
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from meteora_jax.generate.sampler import GREEDY, _prefill
 
-    name, _, option = variant.partition("+")
-    if option not in ("", "f32gate"):
-        raise ValueError(f"variant {variant!r}: the only option is +f32gate")
     base = name == "base"
     model.set_lora_implementation(None if base or name == "auto" else name)
-    # +f32gate: the float32 gate GEMMs of before split_gate_logits, for an A/B in the same run (read at trace)
-    moe_lora.SPLIT_GATE_MIN_TOKENS = sys.maxsize if option else _SPLIT_GATE_MIN_TOKENS
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     graphdef, state = nnx.split(model)
     ids = jax.random.randint(jax.random.key(args.tokens), (1, args.tokens), 0, model.config.vocab_size)
@@ -159,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="base,auto,xla_masked",
         help="comma list: base, auto or a grouped_lora implementation (auto at prefill on GPU: the dense "
-        "masked path with the bf16 sum; xla_masked: the same with the float32 sum); a +f32gate suffix computes "
-        "the gates in float32 GEMMs instead of split_gate_logits",
+        "masked path with the bf16 sum; xla_masked: the same with the float32 sum), each optionally +KNOB=N "
+        f"(KNOB in {list(KNOBS)}, see scripts/variant_knobs.py); +f32gate (= +split_gate=inf) computes the "
+        "gates in float32 GEMMs instead of split_gate_logits",
     )
     ap.add_argument("--attention", default=None, help="attention implementation (default: cudnn on GPU)")
     ap.add_argument("--reps", type=int, default=5, help="timed prefills per variant (median)")
