@@ -151,22 +151,20 @@ def project_group(
     ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it). Same results as calling
     each projection alone."""
     shared = shared_gate_logits(projections, x_btd, routing)
-    if any(s is None or s.ids_tk is None for s in shared) or any(p.bias_o is not None for p in projections):
-        return [p(x_btd, routing, aux, s) for p, s in zip(projections, shared, strict=True)]
     impls = {p.implementation for p in projections}
-    if len(impls) != 1:
+    grouped = all(s is not None and s.ids_tk is not None for s in shared)
+    if not grouped or len(impls) != 1 or any(p.bias_o is not None for p in projections):
         return [p(x_btd, routing, aux, s) for p, s in zip(projections, shared, strict=True)]
     b, t, d = x_btd.shape
-    x_td = x_btd.reshape(b * t, d)
-    compute = projections[0].kernel_io.dtype
+    ws, lora_as, lora_bs, scalings = (list(c) for c in zip(*(p.expert_factors() for p in projections)))
     ys = grouped_lora_fused_shared(
-        x_td,
-        [p.kernel_io[...] for p in projections],
-        [p.lora_a_edr[...].astype(compute) for p in projections],
-        [p.lora_b_ero[...].astype(compute) for p in projections],
+        x_btd.reshape(b * t, d),
+        ws,
+        lora_as,
+        lora_bs,
         [s.ids_tk for s in shared],
         [s.weights_tk for s in shared],
-        scalings=[p.scaling_e[...] for p in projections],
+        scalings=scalings,
         implementation=impls.pop(),
     )
     if aux is not None:
@@ -217,6 +215,18 @@ class MoELoRALinear(nnx.Module):
         else:
             self.lora_a_edr = self.lora_b_ero = self.scaling_e = self.gate_de = None
 
+    def expert_factors(self) -> tuple[Array, Array, Array, Array]:
+        """``(W, A, B, scaling)`` as the kernel takes them. The factors may be float32 master copies
+        (gate_and_experts training of a bf16 model): the kernel computes in the base's dtype (a no-op cast
+        otherwise)."""
+        compute = self.kernel_io.dtype
+        return (
+            self.kernel_io[...],
+            self.lora_a_edr[...].astype(compute),
+            self.lora_b_ero[...].astype(compute),
+            self.scaling_e[...],
+        )
+
     def __call__(
         self,
         x_btd: Float[Array, "B T D"],
@@ -243,17 +253,15 @@ class MoELoRALinear(nnx.Module):
                 ids_tk, weights_tk = route(
                     logits_te, top_k=routing.top_k, temperature=routing.temperature, mode=routing.mode
                 )
-            # the factors may be float32 master copies (gate_and_experts training of a bf16 model): the
-            # kernel computes in the base's dtype (a no-op cast otherwise)
-            compute = self.kernel_io.dtype
+            w_do, a_edr, b_ero, scaling_e = self.expert_factors()
             y_to = grouped_lora_fused(
                 x_td,
-                self.kernel_io[...],
-                self.lora_a_edr[...].astype(compute),
-                self.lora_b_ero[...].astype(compute),
+                w_do,
+                a_edr,
+                b_ero,
                 ids_tk,
                 weights_tk,
-                scaling=self.scaling_e[...],
+                scaling=scaling_e,
                 implementation=self.implementation,
             )
             if aux is not None:
