@@ -15,3 +15,8 @@ class ExpertParam(nnx.Param):
 
 class GateParam(nnx.Param):
     """A MeteoRA gate ``Linear(d_in -> E)`` without bias: the only thing trained by default."""
+
+
+class InferencePack(nnx.Variable):
+    """A derived copy of a group's weights laid out for inference (``MeteoraLlama.pack_for_inference``): built
+    inside the sampler's jitted functions from the live parameters, so it is never trained, saved or stale."""

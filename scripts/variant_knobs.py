@@ -17,6 +17,7 @@ KNOBS = {
     "batched": ("pallas_kernels.grouped_lora.xla", "BATCHED_SHRINK_MAX_TOKENS"),
     "shared_shrink": ("pallas_kernels.grouped_lora.api", "SHARED_SHRINK_MIN_TOKENS"),
     "argmax_topk": ("meteora_jax.model.gate", "ARGMAX_TOP_K_MAX"),
+    "packed": ("meteora_jax.model.moe_lora", "PACKED_MIN_TOKENS"),
 }
 
 

@@ -84,6 +84,7 @@ def _prefill(
     new_bucket: int,
 ) -> tuple[DecodeState, Int[Array, "B P L Q K"] | None]:
     model = nnx.merge(graphdef, state)
+    model.pack_for_inference()
     b, p = ids_bp.shape
     cache = model.init_cache(b, p + new_bucket)
     mask_bs = jnp.zeros((b, p + new_bucket), jnp.int32).at[:, :p].set(valid_bp)
@@ -132,6 +133,7 @@ def _decode(
     return_routing: bool,
 ) -> DecodeState:
     model = nnx.merge(graphdef, state)
+    model.pack_for_inference()  # here, outside the loop: once per call
     num_layers = model.config.num_hidden_layers
 
     def cond(c: DecodeState) -> jax.Array:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,12 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from meteora_jax.config import ModelConfig, MoEConfig
+from meteora_jax.model import moe_lora
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.model.kv_cache import KVCache, LayerCache
-from meteora_jax.model.moe_lora import MoELoRALinear, project_group
+from meteora_jax.model.moe_lora import MoELoRALinear, pack_group, project_group
 from meteora_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from meteora_jax.params import InferencePack
 from pallas_kernels.grouped_lora.api import resolve_implementation
 
 
@@ -91,7 +94,9 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
         b, t, _ = x_btd.shape
         cos_btd, sin_btd, cache_index = inputs.cos_btd, inputs.sin_btd, inputs.cache_index
-        q_btd, k_btd, v_btd = project_group((self.q_proj, self.k_proj, self.v_proj), x_btd, routing, aux)
+        q_btd, k_btd, v_btd = project_group(
+            (self.q_proj, self.k_proj, self.v_proj), x_btd, routing, aux, _pack(self, "qkv_pack")
+        )
         q_btnh = q_btd.reshape(b, t, self.num_heads, self.head_dim)
         k_btkh = k_btd.reshape(b, t, self.num_kv_heads, self.head_dim)
         v_btkh = v_btd.reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -118,7 +123,8 @@ class Attention(nnx.Module):
             causal_from_zero=inputs.causal_from_zero,
         )
         out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out_btd, routing, aux), cache
+        (y_btd,) = project_group((self.o_proj,), out_btd, routing, aux, _pack(self, "o_pack"))
+        return y_btd, cache
 
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
@@ -198,9 +204,29 @@ class MLP(nnx.Module):
         self.down_proj = _projection("down_proj", cfg, moe, dtype, rngs)
 
     def __call__(self, x_btd: Float[Array, "B T D"], routing: RoutingOptions, aux: list | None) -> jax.Array:
-        gate_btm, up_btm = project_group((self.gate_proj, self.up_proj), x_btd, routing, aux)
+        gate_btm, up_btm = project_group(
+            (self.gate_proj, self.up_proj), x_btd, routing, aux, _pack(self, "gate_up_pack")
+        )
         h_btm = jax.nn.silu(gate_btm) * up_btm
-        return self.down_proj(h_btm, routing, aux)
+        (y_btd,) = project_group((self.down_proj,), h_btm, routing, aux, _pack(self, "down_pack"))
+        return y_btd
+
+
+def _pack(owner: nnx.Module, name: str) -> Array | None:
+    """The inference pack ``MeteoraLlama.pack_for_inference`` attached to ``owner`` (None when it did not)."""
+    pack = getattr(owner, name, None)
+    return None if pack is None else pack[...]
+
+
+def _pack_groups(layer: DecoderLayer) -> list[tuple[nnx.Module, str, tuple[MoELoRALinear, ...]]]:
+    """(owner module, attribute, projections) of each group of a layer whose projections read one input."""
+    a, m = layer.attn, layer.mlp
+    return [
+        (a, "qkv_pack", (a.q_proj, a.k_proj, a.v_proj)),
+        (a, "o_pack", (a.o_proj,)),
+        (m, "gate_up_pack", (m.gate_proj, m.up_proj)),
+        (m, "down_pack", (m.down_proj,)),
+    ]
 
 
 class DecoderLayer(nnx.Module):
@@ -403,6 +429,19 @@ class MeteoraLlama(nnx.Module):
         if cache is not None:
             new_cache = KVCache(layers=tuple(new_layers), index=cache.index + t)
         return ModelOutput(logits=logits, cache=new_cache, routing=aux)
+
+    def pack_for_inference(self) -> None:
+        """Attaches each group's inference pack (``moe_lora.pack_group``) while ``moe_lora.PACKED_MIN_TOKENS``
+        is on. Only for a model merged inside a jitted inference function, as the sampler's ``_prefill`` and
+        ``_decode`` do (``_decode`` before its loop: one relayout per call, not per token). The packs are
+        copies: on a model that trains they would go stale and pass no gradient. Skipped under a device mesh,
+        where A is sharded by expert and the relayout would move it between devices."""
+        if moe_lora.PACKED_MIN_TOKENS == sys.maxsize or not jax.sharding.get_abstract_mesh().empty:
+            return
+        for layer in self.layers:
+            for owner, name, group in _pack_groups(layer):
+                pack = pack_group(group)
+                setattr(owner, name, None if pack is None else InferencePack(pack))
 
     def set_attention_implementation(self, name: str) -> None:
         """Selects the attention backend at run time (one of ``ATTENTION_IMPLEMENTATIONS``).

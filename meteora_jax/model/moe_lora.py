@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -22,6 +23,8 @@ from jaxtyping import Array, Float, Int
 from meteora_jax.model.gate import RoutingOptions, forced, route
 from meteora_jax.params import ExpertParam, GateParam
 from pallas_kernels import grouped_lora_fused, grouped_lora_fused_shared
+from pallas_kernels.grouped_lora import api as kernel_api
+from pallas_kernels.grouped_lora import xla as kernel_xla
 
 # logical axes of each projection's (d_in, d_out)
 PROJECTION_AXES = {
@@ -121,16 +124,8 @@ def shared_gate_logits(
     num_experts = {p.num_experts for p in routed}
     if len(num_experts) == 1 and x_td.shape[0] >= GROUP_ROUTE_MIN_TOKENS:
         (e,) = num_experts
-        t, p = x_td.shape[0], len(routed)
-        logits_tpe = logits_tn.reshape(t, p, e)
-        # rows flattened to [T * P, E]: XLA's TopK kernel takes a 2-D operand (3-D becomes a full sort on CPU)
-        ids_mk, weights_mk = route(
-            logits_tn.reshape(t * p, e),
-            top_k=routing.top_k,
-            temperature=routing.temperature,
-            mode=routing.mode,
-        )
-        ids_tpk, weights_tpk = ids_mk.reshape(t, p, -1), weights_mk.reshape(t, p, -1)
+        logits_tpe = logits_tn.reshape(x_td.shape[0], len(routed), e)
+        ids_tpk, weights_tpk = route_group(logits_tpe, routing)
         parts = iter(
             SharedRoute(logits_tpe[:, i], ids_tpk[:, i], weights_tpk[:, i]) for i in range(len(routed))
         )
@@ -140,16 +135,129 @@ def shared_gate_logits(
     return [next(parts) if p.num_experts > 0 else None for p in projections]
 
 
+# From this many tokens on, a group with an inference pack (``pack_group``, built by
+# ``MeteoraLlama.pack_for_inference`` inside the sampler's jitted prefill / decode) takes every expert's shrink
+# AND its gate logits from ONE GEMM, ``x @ [A_1 | ... | A_P | G_hi | G_lo]``, where its backend's forward would
+# be the dense masked one. What it removes per group and step: the gate GEMV, P - 1 shrink GEMMs, the
+# per-step relayout or concatenation of A (which made the unpacked shared shrink slower, session 9) and P - 1
+# reads of x. The gate becomes the bf16 hi/lo split of ``split_gate_logits`` (prefill's gate already; logits
+# within ~1e-5 of float32). Off (sys.maxsize) until an H200 A/B measures it: ``profile_decode.py`` and
+# ``profile_prefill.py`` ``+packed=2``.
+PACKED_MIN_TOKENS = sys.maxsize
+
+
+def pack_group(projections: Sequence[MoELoRALinear]) -> Float[Array, "D N"] | None:
+    """``[A_1 | ... | A_P | gates]`` of the projections with experts among ``projections`` (which read the same
+    input), in their compute dtype: each A flattened expert-major ([d, E * r]); the gates float32
+    ``[G_1 | ... | G_P]`` for a float32 model, else their bf16 hi / lo halves (``split_gate_logits``). None
+    where no projection has experts, expert counts or ranks differ, or the dtype is neither bf16 nor float32."""
+    routed = [p for p in projections if p.num_experts > 0]
+    if not routed:
+        return None
+    dtype = routed[0].kernel_io.dtype
+    shapes = {(p.d_in, p.num_experts, p.lora_a_edr.shape[2], p.kernel_io.dtype) for p in routed}
+    if len(shapes) != 1 or dtype not in (jnp.bfloat16, jnp.float32):
+        return None
+    gates_dn = jnp.concatenate([p.gate_de[...] for p in routed], axis=1).astype(jnp.float32)
+    if dtype == jnp.bfloat16:
+        hi_dn = gates_dn.astype(jnp.bfloat16)
+        gate_parts = [hi_dn, (gates_dn - hi_dn.astype(jnp.float32)).astype(jnp.bfloat16)]
+    else:
+        gate_parts = [gates_dn]
+    a_dn = kernel_xla.flat_shrink_weights([p.lora_a_edr[...].astype(dtype) for p in routed])
+    return jnp.concatenate([a_dn, *gate_parts], axis=1)
+
+
+def packed_forward(
+    projections: Sequence[MoELoRALinear],
+    pack_dn: Array | None,
+    x_btd: Float[Array, "B T D"],
+    routing: RoutingOptions,
+    aux: list | None,
+) -> list[Float[Array, "B T O"]] | None:
+    """The group's outputs through its pack (see ``PACKED_MIN_TOKENS``), or None where the pack may not serve
+    this call: no pack, fewer tokens, a forced expert or no experts, another dtype, or a backend whose forward
+    here is not the dense masked one (``kernel_api.masked_forward_plan``). Projections without experts run
+    their own base GEMM. Inference only: the pack is a copy, so no gradient would reach the gates or factors
+    through it."""
+    b, t, d = x_btd.shape
+    num_tokens = b * t
+    routed = [p for p in projections if p.num_experts > 0]
+    if (
+        pack_dn is None
+        or not routed
+        or num_tokens < PACKED_MIN_TOKENS
+        or routing.no_experts
+        or routing.force_expert is not None
+        or x_btd.dtype != pack_dn.dtype
+    ):
+        return None
+    e, r = routed[0].num_experts, routed[0].lora_a_edr.shape[2]
+    plans = {kernel_api.masked_forward_plan(p.implementation, num_tokens, e * r) for p in routed}
+    if len(plans) != 1 or None in plans:
+        return None
+    ((_, low),) = plans
+    n, a_cols = len(routed), len(routed) * e * r
+    x_td = x_btd.reshape(num_tokens, d)
+    wide_tn = jnp.dot(x_td, pack_dn, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    h_tper = wide_tn[:, :a_cols].reshape(num_tokens, n, e, r)
+    gates_tn = wide_tn[:, a_cols:]
+    if gates_tn.shape[1] == 2 * n * e:  # bf16 hi / lo halves
+        gates_tn = gates_tn[:, : n * e] + gates_tn[:, n * e :]
+    logits_tpe = gates_tn.reshape(num_tokens, n, e)
+    ids_tpk, weights_tpk = route_group(logits_tpe, routing)
+    outs, i = [], 0
+    for p in projections:
+        if p.num_experts == 0:
+            outs.append(p(x_btd, routing, aux))
+            continue
+        w_do, _, b_ero, scaling_e = p.expert_factors()
+        y_to = kernel_xla.masked_forward_from_shrink(
+            x_td,
+            w_do,
+            h_tper[:, i],
+            b_ero,
+            ids_tpk[:, i],
+            weights_tpk[:, i],
+            scaling_e,
+            low_precision_sum=low,
+        )
+        if p.bias_o is not None:
+            y_to = y_to + p.bias_o[...]
+        if aux is not None:
+            aux.append({"name": p.name, "gate_logits": logits_tpe[:, i], "expert_ids": ids_tpk[:, i]})
+        outs.append(y_to.reshape(b, t, p.d_out))
+        i += 1
+    return outs
+
+
+def route_group(
+    logits_tpe: Float[Array, "T P E"], routing: RoutingOptions
+) -> tuple[Int[Array, "T P K"], Float[Array, "T P K"]]:
+    """``route`` of P projections' logits in ONE top-k: rows flattened to [T * P, E], since XLA's TopK kernel
+    takes a 2-D operand (3-D becomes a full sort on CPU)."""
+    t, p, e = logits_tpe.shape
+    ids_mk, weights_mk = route(
+        logits_tpe.reshape(t * p, e), top_k=routing.top_k, temperature=routing.temperature, mode=routing.mode
+    )
+    return ids_mk.reshape(t, p, -1), weights_mk.reshape(t, p, -1)
+
+
 def project_group(
     projections: Sequence[MoELoRALinear],
     x_btd: Float[Array, "B T D"],
     routing: RoutingOptions,
     aux: list | None,
+    pack_dn: Array | None = None,
 ) -> list[Float[Array, "B T O"]]:
-    """Projections that read the same input (q/k/v, gate/up): their gates in one product, their top-k in one
+    """Projections that read the same input (q/k/v, gate/up; or one alone): through their inference pack
+    where it serves (``packed_forward``); else their gates in one product, their top-k in one
     (``shared_gate_logits``) and, when every one routes through the same backend, their expert terms through
     ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it). Same results as calling
-    each projection alone."""
+    each projection alone (the pack: to the bf16 gate split's rounding)."""
+    packed = packed_forward(projections, pack_dn, x_btd, routing, aux)
+    if packed is not None:
+        return packed
     shared = shared_gate_logits(projections, x_btd, routing)
     impls = {p.implementation for p in projections}
     grouped = all(s is not None and s.ids_tk is not None for s in shared)
@@ -238,7 +346,10 @@ class MoELoRALinear(nnx.Module):
         b, t, _ = x_btd.shape
         x_td = x_btd.reshape(b * t, self.d_in)
         if self.num_experts == 0 or routing.no_experts:
-            y_to = jnp.dot(x_td, self.kernel_io[...], preferred_element_type=jnp.float32).astype(x_td.dtype)
+            # The GEMM writes x's dtype (it accumulates in float32 either way): a float32 output plus a convert
+            # made cuBLAS write [T, O] float32 and XLA launch a separate convert, 64 of them (5.4 ms) in the
+            # experts-off model's 4096-token Llama-3-8B prefill on the H200 (profile_prefill_h200_s9.json).
+            y_to = jnp.dot(x_td, self.kernel_io[...], preferred_element_type=x_td.dtype)
         else:
             if routing.force_expert is not None:
                 ids_tk, weights_tk = forced(b * t, routing.force_expert)

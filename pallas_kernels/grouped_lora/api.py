@@ -171,11 +171,20 @@ def _shared_plan(
     shapes = {(a.shape[1], a.shape[2]) for a in lora_as}
     if len(lora_as) < 2 or num_tokens < max(2, SHARED_SHRINK_MIN_TOKENS) or len(shapes) != 1:
         return None
-    columns = {a.shape[0] * a.shape[2] for a in lora_as}
-    names = {_candidates(implementation, c)[0] for c in columns}
-    if len(names) != 1 or max(columns) > xla.DENSE_MAX_EXPERT_COLUMNS:
+    plans = {masked_forward_plan(implementation, num_tokens, a.shape[0] * a.shape[2]) for a in lora_as}
+    return plans.pop() if len(plans) == 1 else None
+
+
+def masked_forward_plan(
+    implementation: str | Sequence[str] | None, num_tokens: int, expert_columns: int
+) -> tuple[str, bool] | None:
+    """``(backend, low_precision_sum)`` when the inference forward that ``implementation`` gives for this many
+    tokens and ``expert_columns`` (E * r) is the dense masked one (``xla.masked_forward``), else None. A
+    caller that computes the shrink itself (``xla.masked_forward_from_shrink``) must ask this first, so that
+    it only ever replaces that path, with the same bf16-sum rule."""
+    if num_tokens < 2 or expert_columns > xla.DENSE_MAX_EXPERT_COLUMNS:
         return None
-    (name,) = names
+    name = _candidates(implementation, expert_columns)[0]
     base = name.removesuffix("_interpret")
     if base not in _MASKED_FORWARDS or num_tokens <= _decode_max_tokens(base):
         return None

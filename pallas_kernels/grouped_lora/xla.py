@@ -158,6 +158,30 @@ def shared_masked_forward(
     return outs
 
 
+def flat_shrink_weights(lora_as_edr: Sequence[Array]) -> Float[Array, "D N"]:
+    """``[A_1 | A_2 | ...]`` as one [d, sum(E * r)] matrix, each A flattened expert-major ([d, E * r], the
+    column order of ``_shrink_all``'s [T, E, R] output): the layout ``masked_forward_from_shrink`` reads
+    ``x @ A`` in. A relayout of every A: meant to be built once per inference call, not per step."""
+    return jnp.concatenate([jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], -1) for a in lora_as_edr], axis=1)
+
+
+def masked_forward_from_shrink(
+    x_td: Array,
+    w_do: Array | None,
+    h_ter: Float[Array, "T E R"],
+    lora_b_ero: Array,
+    ids_tk: Array,
+    weights_tk: Array,
+    scaling_e: Array,
+    *,
+    low_precision_sum: bool,
+) -> Array:
+    """``masked_forward`` given every expert's shrink ``h = x @ A`` (float32 [T, E, R]) computed by the caller,
+    e.g. in one GEMM with other projections' shrinks and gates (``flat_shrink_weights``). Inference only."""
+    coef_te = _coef_te(ids_tk, weights_tk, scaling_e)
+    return _masked_expand(x_td, w_do, h_ter, coef_te, lora_b_ero, low_precision_sum)
+
+
 def masked_lowp_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
     """``masked_forward`` summing base and LoRA in x's dtype when that is bf16 / f16 (``xla_masked_lowp``)."""
     return masked_forward(

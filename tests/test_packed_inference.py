@@ -1,0 +1,198 @@
+"""Inference packs (``moe_lora.PACKED_MIN_TOKENS``, off by default): one GEMM for a group's shrinks and gates.
+
+``x @ [A_1 | ... | A_P | gates]`` must give each projection's own shrink and gate logits (float32: the same
+dot products; bf16: the gate through the hi / lo split, within its rounding), the same routing and outputs as
+the unpacked forward, greedy tokens equal to the unpacked sampler's, and it must never leave a pack on the
+caller's model or serve a call it cannot (one token, a forced expert, a non-dense backend, a device mesh).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
+from meteora_jax.generate import Sampler
+from meteora_jax.model import moe_lora
+from meteora_jax.model.gate import RoutingOptions
+from meteora_jax.params import InferencePack
+from pallas_kernels.grouped_lora import api, xla
+from tests.grouped_lora_cases import key_for, rel_err
+
+ON = 2
+OFF = 10**18
+
+
+def _model(dtype: str, *, impl: str | None = None, bias: bool = False, **moe_kw) -> MeteoraLlama:
+    cfg = ModelConfig.tiny(
+        vocab_size=99, eos_token_ids=(2,), pad_token_id=0, bos_token_id=1, attention_bias=bias
+    )
+    moe_kw.setdefault("expert_names", tuple(f"task{i}" for i in range(28)))
+    moe = MoEConfig(top_k=2, implementation=impl, **moe_kw)
+    return MeteoraLlama(cfg, moe, dtype=dtype, rngs=nnx.Rngs(5))
+
+
+def _packed_copy(model: MeteoraLlama) -> MeteoraLlama:
+    """A merged copy with packs attached, as the sampler's jitted functions make one."""
+    copy = nnx.merge(*nnx.split(model))
+    copy.pack_for_inference()
+    return copy
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pack_columns_are_each_projections_shrink_and_gate(dtype):
+    """Float64 NumPy check of the layout: the pack's columns are every expert's ``x @ A[e]`` (expert-major, as
+    ``xla._shrink_all``) and each projection's gate logits (bf16: hi + lo within 2^-16 of float32)."""
+    model = _model(dtype)
+    attn = model.layers[0].attn
+    group = (attn.q_proj, attn.k_proj, attn.v_proj)
+    pack = moe_lora.pack_group(group)
+    e, r, d = 28, group[0].lora_a_edr.shape[2], group[0].d_in
+    assert pack.dtype == jnp.dtype(dtype)
+    assert pack.shape == (d, 3 * e * r + (2 if dtype == "bfloat16" else 1) * 3 * e)
+    x = np.asarray(jax.random.normal(key_for(f"pack-{dtype}"), (5, d)).astype(dtype), np.float64)
+    wide = x @ np.asarray(pack, np.float64)
+    for i, p in enumerate(group):
+        a = np.asarray(p.lora_a_edr[...], np.float64)
+        np.testing.assert_allclose(
+            wide[:, i * e * r : (i + 1) * e * r].reshape(5, e, r), np.einsum("td,edr->ter", x, a), rtol=1e-12
+        )
+    gates = wide[:, 3 * e * r :]
+    if dtype == "bfloat16":
+        gates = gates[:, : 3 * e] + gates[:, 3 * e :]
+    want = x @ np.concatenate([np.asarray(p.gate_de[...], np.float64) for p in group], axis=1)
+    scale = np.abs(x) @ np.abs(
+        np.concatenate([np.asarray(p.gate_de[...], np.float64) for p in group], axis=1)
+    )
+    assert np.max(np.abs(gates - want) / scale) < (2.0**-16 if dtype == "bfloat16" else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tokens", [(2, 7), (1, 40)])
+def test_packed_forward_matches_unpacked(monkeypatch, dtype, tokens):
+    """Logits and every projection's expert ids with packs equal the unpacked forward's (the automatic
+    backend: ``xla`` on CPU), with fewer GEMMs: one per group instead of a gate GEMV plus P shrinks."""
+    model = _model(dtype)
+    ids = jax.random.randint(key_for(f"packed-fwd-{dtype}-{tokens}"), tokens, 3, 99)
+    off = model.forward(ids, return_routing=True)
+    monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON)
+    on = _packed_copy(model).forward(ids, return_routing=True)
+    assert [r["name"] for r in on.routing] == [r["name"] for r in off.routing]
+    for a, b in zip(on.routing, off.routing, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["expert_ids"]), np.asarray(b["expert_ids"]))
+        assert rel_err(a["gate_logits"], b["gate_logits"]) < (1e-6 if dtype == "float32" else 1e-4)
+    assert rel_err(on.logits, off.logits) < (1e-6 if dtype == "float32" else 2e-2)
+
+
+def _dots(model: MeteoraLlama, ids: jax.Array) -> int:
+    graphdef, state = nnx.split(model)
+
+    def f(state):
+        m = nnx.merge(graphdef, state)
+        m.pack_for_inference()
+        return m.forward(ids).logits
+
+    return str(jax.make_jaxpr(f)(state)).count("dot_general")
+
+
+def test_packed_forward_is_one_gemm_per_group(monkeypatch):
+    cfg_layers = _model("bfloat16").config.num_hidden_layers
+    model = _model("bfloat16")
+    ids = jnp.ones((2, 5), jnp.int32)
+    off = _dots(model, ids)
+    monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON)
+    on = _dots(model, ids)
+    # per layer: 4 gate GEMVs + 7 shrinks (off) -> 4 packed GEMMs (on)
+    assert off - on == 7 * cfg_layers
+
+
+def test_partial_targets_and_bias(monkeypatch):
+    """A group where some projections carry no experts (k_proj here) packs the others; a Qwen2-style q/k/v
+    bias is added as in the unpacked forward."""
+    model = _model("float32", bias=True, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
+    attn = model.layers[0].attn
+    attn.q_proj.bias_o[...] = jax.random.normal(key_for("bias"), (attn.q_proj.d_out,))
+    attn.k_proj.bias_o[...] = jax.random.normal(key_for("bias-k"), (attn.k_proj.d_out,))
+    ids = jax.random.randint(key_for("partial"), (2, 6), 3, 99)
+    off = model.forward(ids, return_routing=True)
+    monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON)
+    packed = _packed_copy(model)
+    assert packed.layers[0].attn.qkv_pack[...].shape[1] == 2 * 28 * 8 + 2 * 28
+    on = packed.forward(ids, return_routing=True)
+    assert [r["name"] for r in on.routing] == [r["name"] for r in off.routing]
+    assert rel_err(on.logits, off.logits) < 1e-6
+
+
+def test_greedy_tokens_equal_and_no_pack_left_on_the_model(monkeypatch):
+    """The sampler (packs built inside its jitted prefill and decode) gives the unpacked greedy tokens, top-2
+    and top-1, and the caller's model never holds a pack."""
+    model = _model("float32")
+    for _, m in nnx.iter_modules(model):  # experts strong enough to decide tokens
+        if isinstance(m, moe_lora.MoELoRALinear) and m.num_experts:
+            m.lora_b_ero[...] = m.lora_b_ero[...] * 100.0
+    prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
+    base = Sampler(model).generate(prompts, max_new_tokens=8, routing=RoutingOptions(no_experts=True))
+    want = {
+        k: Sampler(model).generate(prompts, max_new_tokens=8, routing=RoutingOptions(top_k=k)) for k in (1, 2)
+    }
+    assert want[2].token_ids != base.token_ids  # the experts matter here
+    served = []
+    packed_forward = moe_lora.packed_forward
+
+    def counting(*args):
+        out = packed_forward(*args)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(moe_lora, "packed_forward", counting)
+    monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON)
+    jax.clear_caches()  # the knob is read at trace time
+    sampler = Sampler(model)
+    for k, w in want.items():
+        got = sampler.generate(prompts, max_new_tokens=8, routing=RoutingOptions(top_k=k))
+        assert got.token_ids == w.token_ids, k
+    assert any(served)  # the prefill and decode (batch 2) went through the packs
+    assert not jax.tree.leaves(nnx.state(model, InferencePack))
+    assert not hasattr(model.layers[0].attn, "qkv_pack")
+
+
+def test_pack_serves_only_the_dense_masked_inference_path(monkeypatch):
+    """None (the unpacked path runs) for: the knob off, one token, a forced expert, no experts, a backend whose
+    forward is not the dense masked one, or another dtype; and no packs at all under a device mesh."""
+    model = _model("float32")
+    mlp = model.layers[0].mlp
+    group = (mlp.gate_proj, mlp.up_proj)
+    pack = moe_lora.pack_group(group)
+    x = jax.random.normal(key_for("serve"), (1, 4, model.config.hidden_size))
+    top2 = RoutingOptions()
+    assert moe_lora.packed_forward(group, pack, x, top2, None) is None  # knob off
+    monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON)
+    assert moe_lora.packed_forward(group, pack, x, top2, None) is not None
+    assert moe_lora.packed_forward(group, pack, x[:, :1], top2, None) is None
+    assert moe_lora.packed_forward(group, pack, x, RoutingOptions(force_expert=3), None) is None
+    assert moe_lora.packed_forward(group, pack, x, RoutingOptions(no_experts=True), None) is None
+    assert moe_lora.packed_forward(group, pack, x.astype(jnp.bfloat16), top2, None) is None
+    assert moe_lora.packed_forward(group, None, x, top2, None) is None
+    for impl in ("reference", "xla_ragged", "pallas_gpu_interpret"):
+        other = _model("float32", impl=impl).layers[0].mlp
+        g2 = (other.gate_proj, other.up_proj)
+        assert moe_lora.packed_forward(g2, moe_lora.pack_group(g2), x, top2, None) is None, impl
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        copy = _packed_copy(model)
+    assert not hasattr(copy.layers[0].attn, "qkv_pack")
+
+
+def test_masked_forward_plan():
+    """The backends and sizes whose inference forward is ``xla.masked_forward``, with its bf16-sum rule."""
+    low_from = xla.LOW_PRECISION_SUM_MIN_TOKENS
+    assert api.masked_forward_plan("xla", 64, 224) == ("xla", 64 >= low_from)
+    assert api.masked_forward_plan("xla_masked", 64, 224) == ("xla_masked", False)
+    assert api.masked_forward_plan("xla_masked_lowp", 64, 224) == ("xla_masked_lowp", True)
+    assert api.masked_forward_plan("xla", 1, 224) is None
+    assert api.masked_forward_plan("xla", 64, xla.DENSE_MAX_EXPERT_COLUMNS + 1) is None
+    assert api.masked_forward_plan("reference", 64, 224) is None
+    assert api.masked_forward_plan("pallas_gpu_decode", 64, 224) == ("pallas_gpu_decode", 64 >= low_from)
