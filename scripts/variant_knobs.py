@@ -18,6 +18,8 @@ KNOBS = {
     "shared_shrink": ("pallas_kernels.grouped_lora.api", "SHARED_SHRINK_MIN_TOKENS"),
     "argmax_topk": ("meteora_jax.model.gate", "ARGMAX_TOP_K_MAX"),
     "packed": ("meteora_jax.model.moe_lora", "PACKED_MIN_TOKENS"),
+    "packed_gates": ("meteora_jax.model.moe_lora", "PACK_GATES"),
+    "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
 }
 
 

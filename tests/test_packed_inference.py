@@ -196,3 +196,53 @@ def test_masked_forward_plan():
     assert api.masked_forward_plan("xla", 64, xla.DENSE_MAX_EXPERT_COLUMNS + 1) is None
     assert api.masked_forward_plan("reference", 64, 224) is None
     assert api.masked_forward_plan("pallas_gpu_decode", 64, 224) == ("pallas_gpu_decode", 64 >= low_from)
+
+
+def test_gate_packs_are_on_by_default_and_change_nothing():
+    """``PACK_GATES`` (on): groups of two or more routed projections get their gates concatenated once, the
+    forward reads them instead of concatenating per call (no gate concatenation left in its program), and
+    logits and expert ids are bitwise those without packs."""
+    assert moe_lora.PACK_GATES and moe_lora.PACKED_MIN_TOKENS > 10**9  # the shipped defaults
+    model = _model("float32")
+    copy = _packed_copy(model)
+    attn, mlp = copy.layers[0].attn, copy.layers[0].mlp
+    np.testing.assert_array_equal(
+        np.asarray(attn.qkv_gates[...]),
+        np.asarray(moe_lora.concat_gates((attn.q_proj, attn.k_proj, attn.v_proj))),
+    )
+    assert mlp.gate_up_gates[...].shape == (model.config.hidden_size, 2 * 28)
+    assert not hasattr(attn, "o_gates") and not hasattr(attn, "qkv_pack")
+    ids = jax.random.randint(key_for("gate-packs"), (2, 5), 3, 99)
+    off, on = model.forward(ids, return_routing=True), copy.forward(ids, return_routing=True)
+    np.testing.assert_array_equal(np.asarray(on.logits), np.asarray(off.logits))
+    for a, b in zip(on.routing, off.routing, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["expert_ids"]), np.asarray(b["expert_ids"]))
+
+    def gate_concats(m: MeteoraLlama) -> int:
+        jaxpr = str(jax.make_jaxpr(lambda i: m.forward(i).logits)(ids))
+        width = f"{model.config.hidden_size},{3 * 28}]"
+        return sum("concatenate" in line and width in line for line in jaxpr.splitlines())
+
+    assert gate_concats(model) == model.config.num_hidden_layers
+    assert gate_concats(copy) == 0
+
+
+@pytest.mark.parametrize("dtype,split_from", [("float32", 256), ("bfloat16", 256), ("bfloat16", 2)])
+def test_gate_rows_pack_matches(monkeypatch, dtype, split_from):
+    """``GATE_PACK_ROWS``: every group's gates stored [N, D] (o and down too) give the unpacked logits (to
+    summation order) and the same expert ids, through the float32 row GEMM and, for bf16 prompts from
+    ``SPLIT_GATE_MIN_TOKENS`` on, through the split gate of the transpose."""
+    monkeypatch.setattr(moe_lora, "GATE_PACK_ROWS", 1)
+    monkeypatch.setattr(moe_lora, "SPLIT_GATE_MIN_TOKENS", split_from)
+    model = _model(dtype)
+    copy = _packed_copy(model)
+    attn, mlp = copy.layers[0].attn, copy.layers[0].mlp
+    assert attn.o_gates_nd[...].shape == (28, attn.o_proj.d_in)
+    assert mlp.gate_up_gates_nd[...].shape == (2 * 28, model.config.hidden_size)
+    assert not hasattr(attn, "qkv_gates")
+    ids = jax.random.randint(key_for(f"gate-rows-{dtype}-{split_from}"), (2, 5), 3, 99)
+    off, on = model.forward(ids, return_routing=True), copy.forward(ids, return_routing=True)
+    for a, b in zip(on.routing, off.routing, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["expert_ids"]), np.asarray(b["expert_ids"]))
+        assert rel_err(a["gate_logits"], b["gate_logits"]) < 1e-6
+    assert rel_err(on.logits, off.logits) < 1e-6

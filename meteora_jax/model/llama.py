@@ -95,7 +95,7 @@ class Attention(nnx.Module):
         b, t, _ = x_btd.shape
         cos_btd, sin_btd, cache_index = inputs.cos_btd, inputs.sin_btd, inputs.cache_index
         q_btd, k_btd, v_btd = project_group(
-            (self.q_proj, self.k_proj, self.v_proj), x_btd, routing, aux, _pack(self, "qkv_pack")
+            (self.q_proj, self.k_proj, self.v_proj), x_btd, routing, aux, *_packs(self, "qkv")
         )
         q_btnh = q_btd.reshape(b, t, self.num_heads, self.head_dim)
         k_btkh = k_btd.reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -123,7 +123,7 @@ class Attention(nnx.Module):
             causal_from_zero=inputs.causal_from_zero,
         )
         out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
-        (y_btd,) = project_group((self.o_proj,), out_btd, routing, aux, _pack(self, "o_pack"))
+        (y_btd,) = project_group((self.o_proj,), out_btd, routing, aux, *_packs(self, "o"))
         return y_btd, cache
 
 
@@ -205,27 +205,31 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: Float[Array, "B T D"], routing: RoutingOptions, aux: list | None) -> jax.Array:
         gate_btm, up_btm = project_group(
-            (self.gate_proj, self.up_proj), x_btd, routing, aux, _pack(self, "gate_up_pack")
+            (self.gate_proj, self.up_proj), x_btd, routing, aux, *_packs(self, "gate_up")
         )
         h_btm = jax.nn.silu(gate_btm) * up_btm
-        (y_btd,) = project_group((self.down_proj,), h_btm, routing, aux, _pack(self, "down_pack"))
+        (y_btd,) = project_group((self.down_proj,), h_btm, routing, aux, *_packs(self, "down"))
         return y_btd
 
 
-def _pack(owner: nnx.Module, name: str) -> Array | None:
-    """The inference pack ``MeteoraLlama.pack_for_inference`` attached to ``owner`` (None when it did not)."""
-    pack = getattr(owner, name, None)
-    return None if pack is None else pack[...]
+_PACK_KINDS = ("pack", "gates", "gates_nd")
+
+
+def _packs(owner: nnx.Module, group: str) -> tuple[Array | None, ...]:
+    """The packs ``MeteoraLlama.pack_for_inference`` attached to ``owner`` for ``group``, as ``project_group``'s
+    ``(pack_dn, gates_dn, gates_nd)`` (attributes ``{group}_pack`` etc.); None for each it did not."""
+    found = (getattr(owner, f"{group}_{kind}", None) for kind in _PACK_KINDS)
+    return tuple(None if v is None else v[...] for v in found)
 
 
 def _pack_groups(layer: DecoderLayer) -> list[tuple[nnx.Module, str, tuple[MoELoRALinear, ...]]]:
-    """(owner module, attribute, projections) of each group of a layer whose projections read one input."""
+    """(owner module, group name, projections) of each group of a layer whose projections read one input."""
     a, m = layer.attn, layer.mlp
     return [
-        (a, "qkv_pack", (a.q_proj, a.k_proj, a.v_proj)),
-        (a, "o_pack", (a.o_proj,)),
-        (m, "gate_up_pack", (m.gate_proj, m.up_proj)),
-        (m, "down_pack", (m.down_proj,)),
+        (a, "qkv", (a.q_proj, a.k_proj, a.v_proj)),
+        (a, "o", (a.o_proj,)),
+        (m, "gate_up", (m.gate_proj, m.up_proj)),
+        (m, "down", (m.down_proj,)),
     ]
 
 
@@ -431,17 +435,27 @@ class MeteoraLlama(nnx.Module):
         return ModelOutput(logits=logits, cache=new_cache, routing=aux)
 
     def pack_for_inference(self) -> None:
-        """Attaches each group's inference pack (``moe_lora.pack_group``) while ``moe_lora.PACKED_MIN_TOKENS``
-        is on. Only for a model merged inside a jitted inference function, as the sampler's ``_prefill`` and
-        ``_decode`` do (``_decode`` before its loop: one relayout per call, not per token). The packs are
-        copies: on a model that trains they would go stale and pass no gradient. Skipped under a device mesh,
-        where A is sharded by expert and the relayout would move it between devices."""
-        if moe_lora.PACKED_MIN_TOKENS == sys.maxsize or not jax.sharding.get_abstract_mesh().empty:
+        """Attaches each group's inference packs: ``moe_lora.pack_group`` while ``moe_lora.PACKED_MIN_TOKENS``
+        is on, and with ``moe_lora.PACK_GATES`` the concatenated gates of each group of two or more routed
+        projections (with ``moe_lora.GATE_PACK_ROWS``: transposed, for every group with experts).
+
+        Only for a model merged inside a jitted inference function, as the sampler's ``_prefill`` and
+        ``_decode`` do (``_decode`` before its loop: once per call, not per token). The packs are copies: on a
+        model that trains they would go stale and pass no gradient. Skipped under a device mesh, where A is
+        sharded by expert and the relayout would move it between devices.
+        """
+        if not jax.sharding.get_abstract_mesh().empty:
             return
         for layer in self.layers:
             for owner, name, group in _pack_groups(layer):
-                pack = pack_group(group)
-                setattr(owner, name, None if pack is None else InferencePack(pack))
+                pack = pack_group(group) if moe_lora.PACKED_MIN_TOKENS != sys.maxsize else None
+                if pack is not None:
+                    setattr(owner, f"{name}_pack", InferencePack(pack))
+                routed = sum(p.num_experts > 0 for p in group)
+                if moe_lora.PACK_GATES and moe_lora.GATE_PACK_ROWS and routed:
+                    setattr(owner, f"{name}_gates_nd", InferencePack(moe_lora.concat_gates(group).T))
+                elif moe_lora.PACK_GATES and routed > 1:
+                    setattr(owner, f"{name}_gates", InferencePack(moe_lora.concat_gates(group)))
 
     def set_attention_implementation(self, name: str) -> None:
         """Selects the attention backend at run time (one of ``ATTENTION_IMPLEMENTATIONS``).

@@ -55,6 +55,12 @@ def float32_gate_logits(x_td: Float[Array, "T D"], gate_de: Float[Array, "D E"])
     return jnp.dot(x_td.astype(jnp.float32), gate_de, precision=jax.lax.Precision.HIGHEST)
 
 
+def float32_gate_logits_rows(x_td: Float[Array, "T D"], gates_ed: Float[Array, "E D"]) -> Float[Array, "T E"]:
+    """``float32_gate_logits`` from the gates stored one row per expert ([E, D], ``GATE_PACK_ROWS``)."""
+    dims = (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x_td.astype(jnp.float32), gates_ed, dims, precision=jax.lax.Precision.HIGHEST)
+
+
 @jax.custom_vjp
 def split_gate_logits(x_td: Float[Array, "T D"], gate_de: Float[Array, "D E"]) -> Float[Array, "T E"]:
     """``float32_gate_logits`` for bf16 ``x`` as ONE bf16 tensor-core GEMM: ``x @ [W_hi | W_lo]``, halves summed.
@@ -104,8 +110,17 @@ class SharedRoute:
     weights_tk: Float[Array, "T K"] | None = None
 
 
+def concat_gates(projections: Sequence[MoELoRALinear]) -> Float[Array, "D N"]:
+    """``[G_1 | G_2 | ...]`` of the projections that route: the one gate matrix ``shared_gate_logits`` reads."""
+    return jnp.concatenate([p.gate_de[...] for p in projections if p.num_experts > 0], axis=1)
+
+
 def shared_gate_logits(
-    projections: Sequence[MoELoRALinear], x_btd: Float[Array, "B T D"], routing: RoutingOptions
+    projections: Sequence[MoELoRALinear],
+    x_btd: Float[Array, "B T D"],
+    routing: RoutingOptions,
+    gates_dn: Float[Array, "D N"] | None = None,
+    gates_nd: Float[Array, "N D"] | None = None,
 ) -> list[SharedRoute | None]:
     """The routing of projections that read the same input (q/k/v, gate/up), from ONE gate product.
 
@@ -115,12 +130,25 @@ def shared_gate_logits(
     ``GROUP_ROUTE_MIN_TOKENS`` tokens on, and when the projections have the same expert count, the top-k runs
     once over the stacked [T, P, E] logits: per row the same selection and weights as each projection's own.
     None (the projection computes its own, or needs none) where fewer than two projections route.
+    ``gates_dn``: ``concat_gates(projections)`` made once by the caller (an inference pack, see
+    ``PACK_GATES``), else it is concatenated here, at every call. ``gates_nd``: the same transposed
+    (``GATE_PACK_ROWS``); with it a single routed projection is served too.
     """
     routed = [p for p in projections if p.num_experts > 0]
-    if routing.no_experts or routing.force_expert is not None or len(routed) < 2:
+    if (
+        routing.no_experts
+        or routing.force_expert is not None
+        or len(routed) < (1 if gates_nd is not None else 2)
+    ):
         return [None] * len(projections)
     x_td = gate_input(x_btd.reshape(-1, x_btd.shape[-1]), routing)
-    logits_tn = gate_logits(x_td, jnp.concatenate([p.gate_de[...] for p in routed], axis=1))
+    split = x_td.dtype == jnp.bfloat16 and x_td.shape[0] >= SPLIT_GATE_MIN_TOKENS
+    if gates_nd is not None and not split:
+        logits_tn = float32_gate_logits_rows(x_td, gates_nd)
+    else:
+        if gates_dn is None:
+            gates_dn = concat_gates(projections) if gates_nd is None else gates_nd.T
+        logits_tn = gate_logits(x_td, gates_dn)
     num_experts = {p.num_experts for p in routed}
     if len(num_experts) == 1 and x_td.shape[0] >= GROUP_ROUTE_MIN_TOKENS:
         (e,) = num_experts
@@ -144,6 +172,18 @@ def shared_gate_logits(
 # within ~1e-5 of float32). Off (sys.maxsize) until an H200 A/B measures it: ``profile_decode.py`` and
 # ``profile_prefill.py`` ``+packed=2``.
 PACKED_MIN_TOKENS = sys.maxsize
+# 1: ``pack_for_inference`` also makes each group's ``concat_gates`` once per call, which the unpacked path's
+# shared gate GEMV then reads: on the H200 that concatenation ran as its own kernel at every step, twice a
+# layer (batch-64 decode, session 9: ~0.26 ms of a 9.8 ms step; profile_decode_h200_b64_s9_defaults.json).
+# The same matrix and the same dot products, so routing is bitwise unchanged. Not yet timed (no GPU since);
+# ``+packed_gates=0`` is the A/B.
+PACK_GATES = 1
+# 1: those gate packs are stored one row per expert column ([N, D]), for every group including o and down,
+# and the gate GEMV contracts their rows. The lead: at batch-1 decode XLA runs the [1, D] x [D, N] float32
+# gate product as a column reduction with too few blocks (4.8-6.6 us for ~1 MB, session 4's profile); over
+# [N, D] the same product is a row reduction, one warp per output. Not yet timed; ``+gate_rows=1`` is the
+# A/B. Logits equal the float32 GEMV's to summation order.
+GATE_PACK_ROWS = 0
 
 
 def pack_group(projections: Sequence[MoELoRALinear]) -> Float[Array, "D N"] | None:
@@ -158,7 +198,7 @@ def pack_group(projections: Sequence[MoELoRALinear]) -> Float[Array, "D N"] | No
     shapes = {(p.d_in, p.num_experts, p.lora_a_edr.shape[2], p.kernel_io.dtype) for p in routed}
     if len(shapes) != 1 or dtype not in (jnp.bfloat16, jnp.float32):
         return None
-    gates_dn = jnp.concatenate([p.gate_de[...] for p in routed], axis=1).astype(jnp.float32)
+    gates_dn = concat_gates(routed).astype(jnp.float32)
     if dtype == jnp.bfloat16:
         hi_dn = gates_dn.astype(jnp.bfloat16)
         gate_parts = [hi_dn, (gates_dn - hi_dn.astype(jnp.float32)).astype(jnp.bfloat16)]
@@ -249,16 +289,20 @@ def project_group(
     routing: RoutingOptions,
     aux: list | None,
     pack_dn: Array | None = None,
+    gates_dn: Array | None = None,
+    gates_nd: Array | None = None,
 ) -> list[Float[Array, "B T O"]]:
     """Projections that read the same input (q/k/v, gate/up; or one alone): through their inference pack
     where it serves (``packed_forward``); else their gates in one product, their top-k in one
     (``shared_gate_logits``) and, when every one routes through the same backend, their expert terms through
     ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it). Same results as calling
-    each projection alone (the pack: to the bf16 gate split's rounding)."""
+    each projection alone (the pack: to the bf16 gate split's rounding). ``pack_dn`` / ``gates_dn`` /
+    ``gates_nd``: this group's ``pack_group`` / ``concat_gates`` / its transpose, made once per inference call
+    (``MeteoraLlama.pack_for_inference``)."""
     packed = packed_forward(projections, pack_dn, x_btd, routing, aux)
     if packed is not None:
         return packed
-    shared = shared_gate_logits(projections, x_btd, routing)
+    shared = shared_gate_logits(projections, x_btd, routing, gates_dn, gates_nd)
     impls = {p.implementation for p in projections}
     grouped = all(s is not None and s.ids_tk is not None for s in shared)
     if not grouped or len(impls) != 1 or any(p.bias_o is not None for p in projections):
