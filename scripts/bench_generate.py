@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
-from meteora_jax.generate.sampler import DecodeState, _decode, _prefill  # noqa: E402
+from meteora_jax.generate.sampler import DecodeState, _decode, _prefill, inference_packs  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
@@ -128,6 +128,7 @@ def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, not timed
     ids = jax.random.randint(jax.random.key(t), (1, t), 0, model.config.vocab_size, jnp.int32)
     valid = jnp.ones((1, t), jnp.int32)
     out = {}
@@ -146,6 +147,7 @@ def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:
                 params=SamplingParams(),
                 return_routing=False,
                 new_bucket=16,
+                packs=packs,
             )
             carry.out_bn.block_until_ready()
 
@@ -176,6 +178,7 @@ def bench_decode(model: MeteoraLlama, batch: int, prompt: int, steps: int, reps:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, not timed
 
     def fresh() -> DecodeState:
         return fresh_decode_state(model, batch, prompt, steps)
@@ -198,6 +201,7 @@ def bench_decode(model: MeteoraLlama, batch: int, prompt: int, steps: int, reps:
                 routing=routing,
                 params=SamplingParams(),
                 return_routing=False,
+                packs=packs,
             )
             c.out_bn.block_until_ready()
 

@@ -185,7 +185,7 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
     from bench_generate import fresh_decode_state
     from flax import nnx
 
-    from meteora_jax.generate.sampler import _decode
+    from meteora_jax.generate.sampler import _decode, inference_packs
     from meteora_jax.generate.sampling import SamplingParams
 
     base = name == "base"
@@ -193,6 +193,7 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     routing = model.routing_options(no_experts=base)
     graphdef, state = nnx.split(model)
+    packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, outside the timing
     stop, pad, eos = jnp.int32(args.steps + 1), jnp.int32(0), jnp.asarray([-1], jnp.int32)
     fresh = lambda: jax.block_until_ready(fresh_decode_state(model, batch, args.prompt, args.steps))
     t0 = time.perf_counter()
@@ -206,6 +207,7 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
         routing=routing,
         params=SamplingParams(),
         return_routing=False,
+        packs=packs,
     ).compile()
     row: dict = {"variant": variant, "batch": batch, "compile_s": time.perf_counter() - t0}
     hlo_text = compiled.as_text()
@@ -216,7 +218,7 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
     def once() -> float:
         carry = fresh()
         t = time.perf_counter()
-        compiled(state, carry, stop, pad, eos).out_bn.block_until_ready()
+        compiled(state, carry, stop, pad, eos, packs=packs).out_bn.block_until_ready()
         return time.perf_counter() - t
 
     once()  # warm-up (autotuning, allocations)
@@ -228,7 +230,7 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
             with tempfile.TemporaryDirectory() as tmp:
                 carry = fresh()
                 with jax.profiler.trace(tmp, create_perfetto_trace=True):
-                    compiled(state, carry, stop, pad, eos).out_bn.block_until_ready()
+                    compiled(state, carry, stop, pad, eos, packs=packs).out_bn.block_until_ready()
                 try:
                     trace = timing.read_trace(tmp)
                 except FileNotFoundError:

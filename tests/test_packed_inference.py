@@ -155,6 +155,10 @@ def test_greedy_tokens_equal_and_no_pack_left_on_the_model(monkeypatch):
         got = sampler.generate(prompts, max_new_tokens=8, routing=RoutingOptions(top_k=k))
         assert got.token_ids == w.token_ids, k
     assert any(served)  # the prefill and decode (batch 2) went through the packs
+    packs = sampler.packs()  # made once per model state and passed into the jitted prefill / decode
+    assert sampler.packs() is packs and "0.attn.qkv_pack" in packs and "1.mlp.down_pack" in packs
+    sampler.refresh()
+    assert sampler.packs() is not packs
     assert not jax.tree.leaves(nnx.state(model, InferencePack))
     assert not hasattr(model.layers[0].attn, "qkv_pack")
 

@@ -68,6 +68,22 @@ def _stack_routing(aux: list[dict] | None, num_layers: int, b: int, t: int) -> I
     return jnp.transpose(ids_lpbtk, (2, 3, 0, 1, 4))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def inference_packs(graphdef: nnx.GraphDef, state: nnx.State) -> dict[str, jax.Array]:
+    """``MeteoraLlama.inference_packs`` of a model state, made once and passed to ``_prefill`` / ``_decode``
+    (their ``packs``). The pack knobs (``moe_lora``) are read when this traces: after changing one, clear
+    jit's caches."""
+    return nnx.merge(graphdef, state).inference_packs()
+
+
+def _attach(model: MeteoraLlama, packs: dict[str, jax.Array] | None) -> None:
+    """The given packs, or (None) packs made inside this program."""
+    if packs is None:
+        model.pack_for_inference()
+    else:
+        model.attach_packs(packs)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "routing", "params", "return_routing", "new_bucket"))
 def _prefill(
     graphdef: nnx.GraphDef,
@@ -82,9 +98,10 @@ def _prefill(
     params: SamplingParams,
     return_routing: bool,
     new_bucket: int,
+    packs: dict[str, jax.Array] | None = None,
 ) -> tuple[DecodeState, Int[Array, "B P L Q K"] | None]:
     model = nnx.merge(graphdef, state)
-    model.pack_for_inference()
+    _attach(model, packs)
     b, p = ids_bp.shape
     cache = model.init_cache(b, p + new_bucket)
     mask_bs = jnp.zeros((b, p + new_bucket), jnp.int32).at[:, :p].set(valid_bp)
@@ -131,9 +148,10 @@ def _decode(
     routing: RoutingOptions,
     params: SamplingParams,
     return_routing: bool,
+    packs: dict[str, jax.Array] | None = None,
 ) -> DecodeState:
     model = nnx.merge(graphdef, state)
-    model.pack_for_inference()  # here, outside the loop: once per call
+    _attach(model, packs)  # here, outside the loop
     num_layers = model.config.num_hidden_layers
 
     def cond(c: DecodeState) -> jax.Array:
@@ -251,6 +269,15 @@ class Sampler:
     def refresh(self) -> None:
         """Re-reads the model's weights and static settings (e.g. after training or an attention switch)."""
         self.graphdef, self.state = nnx.split(self.model)
+        self._packs = None  # made at the next generate, from this state
+
+    def packs(self) -> dict[str, jax.Array] | None:
+        """The inference packs of the current state, made once (None under a mesh: none are made there)."""
+        if self.mesh is not None:
+            return None
+        if self._packs is None:
+            self._packs = inference_packs(self.graphdef, self.state)
+        return self._packs
 
     # ----------------------------------------------------------------- inputs
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -326,7 +353,7 @@ class Sampler:
 
         pad = jnp.asarray(self.pad_id, jnp.int32)
         eos = jnp.asarray(self.eos_ids or [-1], jnp.int32)
-        statics = dict(routing=routing, params=sampling, return_routing=return_routing)
+        statics = dict(routing=routing, params=sampling, return_routing=return_routing, packs=self.packs())
         with _mesh_context(self.mesh):
             carry, prompt_routing = _prefill(
                 self.graphdef,

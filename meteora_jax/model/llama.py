@@ -434,28 +434,44 @@ class MeteoraLlama(nnx.Module):
             new_cache = KVCache(layers=tuple(new_layers), index=cache.index + t)
         return ModelOutput(logits=logits, cache=new_cache, routing=aux)
 
-    def pack_for_inference(self) -> None:
-        """Attaches each group's inference packs: ``moe_lora.pack_group`` while ``moe_lora.PACKED_MIN_TOKENS``
-        is on, and with ``moe_lora.PACK_GATES`` the concatenated gates of each group of two or more routed
-        projections (with ``moe_lora.GATE_PACK_ROWS``: transposed, for every group with experts).
-
-        Only for a model merged inside a jitted inference function, as the sampler's ``_prefill`` and
-        ``_decode`` do (``_decode`` before its loop: once per call, not per token). The packs are copies: on a
-        model that trains they would go stale and pass no gradient. Skipped under a device mesh, where A is
-        sharded by expert and the relayout would move it between devices.
-        """
+    def inference_packs(self) -> dict[str, Array]:
+        """Each group's inference packs by ``"{layer}.{attn|mlp}.{attribute}"``: ``moe_lora.pack_group`` while
+        ``moe_lora.PACKED_MIN_TOKENS`` is on, and with ``moe_lora.PACK_GATES`` the concatenated gates of each
+        group of two or more routed projections (with ``moe_lora.GATE_PACK_ROWS``: transposed, for every group
+        with experts). Empty under a device mesh, where A is sharded by expert and the relayout would move it
+        between devices. The knobs are read here, at trace time."""
+        packs: dict[str, Array] = {}
         if not jax.sharding.get_abstract_mesh().empty:
-            return
-        for layer in self.layers:
+            return packs
+        for i, layer in enumerate(self.layers):
             for owner, name, group in _pack_groups(layer):
+                prefix = f"{i}.{'attn' if owner is layer.attn else 'mlp'}.{name}"
                 pack = pack_group(group) if moe_lora.PACKED_MIN_TOKENS != sys.maxsize else None
                 if pack is not None:
-                    setattr(owner, f"{name}_pack", InferencePack(pack))
+                    packs[f"{prefix}_pack"] = pack
                 routed = sum(p.num_experts > 0 for p in group)
                 if moe_lora.PACK_GATES and moe_lora.GATE_PACK_ROWS and routed:
-                    setattr(owner, f"{name}_gates_nd", InferencePack(moe_lora.concat_gates(group).T))
+                    packs[f"{prefix}_gates_nd"] = moe_lora.concat_gates(group).T
                 elif moe_lora.PACK_GATES and routed > 1:
-                    setattr(owner, f"{name}_gates", InferencePack(moe_lora.concat_gates(group)))
+                    packs[f"{prefix}_gates"] = moe_lora.concat_gates(group)
+        return packs
+
+    def attach_packs(self, packs: dict[str, Array]) -> None:
+        """Attaches ``inference_packs()`` (made here or passed in) as ``InferencePack`` attributes.
+
+        Only for a model merged inside a jitted inference function, as the sampler's ``_prefill`` and
+        ``_decode`` do: the packs are copies, so on a model that trains they would go stale and pass no
+        gradient. The sampler makes them once per model state (``sampler.inference_packs``) and passes them in
+        as arguments, which also fixes their layout in memory (row-major, as a jit argument is): inside one
+        program XLA could make a transposed pack a bitcast of the gates and undo ``GATE_PACK_ROWS``.
+        """
+        for key, value in packs.items():
+            layer, owner, attr = key.split(".")
+            setattr(getattr(self.layers[int(layer)], owner), attr, InferencePack(value))
+
+    def pack_for_inference(self) -> None:
+        """``attach_packs(inference_packs())``: packs made inside the caller's program (see both)."""
+        self.attach_packs(self.inference_packs())
 
     def set_attention_implementation(self, name: str) -> None:
         """Selects the attention backend at run time (one of ``ATTENTION_IMPLEMENTATIONS``).
