@@ -216,7 +216,7 @@ _PACK_KINDS = ("pack", "gates", "gates_nd")
 
 
 def _packs(owner: nnx.Module, group: str) -> tuple[Array | None, ...]:
-    """The packs ``MeteoraLlama.pack_for_inference`` attached to ``owner`` for ``group``, as ``project_group``'s
+    """The packs ``MeteoraLlama.attach_packs`` put on ``owner`` for ``group``, as ``project_group``'s
     ``(pack_dn, gates_dn, gates_nd)`` (attributes ``{group}_pack`` etc.); None for each it did not."""
     found = (getattr(owner, f"{group}_{kind}", None) for kind in _PACK_KINDS)
     return tuple(None if v is None else v[...] for v in found)

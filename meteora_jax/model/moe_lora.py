@@ -163,8 +163,8 @@ def shared_gate_logits(
     return [next(parts) if p.num_experts > 0 else None for p in projections]
 
 
-# From this many tokens on, a group with an inference pack (``pack_group``, built by
-# ``MeteoraLlama.pack_for_inference`` inside the sampler's jitted prefill / decode) takes every expert's shrink
+# From this many tokens on, a group with an inference pack (``pack_group``, made once per model state by the
+# sampler: ``MeteoraLlama.inference_packs``, passed into its jitted prefill / decode) takes every expert's shrink
 # AND its gate logits from ONE GEMM, ``x @ [A_1 | ... | A_P | G_hi | G_lo]``, where its backend's forward would
 # be the dense masked one. What it removes per group and step: the gate GEMV, P - 1 shrink GEMMs, the
 # per-step relayout or concatenation of A (which made the unpacked shared shrink slower, session 9) and P - 1
@@ -172,9 +172,10 @@ def shared_gate_logits(
 # within ~1e-5 of float32). Off (sys.maxsize) until an H200 A/B measures it: ``profile_decode.py`` and
 # ``profile_prefill.py`` ``+packed=2``.
 PACKED_MIN_TOKENS = sys.maxsize
-# 1: ``pack_for_inference`` also makes each group's ``concat_gates`` once per call, which the unpacked path's
-# shared gate GEMV then reads: on the H200 that concatenation ran as its own kernel at every step, twice a
-# layer (batch-64 decode, session 9: ~0.26 ms of a 9.8 ms step; profile_decode_h200_b64_s9_defaults.json).
+# 1: ``inference_packs`` also holds each group's ``concat_gates``, made once per model state, which the
+# unpacked path's shared gate GEMV then reads: on the H200 that concatenation ran as its own kernel at every
+# step, twice a layer (batch-64 decode, session 9: ~0.26 ms of a 9.8 ms step;
+# profile_decode_h200_b64_s9_defaults.json).
 # The same matrix and the same dot products, so routing is bitwise unchanged. Not yet timed (no GPU since);
 # ``+packed_gates=0`` is the A/B.
 PACK_GATES = 1
@@ -297,8 +298,8 @@ def project_group(
     (``shared_gate_logits``) and, when every one routes through the same backend, their expert terms through
     ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it). Same results as calling
     each projection alone (the pack: to the bf16 gate split's rounding). ``pack_dn`` / ``gates_dn`` /
-    ``gates_nd``: this group's ``pack_group`` / ``concat_gates`` / its transpose, made once per inference call
-    (``MeteoraLlama.pack_for_inference``)."""
+    ``gates_nd``: this group's ``pack_group`` / ``concat_gates`` / its transpose, made once per model state
+    (``MeteoraLlama.inference_packs``)."""
     packed = packed_forward(projections, pack_dn, x_btd, routing, aux)
     if packed is not None:
         return packed
