@@ -25,7 +25,8 @@ path set for that variant only, e.g. ``auto+group_route=inf`` (one top-k per pro
 the projections that share an input), ``auto+argmax_topk=2`` (top-k as argmax passes, no sort),
 ``auto+packed=2`` (one GEMM per group for every shrink and gate, from weights packed once per decode call),
 ``auto+packed_gates=0`` (the shared gate GEMV's gates concatenated at every step again, as before session 10),
-``auto+gate_rows=1`` (the gate packs stored [N, D]: the gate GEMV as a row reduction).
+``auto+gate_rows=1`` (the gate packs stored [N, D]: the gate GEMV as a row reduction),
+``auto+group_decode=1`` (batch 1: q/k/v in one decode-kernel launch, gate/up in another).
 ``--dump-hlo F.tar.gz`` keeps each variant's compiled decode program, to find what a kernel in the trace is.
 
 XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process

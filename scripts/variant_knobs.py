@@ -20,6 +20,7 @@ KNOBS = {
     "packed": ("meteora_jax.model.moe_lora", "PACKED_MIN_TOKENS"),
     "packed_gates": ("meteora_jax.model.moe_lora", "PACK_GATES"),
     "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
+    "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
 }
 
 

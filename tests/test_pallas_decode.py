@@ -318,3 +318,150 @@ def _triton_kernels(lowered: jax.stages.Lowered) -> list[ir.Operation]:
             with ctx:
                 kernels.append(ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes).operation)
     return kernels
+
+
+# A q/k/v-like group: one x, three widths (the narrow two with masked column tails at block_n 16).
+GROUP_CASES = {
+    "t1_k2_f32": (1, 72, (40, 24, 24), 2, "float32", SMALL),
+    "t3_k1_bf16": (3, 72, (40, 24, 24), 1, "bfloat16", SMALL),
+    "t1_k2_bf16_split2": (1, 128, (48, 16), 2, "bfloat16", dataclasses.replace(SMALL, split_k=2)),
+    "t1_k2_f32_default_tiles": (1, 64, (64, 32, 32), 2, "float32", None),
+}
+
+
+def _group_inputs(name: str) -> tuple[dict, list[dict]]:
+    t, d_in, d_outs, k, dtype, _ = GROUP_CASES[name]
+    parts = [
+        _inputs(_case(t, d_in, o, 6, 8 if i else 3, k, dtype), f"{name}-{i}") for i, o in enumerate(d_outs)
+    ]
+    x = parts[0]["x"]
+    return {"x": x}, [{**p, "x": x} for p in parts]
+
+
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_group_decode_kernel_matches_each_projection(name):
+    """``decode_forward_group`` (one launch for P projections) equals each projection's reference, and each
+    projection's own ``decode_forward`` with the same tiles; ranks differ (3 and 8) inside one group."""
+    *_, dtype, config = GROUP_CASES[name]
+    shared, parts = _group_inputs(name)
+    ys = jax.jit(
+        lambda x, parts: pallas_gpu_decode.decode_forward_group(
+            x,
+            [p["w"] for p in parts],
+            [p["lora_a"] for p in parts],
+            [p["lora_b"] for p in parts],
+            [p["expert_ids"] for p in parts],
+            [p["expert_weights"] for p in parts],
+            [p["scaling"] for p in parts],
+            interpret=True,
+            config=config,
+        )
+    )(shared["x"], parts)
+    assert len(ys) == len(parts)
+    for y_to, inp in zip(ys, parts, strict=True):
+        want_to, lora_to = _want(inp)
+        assert y_to.dtype == inp["x"].dtype and y_to.shape == want_to.shape
+        # float32: against the LoRA term (misrouting fails); bf16: against y (its output rounding dominates)
+        scale = _norm(lora_to) if dtype == "float32" else _norm(want_to)
+        assert _norm(y_to.astype(jnp.float32) - want_to) / scale < TOLERANCE[dtype]
+        own = pallas_gpu_decode.decode_forward(*_args(inp), interpret=True, config=config)
+        np.testing.assert_array_equal(np.asarray(y_to), np.asarray(own))  # same tiles, same sums
+
+
+def test_group_decode_through_the_api_and_its_gradients(monkeypatch):
+    """``grouped_lora_fused_shared`` takes the group kernel only with ``GROUP_DECODE_MAX_TOKENS`` on and for
+    the decode kernel's backend; its outputs and gradients (each projection's own rules) equal the knob off."""
+    shared, parts = _group_inputs("t1_k2_f32")
+    cols = lambda k: [p[k] for p in parts]  # noqa: E731
+    impl = "pallas_gpu_decode_interpret"
+
+    def run(x, wts):
+        return api.grouped_lora_fused_shared(
+            x, cols("w"), cols("lora_a"), cols("lora_b"), cols("expert_ids"), wts,
+            scalings=cols("scaling"), implementation=impl,
+        )  # fmt: skip
+
+    def loss(x, wts):
+        return sum(jnp.sum(y * (i + 1)) for i, y in enumerate(run(x, wts)))
+
+    calls = []
+    group = pallas_gpu_decode.decode_forward_group
+    monkeypatch.setattr(
+        pallas_gpu_decode, "decode_forward_group", lambda *a, **kw: calls.append(1) or group(*a, **kw)
+    )
+    off = run(shared["x"], cols("expert_weights"))
+    off_grads = jax.grad(loss, argnums=(0, 1))(shared["x"], cols("expert_weights"))
+    assert not calls
+    monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 1)
+    on = run(shared["x"], cols("expert_weights"))
+    assert calls
+    for a, b in zip(on, off, strict=True):
+        assert rel_err(a, b) < 1e-5
+    on_grads = jax.grad(loss, argnums=(0, 1))(shared["x"], cols("expert_weights"))
+    for a, b in zip(jax.tree.leaves(on_grads), jax.tree.leaves(off_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert api._group_decode_plan("xla", 1, cols("lora_a"), cols("w")) is None
+    assert api._group_decode_plan(impl, 2, cols("lora_a"), cols("w")) is None  # above DECODE_MAX_TOKENS
+    assert api._group_decode_plan(impl, 1, cols("lora_a")[:1], cols("w")[:1]) is None
+
+
+def test_group_decode_kernel_lowers_for_cuda_as_one_kernel():
+    """q/k/v of Llama-3-8B (4096 -> 4096, 1024, 1024; E=28, r=8, top-2, bf16, T=1) lower to ONE Triton
+    kernel (plus the split-K sum) for CUDA on this CPU-only host, with one K loop per projection branch."""
+    spec = jax.ShapeDtypeStruct
+    d_outs = (4096, 1024, 1024)
+    bf16 = jnp.bfloat16
+    args = (
+        spec((1, 4096), bf16),
+        [spec((4096, o), bf16) for o in d_outs],
+        [spec((28, 4096, 8), bf16) for _ in d_outs],
+        [spec((28, 8, o), bf16) for o in d_outs],
+        [spec((1, 2), jnp.int32) for _ in d_outs],
+        [spec((1, 2), jnp.float32) for _ in d_outs],
+        [spec((28,), jnp.float32) for _ in d_outs],
+    )
+    lowered = jax.jit(pallas_gpu_decode.decode_forward_group).trace(*args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    (kernel,) = _triton_kernels(lowered)
+    assert sum(op.name == "scf.for" for op in _walk(kernel)) == len(d_outs)
+    assert sum(op.name == "scf.if" for op in _walk(kernel)) >= len(d_outs)
+
+
+def test_model_decode_step_with_group_decode_matches(monkeypatch):
+    """A tiny model's one-token decode step (the decode kernel in interpret mode on every projection): with
+    q/k/v and gate/up each in one launch, the same logits as one launch per projection."""
+    from flax import nnx
+
+    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
+
+    cfg = ModelConfig.tiny(vocab_size=99)
+    moe = MoEConfig(
+        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
+    )
+    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(4))
+    calls = []
+    group = pallas_gpu_decode.decode_forward_group
+    monkeypatch.setattr(
+        pallas_gpu_decode, "decode_forward_group", lambda *a, **kw: calls.append(1) or group(*a, **kw)
+    )
+
+    def step():
+        cache = model.init_cache(1, 8)
+        mask = jnp.zeros((1, 8), jnp.int32).at[:, :4].set(1)
+        pre = model.forward(
+            jnp.asarray([[1, 5, 6, 7]]), attention_mask=mask, positions=jnp.arange(4)[None], cache=cache
+        )
+        out = model.forward(
+            jnp.asarray([[9]]),
+            attention_mask=mask.at[:, 4].set(1),
+            positions=jnp.full((1, 1), 4),
+            cache=pre.cache,
+        )
+        return out.logits
+
+    off = step()
+    assert not calls
+    monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 1)
+    on = step()
+    assert len(calls) == 2 * cfg.num_hidden_layers  # q/k/v and gate/up of every layer, at the one-token step
+    assert rel_err(on, off) < 1e-5

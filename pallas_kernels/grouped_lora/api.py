@@ -200,15 +200,47 @@ def _decode_max_tokens(name: str) -> int:
     return pallas_gpu_decode.DECODE_MAX_TOKENS
 
 
+# Up to this many tokens, ``grouped_lora_fused_shared`` runs projections whose backend's inference forward is
+# the one-launch decode kernel (``pallas_gpu_decode``) as ONE launch for the whole group
+# (``pallas_gpu_decode.decode_forward_group``): q/k/v in one kernel, gate/up in another. Off (0) until an H200
+# A/B measures it: ``scripts/profile_decode.py --batches 1 --variants auto,auto+group_decode=1``.
+GROUP_DECODE_MAX_TOKENS = 0
+
+
+def _group_decode_plan(
+    implementation: str | Sequence[str] | None, num_tokens: int, lora_as: Sequence[Array], ws: Sequence
+) -> str | None:
+    """The forward mode ("decode" or "decode_interpret") when the group decode kernel may serve, else None."""
+    if len(lora_as) < 2 or any(w is None for w in ws):
+        return None
+    if not 0 < num_tokens <= min(GROUP_DECODE_MAX_TOKENS, _decode_max_tokens("pallas_gpu_decode")):
+        return None
+    if len({a.shape[1] for a in lora_as}) != 1:
+        return None
+    names = {_candidates(implementation, a.shape[0] * a.shape[2])[0] for a in lora_as}
+    if names == {"pallas_gpu_decode"} and jax.default_backend() == "gpu":
+        return "decode"
+    return "decode_interpret" if names == {"pallas_gpu_decode_interpret"} else None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _shared_vjp(names, low, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
-    """The shared-shrink forward when nothing is differentiated; under differentiation each projection's own
-    ``grouped_lora_vjp`` rules (so gate-only training still traces no dA / dB, and gradients are unchanged)."""
+def _shared_vjp(names, mode, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
+    """The group forward when nothing is differentiated (``mode``: "masked" / "masked_lowp", the shared
+    shrink; "decode" / "decode_interpret", the group decode kernel); under differentiation each projection's
+    own ``grouped_lora_vjp`` rules (so gate-only training still traces no dA / dB, and gradients are
+    unchanged)."""
+    if mode.startswith("decode"):
+        from pallas_kernels.grouped_lora import pallas_gpu_decode
+
+        return pallas_gpu_decode.decode_forward_group(
+            x, ws, lora_as, lora_bs, ids, weights, scalings, interpret=mode == "decode_interpret"
+        )
+    low = mode == "masked_lowp"
     return xla.shared_masked_forward(x, ws, lora_as, lora_bs, ids, weights, scalings, low_precision_sum=low)
 
 
-def _shared_fwd(names, low, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
-    del low
+def _shared_fwd(names, mode, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
+    del mode
     outs, residuals = [], []
     for i, name in enumerate(names):
         ops = _ops(name, lora_as[i].value.shape[0], lora_as[i].value.shape[2])
@@ -218,8 +250,8 @@ def _shared_fwd(names, low, x, ws, lora_as, lora_bs, ids, weights, scalings):  #
     return outs, residuals
 
 
-def _shared_bwd(names, low, residuals, dys):  # noqa: ANN001, ANN202
-    del low
+def _shared_bwd(names, mode, residuals, dys):  # noqa: ANN001, ANN202
+    del mode
     dx, dws, das, dbs, dwts, dscs = None, [], [], [], [], []
     for name, res, dy in zip(names, residuals, dys, strict=True):
         a = res[0][2]
@@ -250,9 +282,12 @@ def grouped_lora_fused_shared(
 ) -> list[Float[Array, "T O"]]:
     """``grouped_lora_fused`` of several projections that read the same ``x`` (q/k/v, gate/up), one result
     each. From ``SHARED_SHRINK_MIN_TOKENS`` tokens on, where the backend's inference forward is the dense
-    masked one, their shrinks run as one GEMM (``xla.shared_masked_forward``); otherwise, and for every
-    gradient, each projection is its own ``grouped_lora_fused``."""
-    plan = _shared_plan(implementation, x.shape[0], lora_as)
+    masked one, their shrinks run as one GEMM (``xla.shared_masked_forward``); up to
+    ``GROUP_DECODE_MAX_TOKENS``, where it is the decode kernel, the group is one launch
+    (``pallas_gpu_decode.decode_forward_group``); otherwise, and for every gradient, each projection is its
+    own ``grouped_lora_fused``."""
+    mode = _group_decode_plan(implementation, x.shape[0], lora_as, ws)
+    plan = _shared_plan(implementation, x.shape[0], lora_as) if mode is None else (mode, None)
     if plan is None:
         return [
             grouped_lora_fused(x, w, a, b, i, wt, scaling=s, implementation=implementation)
@@ -260,14 +295,18 @@ def grouped_lora_fused_shared(
                 ws, lora_as, lora_bs, expert_ids, expert_weights, scalings, strict=True
             )
         ]
-    name, low = plan
+    if mode is None:
+        name, low = plan
+        mode = "masked_lowp" if low else "masked"
+    else:
+        name = "pallas_gpu_decode_interpret" if mode == "decode_interpret" else "pallas_gpu_decode"
     scalings = [
         jnp.broadcast_to(jnp.asarray(s, jnp.float32), (a.shape[0],)) for s, a in zip(scalings, lora_as)
     ]
     names = tuple(name for _ in lora_as)
     return _shared_vjp(
         names,
-        low,
+        mode,
         x,
         list(ws),
         list(lora_as),

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -146,13 +147,23 @@ class _Tiles:
     fma: bool  # base product on CUDA cores over the toks rows (DecodeConfig.base_dot == "fma")
 
 
-def _tiles(cfg: DecodeConfig, num_tokens: int, d_in: int, d_out: int, rank: int) -> _Tiles:
+def _tiles(
+    cfg: DecodeConfig,
+    num_tokens: int,
+    d_in: int,
+    d_out: int,
+    rank: int,
+    d_outs: tuple[int, ...] | None = None,
+) -> _Tiles:
+    """``d_outs``: the widths of a group's projections (``decode_forward_group``), whose column blocks all
+    count when split-K is chosen; ``d_out`` is then the widest."""
     toks, rank_p = pow2(num_tokens), pow2(rank)
     block_k = max(16, min(cfg.block_k, pow2(d_in)))
     block_s = max(1, min(block_k, _floor_pow2(max(1, cfg.lora_elems // (toks * rank_p)))))
     block_n = max(16, min(cfg.block_n, pow2(d_out)))
     steps = cdiv(d_in, block_k)
-    split_k = max(1, min(steps, cfg.split_for(cdiv(d_out, block_n), steps)))
+    blocks = sum(cdiv(o, block_n) for o in (d_outs or (d_out,)))
+    split_k = max(1, min(steps, cfg.split_for(blocks, steps)))
     return _Tiles(
         rows=max(_MIN_DOT_ROWS, toks),
         toks=toks,
@@ -204,12 +215,84 @@ def _decode_kernel(
     tiles: _Tiles,
     top_k: int,
 ) -> None:
+    _decode_body(
+        x_ref,
+        w_ref,
+        a_ref,
+        b_ref,
+        ids_ref,
+        weights_ref,
+        scaling_ref,
+        o_ref,
+        tiles=tiles,
+        top_k=top_k,
+        col_block=pl.program_id(0),
+        split=pl.program_id(1),
+        slot0=0,
+        out_col0=0,
+    )
+
+
+def _group_decode_kernel(
+    *refs: Ref, tiles: _Tiles, top_k: int, segments: tuple[tuple[int, int, int], ...]
+) -> None:
+    """``_decode_kernel`` for P projections that read the same x in ONE launch: refs are x, W_1..W_P,
+    A_1..A_P, B_1..B_P, ids, weights (the P projections' slots side by side, [T, P * k]), scaling_1..P, out.
+    ``segments[p]`` = (first column block, end column block, first output column) of projection p: a
+    program runs the one projection its column block belongs to (``pl.when``; the others' code is skipped)."""
+    n = len(segments)
+    x_ref, ws, as_, bs = refs[0], refs[1 : 1 + n], refs[1 + n : 1 + 2 * n], refs[1 + 2 * n : 1 + 3 * n]
+    ids_ref, weights_ref = refs[1 + 3 * n], refs[2 + 3 * n]
+    scalings, o_ref = refs[3 + 3 * n : 3 + 4 * n], refs[3 + 4 * n]
+    # Program ids are read here, outside ``pl.when``: interpret mode cannot evaluate them inside a branch.
+    block, split = pl.program_id(0), pl.program_id(1)
+    for p, (start, end, col0) in enumerate(segments):
+
+        @pl.when((block >= start) & (block < end))
+        def _(p: int = p, start: int = start, col0: int = col0) -> None:
+            _decode_body(
+                x_ref,
+                ws[p],
+                as_[p],
+                bs[p],
+                ids_ref,
+                weights_ref,
+                scalings[p],
+                o_ref,
+                tiles=tiles,
+                top_k=top_k,
+                col_block=block - start,
+                split=split,
+                slot0=p * top_k,
+                out_col0=col0,
+            )
+
+
+def _decode_body(
+    x_ref: Ref,
+    w_ref: Ref,
+    a_ref: Ref,
+    b_ref: Ref,
+    ids_ref: Ref,
+    weights_ref: Ref,
+    scaling_ref: Ref,
+    o_ref: Ref,
+    *,
+    tiles: _Tiles,
+    top_k: int,
+    col_block: Array,
+    split: Array,
+    slot0: int,
+    out_col0: int,
+) -> None:
+    """One program's columns ``col_block`` of ``x @ W + LoRA`` over its K split ``split`` (steps
+    ``[split * split_steps, ...)`` of d_in); its routing in columns ``slot0 .. slot0 + k`` of ids / weights;
+    written at output column ``out_col0`` on (a group's slice of ``o_ref``)."""
     n_tok, d_in = x_ref.shape
-    d_out = o_ref.shape[1]
+    d_out = w_ref.shape[1]
     rank = a_ref.shape[2]
     bn, bk, bs = tiles.block_n, tiles.block_k, tiles.block_s
-    cols = pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32)
-    split = pl.program_id(1)  # this program's share of d_in: steps [split * split_steps, ...)
+    cols = col_block * bn + jnp.arange(bn, dtype=jnp.int32)
     cmask = None if d_out % bn == 0 else cols < d_out
     toks = jnp.arange(tiles.toks, dtype=jnp.int32)  # LoRA rows, and all rows of "fma"
     tmask = None if tiles.toks == n_tok else toks < n_tok
@@ -223,7 +306,7 @@ def _decode_kernel(
     k_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
 
     # [toks] per slot: expert ids, read as given (rows past T read nothing and gather nothing).
-    ids = [_load(ids_ref.at[toks, j], tmask) for j in range(top_k)]
+    ids = [_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
 
     def kmask_of(kk):  # noqa: ANN001, ANN202
         return kk < d_in if k_tail else None
@@ -284,7 +367,7 @@ def _decode_kernel(
     )
     y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
     for j in range(top_k):
-        weight_l = _load(weights_ref.at[toks, j], tmask).astype(jnp.float32)
+        weight_l = _load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32)
         scale_l = _load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
         hc_lr = jnp.sum(hk[j], axis=1) * (weight_l * scale_l)[:, None]
         b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
@@ -294,7 +377,7 @@ def _decode_kernel(
     # With split-K, o_ref holds float32 partials [split_k * T, d_out]: this split's rows start at split * T.
     out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
     plgpu.store(
-        o_ref.at[out_rows[:, None], cols[None, :]],
+        o_ref.at[out_rows[:, None], out_col0 + cols[None, :]],
         y_mn.astype(o_ref.dtype),
         mask=_all(None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]),
     )
@@ -345,6 +428,61 @@ def decode_forward(
     if tiles.split_k == 1:
         return out
     return jnp.sum(out.reshape(tiles.split_k, num_tokens, d_out), axis=0).astype(x_td.dtype)
+
+
+def decode_forward_group(
+    x_td: Float[Array, "T D"],
+    ws_do: Sequence[Float[Array, "D O"]],
+    lora_as_edr: Sequence[Float[Array, "E D R"]],
+    lora_bs_ero: Sequence[Float[Array, "E R O"]],
+    expert_ids_tk: Sequence[Int[Array, "T K"]],
+    expert_weights_tk: Sequence[Float[Array, "T K"]],
+    scalings_e: Sequence[Float[Array, " E"]],
+    *,
+    interpret: bool = False,
+    config: DecodeConfig | None = None,
+) -> list[Float[Array, "T O"]]:
+    """``decode_forward`` of P projections that read the same ``x`` (q/k/v, gate/up) in ONE launch.
+
+    The grid runs over every projection's column blocks in turn (one tile config, the widest projection's;
+    split-K chosen over all the blocks). What it saves over P launches: at batch-1 decode the narrow k/v
+    kernels move 8 MB each at about half the rate of q's 32 MB (benchmarks/RESULTS.md, session 4); one
+    launch streams all three Ws, and writes one output (one split-K sum, not P)."""
+    num_tokens, d_in = x_td.shape
+    d_outs = tuple(w.shape[1] for w in ws_do)
+    top_k = expert_ids_tk[0].shape[1]
+    rank = max(a.shape[2] for a in lora_as_edr)
+    cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, max(d_outs))
+    tiles = _tiles(cfg, num_tokens, d_in, max(d_outs), rank, d_outs)
+    segments, block, col = [], 0, 0
+    for o in d_outs:
+        segments.append((block, block + cdiv(o, tiles.block_n), col))
+        block, col = block + cdiv(o, tiles.block_n), col + o
+    kernel = functools.partial(_group_decode_kernel, tiles=tiles, top_k=top_k, segments=tuple(segments))
+    if tiles.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((num_tokens, col), x_td.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((tiles.split_k * num_tokens, col), jnp.float32)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(block, tiles.split_k),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="lora_decode_fused_group",
+    )(
+        x_td,
+        *ws_do,
+        *lora_as_edr,
+        *lora_bs_ero,
+        jnp.concatenate([i.astype(jnp.int32) for i in expert_ids_tk], axis=1),
+        jnp.concatenate(list(expert_weights_tk), axis=1),
+        *(s.astype(jnp.float32) for s in scalings_e),
+    )
+    if tiles.split_k > 1:
+        out = jnp.sum(out.reshape(tiles.split_k, num_tokens, col), axis=0).astype(x_td.dtype)
+    bounds = [c for _, _, c in segments[1:]]
+    return jnp.split(out, bounds, axis=1)
 
 
 def forward_if_few_tokens(
