@@ -202,28 +202,10 @@ def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
     return jnp.sum(jnp.where(hit_ml[:, :, None], y_ln[None, :, :], 0.0), axis=1)
 
 
-def _decode_kernel(
-    x_ref: Ref,
-    w_ref: Ref,
-    a_ref: Ref,
-    b_ref: Ref,
-    ids_ref: Ref,
-    weights_ref: Ref,
-    scaling_ref: Ref,
-    o_ref: Ref,
-    *,
-    tiles: _Tiles,
-    top_k: int,
-) -> None:
+def _decode_kernel(*refs: Ref, tiles: _Tiles, top_k: int) -> None:
+    """One projection: refs are x, W, A, B, ids, weights, scaling, out; ``_decode_body`` on every program."""
     _decode_body(
-        x_ref,
-        w_ref,
-        a_ref,
-        b_ref,
-        ids_ref,
-        weights_ref,
-        scaling_ref,
-        o_ref,
+        *refs,
         tiles=tiles,
         top_k=top_k,
         col_block=pl.program_id(0),
