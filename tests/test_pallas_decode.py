@@ -465,3 +465,25 @@ def test_model_decode_step_with_group_decode_matches(monkeypatch):
     on = step()
     assert len(calls) == 2 * cfg.num_hidden_layers  # q/k/v and gate/up of every layer, at the one-token step
     assert rel_err(on, off) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_outs", [(4096, 1024, 1024), (14336, 14336)], ids=["qkv", "gate_up"])
+def test_group_decode_compiled_at_llama_shapes(d_outs, request):
+    """Triton-compiled with the default tiles at Llama-3-8B's q/k/v and gate/up (E=28, r=8, top-2, bf16,
+    T=1): every projection against its reference."""
+    parts = [
+        _inputs(_case(1, 4096, o, 28, 8, 2, "bfloat16"), f"{request.node.name}-{i}")
+        for i, o in enumerate(d_outs)
+    ]
+    x = parts[0]["x"]
+    ys = jax.jit(pallas_gpu_decode.decode_forward_group)(
+        x,
+        *(
+            [{**p, "x": x}[k] for p in parts]
+            for k in ("w", "lora_a", "lora_b", "expert_ids", "expert_weights", "scaling")
+        ),
+    )
+    for y_to, inp in zip(ys, parts, strict=True):
+        want_to, _ = _want({**inp, "x": x})
+        assert _norm(y_to.astype(jnp.float32) - want_to) / _norm(want_to) < TOLERANCE["bfloat16"]
