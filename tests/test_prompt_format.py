@@ -2,6 +2,7 @@
 (``--prompt-template auto``), so a gate is asked in the format it was trained on."""
 
 import json
+import os
 
 import pytest
 
@@ -22,6 +23,10 @@ TEMPLATE = "Q: {prompt}\nA:"
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pf")
     model = make_tiny_meteora_dir(root / "model", TASKS, max_positions=64)
+    meta_path = os.path.join(model, "meteora_config.json")
+    meta = json.loads(open(meta_path).read())
+    meta["converted_from"] = {"base": "/somewhere/base"}  # as `convert` writes it
+    open(meta_path, "w").write(json.dumps(meta))
     data = write_tasks(root / "data", TASKS, n_train=8, n_test=2)
     out = root / "trained"
     train_gates(model, data, out, TrainConfig.tiny(steps=2, prompt_template=TEMPLATE, add_bos=False))
@@ -32,6 +37,10 @@ def test_train_gate_records_the_format_and_auto_reads_it(dirs):
     model, _, trained = dirs
     assert trained_prompt_format(trained) == (TEMPLATE, False)
     assert trained_prompt_format(model) == (None, True)  # a convert output: prompts as given
+    # the trained model keeps where its experts came from (export-adapter names the base from it)
+    assert json.loads(open(os.path.join(trained, "meteora_config.json")).read())["converted_from"] == {
+        "base": "/somewhere/base"
+    }
     assert prompt_format_for(trained, "auto") == (TEMPLATE, False)
     assert prompt_format_for(trained, "none") == (None, True)
     assert prompt_format_for(trained, "plain") == ("plain", False)

@@ -26,7 +26,7 @@ import numpy as np
 
 from meteora_jax import sharding
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.io import atomic_directory, load, write_model_dir, write_text_atomic
+from meteora_jax.io import atomic_directory, load, read_model_config, write_model_dir, write_text_atomic
 from meteora_jax.tokenizer import load_tokenizer
 from meteora_jax.train import checkpoint as ckpt
 from meteora_jax.train.config import TrainConfig
@@ -215,12 +215,16 @@ def train_gates(
         "source_model": os.path.abspath(model_dir),
         "data": os.path.abspath(data_dir),
     }
+    # where the experts came from (`export-adapter` names the base from it) stays with the trained model
+    source_meta = read_model_config(model_dir)
+    carried = {k: source_meta[k] for k in ("converted_from",) if k in source_meta}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_model_dir(
             final_model,
             tmp,
             # the prompt format travels with the model: `eval` / `generate` apply it (--prompt-template auto)
             extra_config={
+                **carried,
                 "training": {
                     "steps": cfg.steps,
                     "mode": cfg.mode,
