@@ -122,3 +122,18 @@ def test_cli_all_and_bad_input(converted, tmp_path, capsys):
     assert main(["export-adapter", "--model", model_dir, "--expert", "code", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_nan_factors_are_refused(converted, tmp_path, capsys):
+    """A model saved after a diverged run: the export names the expert and module instead of writing NaNs."""
+    _, _, model_dir = converted
+    model = mj.load(model_dir)
+    up = model.layers[1].mlp.up_proj
+    a = np.asarray(up.lora_a_edr[...]).copy()
+    a[model.expert_names.index("math"), 0, 0] = np.nan
+    up.lora_a_edr[...] = a
+    broken = mj.save(model, tmp_path / "broken")
+    assert main(["export-adapter", "--model", broken, "--expert", "math", "--out", str(tmp_path / "m")]) == 2
+    assert "'math' holds NaN/Inf values at model.layers.1.mlp.up_proj" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")
+    assert main(["export-adapter", "--model", broken, "--expert", "code", "--out", str(tmp_path / "c")]) == 0
