@@ -405,11 +405,12 @@ def test_group_decode_through_the_api_and_its_gradients(monkeypatch):
     assert api._group_decode_plan(impl, 1, cols("lora_a")[:1], cols("w")[:1]) is None
 
 
-def test_group_decode_kernel_lowers_for_cuda_as_one_kernel():
-    """q/k/v of Llama-3-8B (4096 -> 4096, 1024, 1024; E=28, r=8, top-2, bf16, T=1) lower to ONE Triton
-    kernel (plus the split-K sum) for CUDA on this CPU-only host, with one K loop per projection branch."""
+@pytest.mark.parametrize("d_outs", [(4096, 1024, 1024), (14336, 14336)], ids=["qkv", "gate_up"])
+def test_group_decode_kernel_lowers_for_cuda_as_one_kernel(d_outs):
+    """q/k/v (4096 -> 4096, 1024, 1024) and gate/up (4096 -> 14336 twice) of Llama-3-8B (E=28, r=8, top-2,
+    bf16, T=1) lower to ONE Triton kernel (plus the split-K sum) for CUDA on this CPU-only host, with one K
+    loop per projection branch."""
     spec = jax.ShapeDtypeStruct
-    d_outs = (4096, 1024, 1024)
     bf16 = jnp.bfloat16
     args = (
         spec((1, 4096), bf16),
