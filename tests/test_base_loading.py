@@ -110,11 +110,84 @@ def test_weights_missing(ckpt):
     _refused(ckpt, ckpt, "weights are missing")
 
 
-def test_pickled_bin_only_is_refused(ckpt):
+def _save_bin(ckpt, tensors: dict, name: str = "pytorch_model.bin") -> str:
+    """Replaces the checkpoint's safetensors with a torch.save of ``tensors`` (how older exports stored it)."""
+    import torch
+
+    if os.path.exists(_weights(ckpt)):
+        os.remove(_weights(ckpt))
+    path = os.path.join(ckpt, name)
+    torch.save(tensors, path)
+    return path
+
+
+def _torch_tensors(ckpt) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in read_file(_weights(ckpt)).items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pytorch_bin_checkpoint_equals_safetensors(ckpt, dtype):
+    """``pytorch_model.bin`` (single and sharded with its index) loads bit for bit as the safetensors save of
+    the same weights, in the stored dtype (bf16 stays bf16)."""
+    import torch
+
+    want = load_base(ckpt).params
+    tensors = {k: v.to(getattr(torch, dtype)) for k, v in _torch_tensors(ckpt).items()}
+    _save_bin(ckpt, tensors)
+    got = load_base(ckpt).params
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype.name == dtype
+        np.testing.assert_array_equal(got[k].astype(np.float32), v.astype(dtype).astype(np.float32))
+    os.remove(os.path.join(ckpt, "pytorch_model.bin"))
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, keys in shards.items():
+        torch.save({k: tensors[k] for k in keys}, os.path.join(ckpt, shard))
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    with open(os.path.join(ckpt, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump(index, f)
+    sharded = load_base(ckpt).params
+    for k in want:
+        np.testing.assert_array_equal(sharded[k].astype(np.float32), got[k].astype(np.float32))
+
+
+class _Payload:
+    """Unpickling this would call ``os.system``: weights_only must refuse it without running anything."""
+
+    def __reduce__(self):
+        return (os.system, ("echo PAYLOAD-RAN > payload_ran.txt",))
+
+
+def test_pickle_holding_code_is_refused_unrun(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tensors = _torch_tensors(ckpt)
+    _save_bin(ckpt, {**tensors, "model.norm.weight": tensors["model.norm.weight"], "extra": _Payload()})
+    _refused(ckpt, "pytorch_model.bin", "tensors-only", "never unpickled", "safetensors")
+    assert not os.path.exists(tmp_path / "payload_ran.txt")
+
+
+def test_garbage_bin_is_refused(ckpt):
     os.remove(_weights(ckpt))
     with open(os.path.join(ckpt, "pytorch_model.bin"), "wb") as f:
-        f.write(b"\x80\x04not unpickled")
-    _refused(ckpt, "pytorch_model.bin", "never unpickles", "safe_serialization=True")
+        f.write(b"\x80\x04not a checkpoint")
+    _refused(ckpt, "pytorch_model.bin", "cannot be read as a tensors-only PyTorch file")
+
+
+def test_bin_index_naming_a_shard_outside_the_directory(ckpt, tmp_path):
+    tensors = _torch_tensors(ckpt)
+    outside = _save_bin(tmp_path, tensors, "elsewhere.bin")
+    os.remove(_weights(ckpt))
+    with open(os.path.join(ckpt, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"weight_map": {k: os.path.relpath(outside, ckpt) for k in tensors}}, f)
+    _refused(ckpt, "pytorch_model.bin.index.json", "fetch every shard file")
+
+
+def test_other_pickles_are_refused(ckpt):
+    _save_bin(ckpt, _torch_tensors(ckpt), "consolidated.00.pth")
+    _refused(ckpt, "consolidated.00.pth", "none of model.safetensors, pytorch_model.bin", "save_pretrained")
 
 
 def test_weights_file_instead_of_directory(ckpt):
@@ -196,3 +269,16 @@ def test_missing_tensor(ckpt):
 def test_extra_layer_beyond_config(ckpt):
     _edit_config(ckpt, num_hidden_layers=1)
     _refused(ckpt, _weights(ckpt), "model.layers.1.", "*ForCausalLM")
+
+
+def test_pre_zipfile_pytorch_bin(ckpt):
+    """A torch < 1.6 save (no zip container, so it cannot be memory-mapped) is read whole instead."""
+    import torch
+
+    want = load_base(ckpt).params
+    tensors = _torch_tensors(ckpt)
+    os.remove(_weights(ckpt))
+    torch.save(tensors, os.path.join(ckpt, "pytorch_model.bin"), _use_new_zipfile_serialization=False)
+    got = load_base(ckpt).params
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)

@@ -5,8 +5,10 @@ model's naming (``embed_vd``, ``layers.{i}.attn.q_proj.kernel_io``, ...; no expe
 directory whose tokenizer files go into a converted model, and the source path for error messages. Weights
 keep their stored dtype (bf16 stays ``ml_dtypes.bfloat16``); ``build_model`` casts them.
 
-An HF directory must hold ``config.json`` and safetensors weights (``model.safetensors`` or a sharded
-``model.safetensors.index.json``). Pickled ``.bin`` checkpoints are refused: unpickling runs arbitrary code.
+An HF directory must hold ``config.json`` and its weights: safetensors (``model.safetensors`` or a sharded
+``model.safetensors.index.json``), or, as older exports have them, ``pytorch_model.bin`` (or a sharded
+``pytorch_model.bin.index.json``), read tensors-only (``torch_bin``: ``weights_only=True``, nothing else in
+the pickle is ever restored; needs the torch extra). Other pickled files are refused.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import os
 import numpy as np
 
 from meteora_jax.config import ModelConfig
-from meteora_jax.convert import hf_llama, safetensors_io
+from meteora_jax.convert import hf_llama, safetensors_io, torch_bin
 from meteora_jax.errors import MeteoraInputError
 
 SINGLE_FILE = "model.safetensors"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -79,15 +83,20 @@ def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], str]:
         return safetensors_io.read_sharded(index), index
     if os.path.isfile(single):
         return safetensors_io.read_file(single), single
+    bin_index, bin_single = os.path.join(directory, BIN_INDEX_FILE), os.path.join(directory, BIN_FILE)
+    if os.path.isfile(bin_index):
+        return safetensors_io.read_sharded(bin_index, read=torch_bin.read_state_dict), bin_index
+    if os.path.isfile(bin_single):
+        return torch_bin.read_state_dict(bin_single), bin_single
     pickled = sorted(
         glob.glob(os.path.join(directory, "*.bin")) + glob.glob(os.path.join(directory, "*.pt*"))
     )
     if pickled:
         raise MeteoraInputError(
-            f"{directory}: holds only pickled PyTorch weights ({', '.join(os.path.basename(p) for p in pickled[:3])})"
-            ", which this tool never unpickles (loading a pickle can run arbitrary code). Re-save the model as "
-            "safetensors: `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, "
-            "safe_serialization=True)`, then pass new_dir."
+            f"{directory}: holds only pickled PyTorch files ({', '.join(os.path.basename(p) for p in pickled[:3])})"
+            f" and none of {SINGLE_FILE}, {BIN_FILE} or their index files, the layouts this tool reads. Re-save "
+            "the model with transformers: `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)` "
+            "(safetensors), then pass new_dir."
         )
     others = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     found = f" (it has {[os.path.basename(p) for p in others[:3]]})" if others else ""

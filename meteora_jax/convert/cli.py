@@ -20,7 +20,8 @@ adapted projection. Two sources:
       An original MeteoRA model.safetensors (base + stacked lora_A/lora_B + moe_gate per projection).
       Its experts are in alphabetical task order; --tasks names them (sorted for you). Trained gates kept.
 
-BASE is an HF checkpoint directory (config.json + safetensors) or a .gguf file; its tokenizer is copied.
+BASE is an HF checkpoint directory (config.json + safetensors, or pytorch_model.bin read tensors-only with
+torch installed) or a .gguf file; its tokenizer is copied.
 Load the result with `import meteora_jax as mj; model = mj.load(DIR)`.
 """
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from meteora_jax.config import PROJECTIONS, ModelConfig
-from meteora_jax.convert import safetensors_io
+from meteora_jax.convert import safetensors_io, torch_bin
 from meteora_jax.convert.stack_experts import ATTN_PROJECTIONS, LoraAdapter, LoraModule
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.model.params_io import check_finite
@@ -319,34 +319,12 @@ def _read_shapes(
         infos, _ = safetensors_io.read_header(st)
         return st, {k: v.shape for k, v in infos.items()}, lambda: safetensors_io.read_file(st)
     if os.path.isfile(binf):
-        tensors = _read_bin(binf)
+        tensors = torch_bin.read_state_dict(binf, float32=True)
         return binf, {k: v.shape for k, v in tensors.items()}, lambda: tensors
     raise MeteoraInputError(
         f"{directory}: holds neither {SAFETENSORS_FILE} nor {BIN_FILE}. The adapter weights are missing; save "
         "them with `peft_model.save_pretrained(dir)`."
     )
-
-
-def _read_bin(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise MeteoraInputError(
-            f"{path}: a pickled PyTorch adapter needs torch to read, and torch is not installed. Install the "
-            "extra (`pip install 'meteora-jax[torch]'`), or convert the adapter to adapter_model.safetensors "
-            "once on a machine with torch (`PeftModel.from_pretrained(...).save_pretrained(dir)`)."
-        ) from e
-    try:
-        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
-        raise MeteoraInputError(
-            f"{path}: cannot be read as a tensors-only PyTorch file ({type(e).__name__}: {str(e)[:200]}). It is "
-            "truncated, corrupt or holds more than tensors; re-save the adapter as safetensors."
-        ) from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MeteoraInputError(f"{path}: not a state dict of tensors; re-save the adapter as safetensors.")
-    return {str(k): v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
 def _check_base_name(conf: dict[str, Any], path: str, base_source: str | None) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -125,14 +126,18 @@ def read_index(index_path: str) -> dict[str, str]:
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MeteoraInputError(
-            f"{index_path}: not a valid safetensors index ({type(e).__name__}: {e}); it must hold a "
+            f"{index_path}: not a valid checkpoint index ({type(e).__name__}: {e}); it must hold a "
             '"weight_map" {tensor: shard file}. Download or re-save the checkpoint.'
         ) from e
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
-def read_sharded(index_path: str) -> dict[str, np.ndarray]:
-    """All tensors of a sharded checkpoint; each shard must hold exactly the tensors the index gives it."""
+def read_sharded(
+    index_path: str, read: Callable[[str], dict[str, np.ndarray]] = read_file
+) -> dict[str, np.ndarray]:
+    """All tensors of a sharded checkpoint; each shard must hold exactly the tensors the index gives it, and
+    must be a plain file name in the index's directory. ``read`` reads one shard (``torch_bin`` for
+    ``pytorch_model.bin.index.json``)."""
     weight_map = read_index(index_path)
     directory = os.path.dirname(index_path)
     by_shard: dict[str, set[str]] = {}
@@ -142,12 +147,12 @@ def read_sharded(index_path: str) -> dict[str, np.ndarray]:
         if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(directory, shard)):
             raise MeteoraInputError(
                 f"{index_path}: names shard {shard!r}, which is not in {directory}. The download is incomplete; "
-                "fetch every model-*.safetensors file the index lists."
+                "fetch every shard file the index lists."
             )
     out: dict[str, np.ndarray] = {}
     for shard, names in sorted(by_shard.items()):
         shard_path = os.path.join(directory, shard)
-        tensors = read_file(shard_path)
+        tensors = read(shard_path)
         if set(tensors) != names:
             missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
             raise MeteoraInputError(
