@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from meteora_jax import knobs
 from meteora_jax.errors import MeteoraInputError
 
 # sub-command -> (module, one-line help)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv or "-h" in argv or "--help" in argv else 2
     try:
+        knobs.set_from_env()
         return int(args.func(args) or 0)
     except MeteoraInputError as e:
         print(f"meteora-jax {args.command}: error: {e}", file=sys.stderr)

@@ -72,3 +72,51 @@ def test_attention_choices_are_the_models():
     from meteora_jax.model.llama import ATTENTION_IMPLEMENTATIONS
 
     assert ATTENTION_CHOICES == ATTENTION_IMPLEMENTATIONS
+
+
+@pytest.fixture
+def restore_knobs():
+    from meteora_jax import knobs
+
+    saved = knobs.current()
+    yield knobs
+    knobs.set_knobs(saved)
+    import jax
+
+    jax.clear_caches()  # programs traced under these knobs must not serve later tests
+
+
+def test_knobs_at_run_time(model_dir, tmp_path, capsys, monkeypatch, restore_knobs):
+    """``--knob`` and ``METEORA_JAX_KNOBS`` set the trace-time knobs for the run (the packed path and
+    transposed gates give the same greedy text); a bad one is a clear error, exit 2."""
+    from meteora_jax.model import moe_lora
+
+    knobs = restore_knobs
+    served = []
+    packed_forward = moe_lora.packed_forward
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        out = packed_forward(*args)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(moe_lora, "packed_forward", spy)
+    base = ["generate", "--model", model_dir, "--prompt", "a longer prompt", "--max-new-tokens", "6"]
+    assert main([*base, "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert not any(served)
+    packed = ["--knob", "packed=2", "--knob", "gate_rows=1"]
+    assert main([*base, "--out", str(tmp_path / "b.jsonl"), *packed]) == 0
+    assert knobs.current()["packed"] == 2 and knobs.current()["gate_rows"] == 1
+    assert any(served)  # the prompt's prefill went through the packs
+    read = lambda name: json.loads((tmp_path / name).read_text())["text"]  # noqa: E731
+    assert read("b.jsonl") == read("a.jsonl")
+    monkeypatch.setenv("METEORA_JAX_KNOBS", "group_route=inf, argmax_topk=2")
+    assert main([*base, "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert knobs.current()["group_route"] > 10**9 and knobs.current()["argmax_topk"] == 2
+    assert read("c.jsonl") == read("a.jsonl")
+    capsys.readouterr()
+    assert main([*base, "--knob", "warp_speed=9"]) == 2
+    assert "unknown knob 'warp_speed'" in capsys.readouterr().err
+    monkeypatch.setenv("METEORA_JAX_KNOBS", "packed=two")
+    assert main([*base]) == 2
+    assert "$METEORA_JAX_KNOBS: knob packed='two'" in capsys.readouterr().err

@@ -16,7 +16,7 @@ ATTENTION_CHOICES = ("einsum", "xla", "cudnn")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """``--dtype``, ``--attention`` and ``--lora-impl``."""
+    """``--dtype``, ``--attention``, ``--lora-impl`` and ``--knob``."""
     p.add_argument(
         "--dtype",
         default=None,
@@ -35,10 +35,22 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="grouped-LoRA kernel backend: reference, xla, xla_ragged, pallas_gpu, pallas_gpu_decode, "
         "pallas_tpu, ... (default: the model's, else the fastest for this platform)",
     )
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a trace-time performance knob (meteora_jax/knobs.py), e.g. packed=2 or gate_rows=1; repeatable; "
+        "also settable for every command with METEORA_JAX_KNOBS='packed=2,gate_rows=1'",
+    )
 
 
 def apply_model_options(model: MeteoraLlama, args: argparse.Namespace) -> None:
-    """Sets ``args.attention`` / ``args.lora_impl`` on a loaded model; an unknown backend is a clear error."""
+    """Sets ``args.attention`` / ``args.lora_impl`` on a loaded model and ``args.knob`` for the process; an
+    unknown backend or knob is a clear error."""
+    from meteora_jax import knobs
+
+    knobs.set_knobs(knobs.parse(getattr(args, "knob", None) or [], where="--knob"))
     if args.attention:
         model.set_attention_implementation(args.attention)
     if args.lora_impl:
