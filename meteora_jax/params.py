@@ -18,5 +18,6 @@ class GateParam(nnx.Param):
 
 
 class InferencePack(nnx.Variable):
-    """A derived copy of a group's weights laid out for inference (``MeteoraLlama.pack_for_inference``): built
-    inside the sampler's jitted functions from the live parameters, so it is never trained, saved or stale."""
+    """A derived copy of a group's weights laid out for inference (``MeteoraLlama.inference_packs``), attached
+    only to a model merged inside a jitted inference function (``attach_packs``): never trained, saved or
+    stale."""

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         default="base,auto,xla_masked",
         help="comma list: base, auto or a grouped_lora implementation (auto at prefill on GPU: the dense "
         "masked path with the bf16 sum; xla_masked: the same with the float32 sum), each optionally +KNOB=N "
-        f"(KNOB in {list(KNOBS)}, see scripts/variant_knobs.py); +f32gate (= +split_gate=inf) computes the "
+        f"(KNOB in {list(KNOBS)}, see meteora_jax/knobs.py); +f32gate (= +split_gate=inf) computes the "
         "gates in float32 GEMMs instead of split_gate_logits",
     )
     ap.add_argument("--attention", default=None, help="attention implementation (default: cudnn on GPU)")
