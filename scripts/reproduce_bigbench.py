@@ -148,11 +148,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from meteora_jax import knobs
     from meteora_jax.errors import MeteoraInputError
     from meteora_jax.study import config, packs, pipeline
     from meteora_jax.study import state as plan
 
     try:
+        knobs.set_from_env()  # METEORA_JAX_KNOBS, as for the meteora-jax command
         if args.command == "pack-base":
             m = packs.pack_base(args.root)
             print(
