@@ -387,6 +387,27 @@ def decode_forward(
     cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, d_out)
     tiles = _tiles(cfg, num_tokens, d_in, d_out, lora_a_edr.shape[2])
     kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k)
+    ids, scaling = expert_ids_tk.astype(jnp.int32), scaling_e.astype(jnp.float32)
+    args = (x_td, w_do, lora_a_edr, lora_b_ero, ids, expert_weights_tk, scaling)
+    return _launch(
+        kernel, "lora_decode_fused", args, x_td, d_out, cdiv(d_out, tiles.block_n), cfg, tiles, interpret
+    )
+
+
+def _launch(
+    kernel: Any,
+    name: str,
+    args: tuple,
+    x_td: Array,
+    d_out: int,
+    blocks: int,
+    cfg: DecodeConfig,
+    tiles: _Tiles,
+    interpret: bool,
+) -> Float[Array, "T O"]:
+    """One ``pallas_call`` of a decode kernel over ``blocks`` column blocks x ``split_k``, and (split-K) the sum
+    of its float32 partials [split_k * T, d_out]; ``y`` in x's dtype."""
+    num_tokens = x_td.shape[0]
     if tiles.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((num_tokens, d_out), x_td.dtype)
     else:
@@ -394,19 +415,11 @@ def decode_forward(
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(cdiv(d_out, tiles.block_n), tiles.split_k),
+        grid=(blocks, tiles.split_k),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name="lora_decode_fused",
-    )(
-        x_td,
-        w_do,
-        lora_a_edr,
-        lora_b_ero,
-        expert_ids_tk.astype(jnp.int32),
-        expert_weights_tk,
-        scaling_e.astype(jnp.float32),
-    )
+        name=name,
+    )(*args)
     if tiles.split_k == 1:
         return out
     return jnp.sum(out.reshape(tiles.split_k, num_tokens, d_out), axis=0).astype(x_td.dtype)
@@ -441,18 +454,7 @@ def decode_forward_group(
         segments.append((block, block + cdiv(o, tiles.block_n), col))
         block, col = block + cdiv(o, tiles.block_n), col + o
     kernel = functools.partial(_group_decode_kernel, tiles=tiles, top_k=top_k, segments=tuple(segments))
-    if tiles.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((num_tokens, col), x_td.dtype)
-    else:
-        out_shape = jax.ShapeDtypeStruct((tiles.split_k * num_tokens, col), jnp.float32)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(block, tiles.split_k),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="lora_decode_fused_group",
-    )(
+    args = (
         x_td,
         *ws_do,
         *lora_as_edr,
@@ -461,10 +463,8 @@ def decode_forward_group(
         jnp.concatenate(list(expert_weights_tk), axis=1),
         *(s.astype(jnp.float32) for s in scalings_e),
     )
-    if tiles.split_k > 1:
-        out = jnp.sum(out.reshape(tiles.split_k, num_tokens, col), axis=0).astype(x_td.dtype)
-    bounds = [c for _, _, c in segments[1:]]
-    return jnp.split(out, bounds, axis=1)
+    out = _launch(kernel, "lora_decode_fused_group", args, x_td, col, block, cfg, tiles, interpret)
+    return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
 
 
 def forward_if_few_tokens(
