@@ -166,13 +166,17 @@ _MASKED_FORWARDS = {"xla": None, "xla_masked": False, "xla_masked_lowp": True, "
 
 def _shared_plan(
     implementation: str | Sequence[str] | None, num_tokens: int, lora_as: Sequence[Array]
-) -> tuple[str, bool] | None:
-    """(backend, low_precision_sum) when the shared shrink may serve these projections, else None."""
+) -> tuple[str, str] | None:
+    """(backend, ``_shared_vjp`` mode "masked" / "masked_lowp") when the shared shrink may serve these
+    projections, else None."""
     shapes = {(a.shape[1], a.shape[2]) for a in lora_as}
     if len(lora_as) < 2 or num_tokens < max(2, SHARED_SHRINK_MIN_TOKENS) or len(shapes) != 1:
         return None
     plans = {masked_forward_plan(implementation, num_tokens, a.shape[0] * a.shape[2]) for a in lora_as}
-    return plans.pop() if len(plans) == 1 else None
+    if len(plans) != 1 or None in plans:
+        return None
+    ((name, low),) = plans
+    return name, "masked_lowp" if low else "masked"
 
 
 def masked_forward_plan(
@@ -209,8 +213,8 @@ GROUP_DECODE_MAX_TOKENS = 0
 
 def _group_decode_plan(
     implementation: str | Sequence[str] | None, num_tokens: int, lora_as: Sequence[Array], ws: Sequence
-) -> str | None:
-    """The forward mode ("decode" or "decode_interpret") when the group decode kernel may serve, else None."""
+) -> tuple[str, str] | None:
+    """(backend, ``_shared_vjp`` mode "decode") when the group decode kernel may serve, else None."""
     if len(lora_as) < 2 or any(w is None for w in ws):
         return None
     if not 0 < num_tokens <= min(GROUP_DECODE_MAX_TOKENS, _decode_max_tokens("pallas_gpu_decode")):
@@ -219,21 +223,21 @@ def _group_decode_plan(
         return None
     names = {_candidates(implementation, a.shape[0] * a.shape[2])[0] for a in lora_as}
     if names == {"pallas_gpu_decode"} and jax.default_backend() == "gpu":
-        return "decode"
-    return "decode_interpret" if names == {"pallas_gpu_decode_interpret"} else None
+        return "pallas_gpu_decode", "decode"
+    return ("pallas_gpu_decode_interpret", "decode") if names == {"pallas_gpu_decode_interpret"} else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _shared_vjp(names, mode, x, ws, lora_as, lora_bs, ids, weights, scalings):  # noqa: ANN001, ANN202
     """The group forward when nothing is differentiated (``mode``: "masked" / "masked_lowp", the shared
-    shrink; "decode" / "decode_interpret", the group decode kernel); under differentiation each projection's
-    own ``grouped_lora_vjp`` rules (so gate-only training still traces no dA / dB, and gradients are
-    unchanged)."""
-    if mode.startswith("decode"):
+    shrink; "decode", the group decode kernel, in interpret mode for a ``_interpret`` backend); under
+    differentiation each projection's own ``grouped_lora_vjp`` rules (so gate-only training still traces no
+    dA / dB, and gradients are unchanged)."""
+    if mode == "decode":
         from pallas_kernels.grouped_lora import pallas_gpu_decode
 
         return pallas_gpu_decode.decode_forward_group(
-            x, ws, lora_as, lora_bs, ids, weights, scalings, interpret=mode == "decode_interpret"
+            x, ws, lora_as, lora_bs, ids, weights, scalings, interpret=names[0].endswith("_interpret")
         )
     low = mode == "masked_lowp"
     return xla.shared_masked_forward(x, ws, lora_as, lora_bs, ids, weights, scalings, low_precision_sum=low)
@@ -286,8 +290,9 @@ def grouped_lora_fused_shared(
     ``GROUP_DECODE_MAX_TOKENS``, where it is the decode kernel, the group is one launch
     (``pallas_gpu_decode.decode_forward_group``); otherwise, and for every gradient, each projection is its
     own ``grouped_lora_fused``."""
-    mode = _group_decode_plan(implementation, x.shape[0], lora_as, ws)
-    plan = _shared_plan(implementation, x.shape[0], lora_as) if mode is None else (mode, None)
+    plan = _group_decode_plan(implementation, x.shape[0], lora_as, ws) or _shared_plan(
+        implementation, x.shape[0], lora_as
+    )
     if plan is None:
         return [
             grouped_lora_fused(x, w, a, b, i, wt, scaling=s, implementation=implementation)
@@ -295,11 +300,7 @@ def grouped_lora_fused_shared(
                 ws, lora_as, lora_bs, expert_ids, expert_weights, scalings, strict=True
             )
         ]
-    if mode is None:
-        name, low = plan
-        mode = "masked_lowp" if low else "masked"
-    else:
-        name = "pallas_gpu_decode_interpret" if mode == "decode_interpret" else "pallas_gpu_decode"
+    name, mode = plan
     scalings = [
         jnp.broadcast_to(jnp.asarray(s, jnp.float32), (a.shape[0],)) for s, a in zip(scalings, lora_as)
     ]
