@@ -13,11 +13,17 @@ import math
 import os
 import sys
 
-import numpy as np
-
 from meteora_jax.config import ModelConfig, MoEConfig
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.io import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, read_model_config
+from meteora_jax.io import (
+    CONFIG_FILE,
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    from_stored,
+    read_model_config,
+    stored_bf16_names,
+)
+from meteora_jax.model.params_io import non_finite_count
 
 REPORT_FILE = "training_report.json"  # train.loop.REPORT_FILE (not imported: that pulls in optax and orbax)
 _ITEMSIZE = {
@@ -52,7 +58,7 @@ def _header(path: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], set[str]
         raise MeteoraInputError(f"{path}: missing weights file; re-run `meteora-jax convert`.")
     try:
         with safe_open(path, framework="numpy") as f:
-            bf16 = set(json.loads((f.metadata() or {}).get("bfloat16", "[]")))
+            bf16 = stored_bf16_names(f.metadata())
             return {
                 k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()
             }, bf16
@@ -64,21 +70,11 @@ def _header(path: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], set[str]
 
 
 def _non_finite(path: str, bf16: set[str]) -> list[str]:
-    """Names of the floating tensors holding NaN or Inf, reading one tensor at a time."""
-    import jax.numpy as jnp
+    """Names of the tensors holding NaN or Inf, reading one tensor at a time."""
     from safetensors import safe_open
 
-    bad = []
     with safe_open(path, framework="numpy") as f:
-        for k in f.keys():
-            a = f.get_tensor(k)
-            if k in bf16:
-                a = a.view(jnp.bfloat16)
-            if (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16") and not np.isfinite(
-                a.astype(np.float32)
-            ).all():
-                bad.append(k)
-    return bad
+        return [k for k in f.keys() if non_finite_count(from_stored(k, f.get_tensor(k), bf16))]
 
 
 def model_info(model_dir: str | os.PathLike, *, check: bool = False) -> dict:

@@ -164,6 +164,16 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+def stored_bf16_names(metadata: dict[str, str] | None) -> set[str]:
+    """The tensors a weights file stores as the uint16 bits of bfloat16 (see ``write_model_dir``)."""
+    return set(json.loads((metadata or {}).get("bfloat16", "[]")))
+
+
+def from_stored(name: str, value: np.ndarray, bf16_names: set[str]) -> np.ndarray:
+    """A tensor as read from a weights file, with bfloat16 restored from its stored uint16 bits."""
+    return value.view(jnp.bfloat16) if name in bf16_names else value
+
+
 def read_flat_weights(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
@@ -171,12 +181,8 @@ def read_flat_weights(path: str) -> dict[str, np.ndarray]:
         raise MeteoraInputError(f"{path}: missing weights file; re-run `meteora-jax convert`.")
     try:
         with safe_open(path, framework="numpy") as f:
-            bf16 = set(json.loads((f.metadata() or {}).get("bfloat16", "[]")))
-            out = {}
-            for k in f.keys():
-                v = f.get_tensor(k)
-                out[k] = v.view(jnp.bfloat16) if k in bf16 else v
-            return out
+            bf16 = stored_bf16_names(f.metadata())
+            return {k: from_stored(k, f.get_tensor(k), bf16) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise MeteoraInputError(
             f"{path}: cannot read safetensors ({e}). The file is truncated or not safetensors; re-create it."

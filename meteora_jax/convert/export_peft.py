@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 
@@ -27,7 +26,14 @@ from meteora_jax.config import ModelConfig, MoEConfig
 from meteora_jax.convert.peft_lora import CONFIG_FILE, SAFETENSORS_FILE, hf_module_name
 from meteora_jax.convert.stack_experts import ATTN_PROJECTIONS
 from meteora_jax.errors import MeteoraInputError
-from meteora_jax.io import WEIGHTS_FILE, atomic_directory, read_model_config, write_json_atomic
+from meteora_jax.io import (
+    WEIGHTS_FILE,
+    atomic_directory,
+    from_stored,
+    read_model_config,
+    stored_bf16_names,
+    write_json_atomic,
+)
 
 
 def _expert_index(moe: MoEConfig, expert: str, model_dir: str) -> int:
@@ -58,11 +64,10 @@ def expert_modules(
     path = os.path.join(model_dir, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise MeteoraInputError(f"{path}: missing weights file; re-run `meteora-jax convert`.")
-    import jax.numpy as jnp
 
     modules = {}
     with safe_open(path, framework="numpy") as f:
-        bf16 = set(json.loads((f.metadata() or {}).get("bfloat16", "[]")))
+        bf16 = stored_bf16_names(f.metadata())
         names = set(f.keys())
 
         def row(key: str) -> np.ndarray:
@@ -71,8 +76,7 @@ def expert_modules(
                     f"{path}: tensor {key!r} is missing (the config lists {list(moe.target_modules)} as "
                     "expert targets). The directory is incomplete; `meteora-jax info --check` lists what is wrong."
                 )
-            v = np.asarray(f.get_slice(key)[e])
-            return (v.view(jnp.bfloat16) if key in bf16 else v).astype(np.float32)
+            return from_stored(key, np.asarray(f.get_slice(key)[e]), bf16).astype(np.float32)
 
         for layer in range(cfg.num_hidden_layers):
             for proj in moe.target_modules:

@@ -38,16 +38,21 @@ def expected_shapes(cfg: ModelConfig, moe: MoEConfig) -> dict[str, tuple[int, ..
     return {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg, moe)).items()}
 
 
-def check_finite(name: str, arr: np.ndarray, source: str) -> None:
+def non_finite_count(arr: np.ndarray) -> int:
+    """How many NaN / Inf values a floating (bf16 included) tensor holds; 0 for other dtypes."""
     a = np.asarray(arr)
-    if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
-        a32 = a.astype(np.float32)
-        if not np.isfinite(a32).all():
-            bad = int((~np.isfinite(a32)).sum())
-            raise MeteoraInputError(
-                f"{source}: tensor {name!r} holds {bad} NaN/Inf value(s). The checkpoint is corrupt or was saved "
-                "after a diverged run; re-export it from a healthy model."
-            )
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
+        return 0
+    return int((~np.isfinite(a.astype(np.float32))).sum())
+
+
+def check_finite(name: str, arr: np.ndarray, source: str) -> None:
+    bad = non_finite_count(arr)
+    if bad:
+        raise MeteoraInputError(
+            f"{source}: tensor {name!r} holds {bad} NaN/Inf value(s). The checkpoint is corrupt or was saved "
+            "after a diverged run; re-export it from a healthy model."
+        )
 
 
 def build_model(
