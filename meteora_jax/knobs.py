@@ -41,7 +41,9 @@ def parse_value(name: str, value: str, where: str) -> int:
     if name not in KNOBS:
         raise MeteoraInputError(f"{where}: unknown knob {name!r}; knobs are {sorted(KNOBS)}.")
     if not (value.isdigit() or value == "inf"):
-        raise MeteoraInputError(f"{where}: knob {name}={value!r} must be a non-negative integer or inf.")
+        raise MeteoraInputError(
+            f"{where}: knob {name}={value!r} must be a non-negative integer or inf; knobs are {sorted(KNOBS)}."
+        )
     return sys.maxsize if value == "inf" else int(value)
 
 
