@@ -93,8 +93,9 @@ def masked_forward(
         h_ter = jnp.transpose(h_etr, (1, 0, 2))
     else:
         h_ter = _shrink_all(x_td, lora_a_edr)
-    coef_te = _coef_te(ids_tk, weights_tk, scaling_e)
-    return _masked_expand(x_td, w_do, h_ter, coef_te, lora_b_ero, low_precision_sum)
+    return masked_forward_from_shrink(
+        x_td, w_do, h_ter, lora_b_ero, ids_tk, weights_tk, scaling_e, low_precision_sum=low_precision_sum
+    )
 
 
 def _shrink_all(x_td: Array, lora_a_edr: Array) -> Float[Array, "T E R"]:
@@ -153,7 +154,9 @@ def shared_masked_forward(
         h_ter = h_tnr[:, start : start + a_edr.shape[0]]
         start += a_edr.shape[0]
         outs.append(
-            _masked_expand(x_td, w_do, h_ter, _coef_te(ids, wts, scaling_e), b_ero, low_precision_sum)
+            masked_forward_from_shrink(
+                x_td, w_do, h_ter, b_ero, ids, wts, scaling_e, low_precision_sum=low_precision_sum
+            )
         )
     return outs
 
