@@ -23,7 +23,7 @@ path set for that variant only, e.g. ``auto+group_route=inf`` (one top-k per pro
 ``auto+lowp=1`` (bf16 sum at decode), ``auto+batched=64`` (shrink batched over experts),
 ``auto+split_gate=1`` (the bf16 split gate GEMM at decode), ``auto+shared_shrink=2`` (one shrink GEMM for
 the projections that share an input), ``auto+argmax_topk=2`` (top-k as argmax passes, no sort),
-``auto+packed=2`` (one GEMM per group for every shrink and gate, from weights packed once per decode call),
+``auto+packed=2`` (one GEMM per group for every shrink and gate, from weights packed once per model state),
 ``auto+packed_gates=0`` (the shared gate GEMV's gates concatenated at every step again, as before session 10),
 ``auto+gate_rows=1`` (the gate packs stored [N, D]: the gate GEMV as a row reduction),
 ``auto+group_decode=1`` (batch 1: q/k/v in one decode-kernel launch, gate/up in another).
