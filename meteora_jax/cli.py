@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "add-adapter": ("meteora_jax.train.add_adapter", "Add an adapter to a trained model and train briefly."),
     "generate": ("meteora_jax.generate.cli", "Generate text with a converted model."),
     "eval": ("meteora_jax.eval.cli", "Evaluate per task, with base / oracle baselines."),
+    "serve": ("meteora_jax.serve.cli", "Serve a model over HTTP (OpenAI-compatible completions and chat)."),
     "info": ("meteora_jax.info", "Show what a model directory holds; --check verifies it."),
     "export-adapter": ("meteora_jax.convert.export_peft", "Write experts back out as PEFT LoRA adapters."),
 }
