@@ -348,7 +348,7 @@ def test_serve_command_end_to_end(tmp_path):
     """The real command in its own process: it prints its URL, answers, and stops cleanly on Ctrl-C."""
     d = tiny_model_dir(tmp_path / "model", seed=3)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "meteora_jax.cli", "serve", "--model", d, "--port", "0", "--quiet"]
+    cmd = [sys.executable, "-m", "meteora_jax.cli", "serve", "--model", d, "--port", "0", "--quiet", "--warmup"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
