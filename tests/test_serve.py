@@ -29,7 +29,7 @@ from meteora_jax.generate.sampling import SamplingParams
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.serve import App, make_server
 from meteora_jax.serve.batcher import Batcher, Job
-from meteora_jax.serve.requests import Settings
+from meteora_jax.serve.requests import RequestError, Settings
 from meteora_jax.tokenizer import load_tokenizer
 
 TEMPLATE = "[INST] {prompt} [/INST]\n"  # = PROMPT_TEMPLATES["meteora"], spelled out as the test's own copy
@@ -348,7 +348,18 @@ def test_serve_command_end_to_end(tmp_path):
     """The real command in its own process: it prints its URL, answers, and stops cleanly on Ctrl-C."""
     d = tiny_model_dir(tmp_path / "model", seed=3)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "meteora_jax.cli", "serve", "--model", d, "--port", "0", "--quiet", "--warmup"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meteora_jax.cli",
+        "serve",
+        "--model",
+        d,
+        "--port",
+        "0",
+        "--quiet",
+        "--warmup",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
@@ -366,3 +377,48 @@ def test_serve_command_end_to_end(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def _app_without_template(tmp_path, chat_template: str | None) -> tuple[App, object, object]:
+    d = tiny_model_dir(tmp_path / "model", seed=5)
+    tok = load_tokenizer(d)
+    tok.chat_template = chat_template
+    model = mj.load(d, dtype="float32")
+    return App(model, tok, model_name="t", template=None, batch_wait_s=0.0), model, tok
+
+
+def test_no_recorded_template_takes_prompts_as_given_and_chats_with_the_tokenizers_template(tmp_path):
+    """A plain `convert` output records no prompt template: completions go in as given (with the tokenizer's
+    special tokens, as `mj.generate` on a string does) and chat uses the tokenizer's own chat template."""
+    app, model, tok = _app_without_template(tmp_path, CHAT_TEMPLATE)
+    server = make_server(app, "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = _post(server.url, "/v1/completions", {"prompt": "plain text", "max_tokens": 5})[1]
+        assert (
+            out["choices"][0]["text"]
+            == mj.generate(model, "plain text", tokenizer=tok, max_new_tokens=5).texts[0]
+        )
+        messages = [{"role": "user", "content": "hey"}]
+        out = _post(server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 5})[1]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        assert out["choices"][0]["message"]["content"] == _direct(model, tok, ids, max_new_tokens=5).texts[0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_chat_without_any_template_is_refused(tmp_path):
+    app, _, _ = _app_without_template(tmp_path, None)
+    try:
+        with pytest.raises(RequestError, match="no chat template"):
+            app.parse("/v1/chat/completions", {"messages": [{"role": "user", "content": "hey"}]})
+    finally:
+        app.close()
