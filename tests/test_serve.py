@@ -289,6 +289,29 @@ def test_a_failed_batch_is_a_500_and_the_server_lives_on(served, monkeypatch):
     assert _post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
+def test_the_openai_client_works_unchanged(served):
+    """The real ``openai`` client: models, chat (MeteoRA's knobs in ``extra_body``), streaming, completions,
+    and a refused option surfacing as its BadRequestError."""
+    openai = pytest.importorskip("openai")
+    _, url, model, tok = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    messages = [{"role": "user", "content": "hi there"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, extra_body={"force_expert": 2}
+    )
+    want = _direct(model, tok, _ids(tok, "hi there"), max_new_tokens=5, force_expert=2)
+    assert r.choices[0].message.content == want.texts[0]
+    assert r.usage.completion_tokens == len(want.token_ids[0])
+    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == _direct(model, tok, _ids(tok, "hi there"), max_new_tokens=5).texts[0]
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=4)
+    assert r.choices[0].text == _direct(model, tok, _ids(tok, "abc"), max_new_tokens=4).texts[0]
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model="tiny", prompt="abc", max_tokens=4, presence_penalty=0.5)
+
+
 # ------------------------------------------------------------------------------------- the batcher alone
 def _settings(**kw) -> Settings:
     base = dict(
