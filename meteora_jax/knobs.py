@@ -33,6 +33,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "packed_gates": ("meteora_jax.model.moe_lora", "PACK_GATES"),
     "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
+    "mma_shrink": ("pallas_kernels.grouped_lora.pallas_gpu_decode", "MMA_SHRINK"),
 }
 
 
