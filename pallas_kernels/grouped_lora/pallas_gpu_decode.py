@@ -131,10 +131,15 @@ class DecodeConfig:
         # was 18% faster (7.7 vs 9.4 us). Without split-K a 32-column block gives only 32 (d_out 1024) or
         # 128 (4096) programs for 132 SMs, and took 1.1-1.8x the time.
         del num_tokens, d_in
-        shrink = SHRINKS[1] if MMA_SHRINK else SHRINKS[0]
+        if MMA_SHRINK:
+            # The padded A tiles take shared memory: these are the tiles that keep two blocks per SM with no
+            # spills (scripts/kernel_report.py, session 11); not yet timed against others.
+            if d_out <= 1024:
+                return cls(block_n=64, block_k=128, num_stages=4, split_k=0, shrink="mma")
+            return cls(block_n=32, block_k=256, num_stages=3, split_k=0, shrink="mma")
         if d_out <= 1024:
-            return cls(block_n=64, block_k=256, num_stages=4, split_k=0, shrink=shrink)
-        return cls(block_n=32, block_k=512, num_stages=3, split_k=0, shrink=shrink)
+            return cls(block_n=64, block_k=256, num_stages=4, split_k=0)
+        return cls(block_n=32, block_k=512, num_stages=3, split_k=0)
 
     def split_for(self, blocks: int, steps: int) -> int:
         """``split_k``, or for 0: enough K splits of ``steps`` K steps for ~2 programs per SM over ``blocks``
