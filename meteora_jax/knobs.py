@@ -30,10 +30,10 @@ KNOBS: dict[str, tuple[str, str]] = {
     "shared_shrink": ("pallas_kernels.grouped_lora.api", "SHARED_SHRINK_MIN_TOKENS"),
     "argmax_topk": ("meteora_jax.model.gate", "ARGMAX_TOP_K_MAX"),
     "packed": ("meteora_jax.model.moe_lora", "PACKED_MIN_TOKENS"),
+    "packed_max": ("meteora_jax.model.moe_lora", "PACKED_MAX_TOKENS"),
     "packed_gates": ("meteora_jax.model.moe_lora", "PACK_GATES"),
     "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
-    "mma_shrink": ("pallas_kernels.grouped_lora.pallas_gpu_decode", "MMA_SHRINK"),
 }
 
 

@@ -5,7 +5,7 @@ Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.
        [--decode-max-tokens N]
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
-(``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f][m]``
+(``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f]``
 runs it with those tiles (block_n, block_k, num_warps, num_stages, and split_k: 1 = none, 0 or left out =
 chosen from the shape; a trailing ``f`` = ``base_dot="fma"``, the base GEMV on CUDA cores) instead of
 ``DecodeConfig.for_shape``, so one run can sweep them:
@@ -56,21 +56,20 @@ TINY_CASES = (
 )
 
 
-_TILES = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)(?:x(\d+))?(f?)(m?)")
+_TILES = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)(?:x(\d+))?(f?)")
 
 
 def parse_impl(spec: str) -> tuple[str, pallas_gpu_decode.DecodeConfig | None]:
-    """``name`` or ``name@BNxBKxWxS[xK][f][m]``: the implementation and the decode-kernel tiles it should run with.
+    """``name`` or ``name@BNxBKxWxS[xK][f]``: the implementation and the decode-kernel tiles it should run with.
 
-    K is split_k (0 or left out: from the shape); a trailing ``f`` selects ``base_dot="fma"`` (else "mma"), a
-    trailing ``m`` ``shrink="mma"`` (else "gather").
+    K is split_k (0 or left out: from the shape); a trailing ``f`` selects ``base_dot="fma"`` (else "mma").
     """
     name, at, tiles = spec.partition("@")
     if not at:
         return name, None
     match = _TILES.fullmatch(tiles)
     if match is None:
-        raise ValueError(f"{spec!r}: expected name@BNxBKxWxS[xK][f][m], e.g. pallas_gpu@64x128x4x3x0f")
+        raise ValueError(f"{spec!r}: expected name@BNxBKxWxS[xK][f], e.g. pallas_gpu@64x128x4x3x0f")
     block_n, block_k, num_warps, num_stages = (int(v) for v in match.group(1, 2, 3, 4))
     return name, pallas_gpu_decode.DecodeConfig(
         block_n,
@@ -79,7 +78,6 @@ def parse_impl(spec: str) -> tuple[str, pallas_gpu_decode.DecodeConfig | None]:
         num_stages=num_stages,
         split_k=int(match.group(5) or 0),
         base_dot="fma" if match.group(6) else "mma",
-        shrink="mma" if match.group(7) else "gather",
     )
 
 
@@ -261,7 +259,7 @@ def main() -> None:
     parser.add_argument(
         "--impls",
         default="pallas_gpu,xla",
-        help="comma-separated; pallas_gpu@BNxBKxWxS[xK][f][m] sets the decode tiles (f: base_dot=fma, m: shrink=mma)",
+        help="comma-separated; pallas_gpu@BNxBKxWxS[xK][f] sets the decode tiles (f: base_dot=fma)",
     )
     parser.add_argument("--filter", default="", help="regex searched in the case name")
     parser.add_argument("--timer", default="both", choices=("both", *TIMERS))

@@ -12,10 +12,10 @@ Triton is not a dependency (and is 190 MB): install it once into the git-ignored
 
     pip install --no-deps --target .triton triton==3.6.0     # the GPU image's version
     python scripts/kernel_report.py                           # the four Llama-3-8B projections + two groups
-    python scripts/kernel_report.py --configs default,32x512x4x3m --out /tmp/report.json
+    python scripts/kernel_report.py --configs default,32x512x4x3 --out /tmp/report.json
 
 ``--configs`` takes ``default`` (``DecodeConfig.for_shape``) and the benchmark's tile spec
-``BNxBKxWxS[xK][f][m]`` (``scripts/bench_moe_lora.py``: split_k, base_dot="fma", shrink="mma").
+``BNxBKxWxS[xK][f]`` (``scripts/bench_moe_lora.py``: split_k, base_dot="fma").
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(compile_ttir(argv[1], int(argv[2]), int(argv[3]))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="default", help="comma list: default and/or BNxBKxWxS[xK][f][m]")
+    ap.add_argument("--configs", default="default", help="comma list: default and/or BNxBKxWxS[xK][f]")
     ap.add_argument(
         "--cases",
         default=",".join(c[0] for c in CASES),

@@ -102,7 +102,10 @@ def test_knobs_at_run_time(model_dir, tmp_path, capsys, monkeypatch, restore_kno
 
     monkeypatch.setattr(moe_lora, "packed_forward", spy)
     base = ["generate", "--model", model_dir, "--prompt", "a longer prompt", "--max-new-tokens", "6"]
-    assert main([*base, "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert (
+        main([*base, "--out", str(tmp_path / "a.jsonl"), "--knob", "packed=inf", "--knob", "gate_rows=0"])
+        == 0
+    )
     assert not any(served)
     packed = ["--knob", "packed=2", "--knob", "gate_rows=1"]
     assert main([*base, "--out", str(tmp_path / "b.jsonl"), *packed]) == 0

@@ -1,4 +1,4 @@
-"""Inference packs (``moe_lora.PACKED_MIN_TOKENS``, off by default): one GEMM for a group's shrinks and gates.
+"""Inference packs (``moe_lora.PACKED_MIN_TOKENS``, on from 2 tokens): one GEMM for a group's shrinks and gates.
 
 ``x @ [A_1 | ... | A_P | gates]`` must give each projection's own shrink and gate logits (float32: the same
 dot products; bf16: the gate through the hi / lo split, within its rounding), the same routing and outputs as
@@ -7,6 +7,8 @@ caller's model or serve a call it cannot (one token, a forced expert, a non-dens
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,26 @@ from pallas_kernels.grouped_lora import api, xla
 from tests.grouped_lora_cases import key_for, rel_err
 
 ON = 2
-OFF = 10**18
+OFF = sys.maxsize  # = the knob's inf: no packs are made at all
+# The shipped defaults (read before any test changes them): packs from 2 tokens at any size, gate packs on,
+# gate rows at one token (H100 A/B, benchmarks/RESULTS.md, session 11).
+SHIPPED = (
+    moe_lora.PACKED_MIN_TOKENS,
+    moe_lora.PACKED_MAX_TOKENS,
+    moe_lora.PACK_GATES,
+    moe_lora.GATE_PACK_ROWS,
+)
+
+
+@pytest.fixture(autouse=True)
+def _packs_off(monkeypatch):
+    """Each test starts from the unpacked path and turns on what it checks: "off" is then the reference."""
+    monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", OFF)
+    monkeypatch.setattr(moe_lora, "GATE_PACK_ROWS", 0)
+
+
+def test_shipped_defaults():
+    assert SHIPPED == (2, sys.maxsize, 1, 1)
 
 
 def _model(dtype: str, *, impl: str | None = None, bias: bool = False, **moe_kw) -> MeteoraLlama:
@@ -176,6 +197,10 @@ def test_pack_serves_only_the_dense_masked_inference_path(monkeypatch):
     monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON)
     assert moe_lora.packed_forward(group, pack, x, top2, None) is not None
     assert moe_lora.packed_forward(group, pack, x[:, :1], top2, None) is None
+    monkeypatch.setattr(moe_lora, "PACKED_MAX_TOKENS", 3)
+    assert moe_lora.packed_forward(group, pack, x, top2, None) is None  # 4 tokens, above the cap
+    assert moe_lora.packed_forward(group, pack, x[:, :3], top2, None) is not None
+    monkeypatch.setattr(moe_lora, "PACKED_MAX_TOKENS", sys.maxsize)
     assert moe_lora.packed_forward(group, pack, x, RoutingOptions(force_expert=3), None) is None
     assert moe_lora.packed_forward(group, pack, x, RoutingOptions(no_experts=True), None) is None
     assert moe_lora.packed_forward(group, pack, x.astype(jnp.bfloat16), top2, None) is None
@@ -202,11 +227,11 @@ def test_masked_forward_plan():
     assert api.masked_forward_plan("pallas_gpu_decode", 64, 224) == ("pallas_gpu_decode", 64 >= low_from)
 
 
-def test_gate_packs_are_on_by_default_and_change_nothing():
-    """``PACK_GATES`` (on): groups of two or more routed projections get their gates concatenated once, the
+def test_gate_packs_change_nothing():
+    """``PACK_GATES`` (on by default): groups of two or more routed projections get their gates concatenated once, the
     forward reads them instead of concatenating per call (no gate concatenation left in its program), and
     logits and expert ids are bitwise those without packs."""
-    assert moe_lora.PACK_GATES and moe_lora.PACKED_MIN_TOKENS > 10**9  # the shipped defaults
+    assert moe_lora.PACK_GATES and moe_lora.PACKED_MIN_TOKENS > 10**9  # gate packs alone (fixture)
     model = _model("float32")
     copy = _packed_copy(model)
     attn, mlp = copy.layers[0].attn, copy.layers[0].mlp
@@ -233,17 +258,18 @@ def test_gate_packs_are_on_by_default_and_change_nothing():
 
 @pytest.mark.parametrize("dtype,split_from", [("float32", 256), ("bfloat16", 256), ("bfloat16", 2)])
 def test_gate_rows_pack_matches(monkeypatch, dtype, split_from):
-    """``GATE_PACK_ROWS``: every group's gates stored [N, D] (o and down too) give the unpacked logits (to
+    """``GATE_PACK_ROWS``: every group's gates stored [N, D] (o and down too) give, for calls up to that many
+    tokens, the unpacked logits (to
     summation order) and the same expert ids, through the float32 row GEMM and, for bf16 prompts from
     ``SPLIT_GATE_MIN_TOKENS`` on, through the split gate of the transpose."""
-    monkeypatch.setattr(moe_lora, "GATE_PACK_ROWS", 1)
+    monkeypatch.setattr(moe_lora, "GATE_PACK_ROWS", 16)  # up to 16 tokens: the 10 of this call
     monkeypatch.setattr(moe_lora, "SPLIT_GATE_MIN_TOKENS", split_from)
     model = _model(dtype)
     copy = _packed_copy(model)
     attn, mlp = copy.layers[0].attn, copy.layers[0].mlp
     assert attn.o_gates_nd[...].shape == (28, attn.o_proj.d_in)
     assert mlp.gate_up_gates_nd[...].shape == (2 * 28, model.config.hidden_size)
-    assert not hasattr(attn, "qkv_gates")
+    assert hasattr(attn, "qkv_gates")  # the [D, N] pack too, for calls above the threshold
     ids = jax.random.randint(key_for(f"gate-rows-{dtype}-{split_from}"), (2, 5), 3, 99)
     off, on = model.forward(ids, return_routing=True), copy.forward(ids, return_routing=True)
     for a, b in zip(on.routing, off.routing, strict=True):

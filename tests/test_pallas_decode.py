@@ -108,14 +108,9 @@ def _args(inp: dict) -> tuple:
 
 
 def _check(
-    case: shapes.Case,
-    config: pallas_gpu_decode.DecodeConfig | None,
-    name: str,
-    *,
-    interpret: bool,
-    inp: dict | None = None,
+    case: shapes.Case, config: pallas_gpu_decode.DecodeConfig | None, name: str, *, interpret: bool
 ) -> None:
-    inp = inp or _inputs(case, name)
+    inp = _inputs(case, name)
     y_to = jax.jit(lambda *a: pallas_gpu_decode.decode_forward(*a, interpret=interpret, config=config))(
         *_args(inp)
     )
@@ -141,88 +136,6 @@ def test_decode_kernel_matches_reference(name, base_dot, interpret):
     case, config = CASES[name]
     # Seeded by the case, not the test id: the compiled run and both base products see the same inputs.
     _check(case, _with_base_dot(config, case, base_dot), name, interpret=interpret)
-
-
-# shrink="mma" (T = 1 only): the k experts' A slices as one [block_k, >= 16] tile of a tensor-core dot. Cases
-# where k * r fills the 16 columns exactly, leaves masked columns (k * r_pad < 16, a padded rank), or needs
-# more than 16 (k = 3: 24 -> 32 columns; r = 64); T = 3 falls back to the gather.
-MMA_SHRINK_CASES = {
-    "t1_k2_bf16_split2": CASES["t1_k2_bf16_split2"],
-    "t1_k2_f32_dmod": (_case(1, 72, 40, 5, 8, 2, "float32"), SMALL),
-    "t1_k1_bf16_rank3": (_case(1, 48, 24, 4, 3, 1, "bfloat16"), SMALL),
-    "t1_k3_f32_dmod": (_case(1, 100, 33, 6, 8, 3, "float32"), SMALL),
-    "t1_k2_f32_rank64": (_case(1, 64, 48, 4, 64, 2, "float32"), SMALL),
-    "t1_k2_f32_default_tiles": CASES["t1_k2_f32_default_tiles"],
-    "t3_k2_f32_dmod_gather": CASES["t3_k2_f32_dmod"],
-}
-
-
-@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("name", list(MMA_SHRINK_CASES))
-def test_mma_shrink_matches_reference(name, interpret):
-    case, config = MMA_SHRINK_CASES[name]
-    config = dataclasses.replace(_with_base_dot(config, case, "mma"), shrink="mma")
-    assert pallas_gpu_decode._tiles(config, case.num_tokens, case.d_in, case.d_out, case.rank).mma_shrink == (
-        case.num_tokens == 1
-    )
-    inp = _inputs(case, name)
-    # distinct experts in every slot of token 0 (``_inputs`` gives it one expert in all), all weights non-zero:
-    # a slot mixed up with another, or a slot's weight lost, cannot pass
-    rng = np.random.default_rng(zlib.crc32(name.encode()) + 1)
-    ids = np.asarray(inp["expert_ids"]).copy()
-    ids[0] = rng.choice(case.num_experts, size=case.top_k, replace=False)
-    weights = rng.dirichlet(np.ones(case.top_k), size=case.num_tokens).astype(np.float32)
-    lora_b = (inp["lora_b"].astype(jnp.float32) * 4).astype(inp["lora_b"].dtype)  # LoRA ~ base: it must count
-    inp = {**inp, "expert_ids": jnp.asarray(ids), "expert_weights": jnp.asarray(weights), "lora_b": lora_b}
-    _check(case, config, name, interpret=interpret, inp=inp)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tiles", ["default", "32x256x4x3", "64x128x4x4"])
-@pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
-def test_mma_shrink_compiled_at_llama_shapes(d_in, d_out, tiles, request):
-    """Triton-compiled at T = 1 (E=28, r=8, top-2, bf16) with shrink="mma": the default tiles and the two
-    two-blocks-per-SM candidates that scripts/kernel_report.py found (no spills, every K-loop load async)."""
-    case = _case(1, d_in, d_out, 28, 8, 2, "bfloat16")
-    if tiles == "default":
-        config = pallas_gpu_decode.DecodeConfig.for_shape(1, d_in, d_out)
-    else:
-        bn, bk, w, st = (int(v) for v in tiles.split("x"))
-        config = pallas_gpu_decode.DecodeConfig(bn, bk, num_warps=w, num_stages=st, split_k=0)
-    _check(case, dataclasses.replace(config, shrink="mma"), request.node.name, interpret=False)
-
-
-def test_mma_shrink_knob_reaches_the_default_tiles(monkeypatch):
-    assert pallas_gpu_decode.DecodeConfig.for_shape(1, 4096, 4096).shrink == "gather"  # the measured default
-    monkeypatch.setattr(pallas_gpu_decode, "MMA_SHRINK", 1)
-    assert pallas_gpu_decode.DecodeConfig.for_shape(1, 4096, 4096).shrink == "mma"
-    fma = pallas_gpu_decode.DecodeConfig(block_n=64, block_k=64, base_dot="fma", shrink="mma")
-    assert not pallas_gpu_decode._tiles(fma, 1, 4096, 4096, 8).mma_shrink  # needs the 16-row x tile of "mma"
-    with pytest.raises(ValueError, match="shrink"):
-        pallas_gpu_decode.DecodeConfig(block_n=64, block_k=128, shrink="wgmma")
-
-
-def test_mma_shrink_lowers_with_no_per_step_reduction_and_a_dot_per_slot():
-    """At Llama's 4096 -> 14336 (T = 1, E = 28, r = 8, top-2): the K loop holds three dots (the base, one
-    shrink per slot) and no reduction; the gather path's [T, block_s, r] products are gone. (Compiled for
-    sm_90 by scripts/kernel_report.py, every load in that loop is a cp.async: none waits in the step.)"""
-    spec = jax.ShapeDtypeStruct
-    bf16 = jnp.bfloat16
-    args = (
-        spec((1, 4096), bf16),
-        spec((4096, 14336), bf16),
-        spec((28, 4096, 8), bf16),
-        spec((28, 8, 14336), bf16),
-        spec((1, 2), jnp.int32),
-        spec((1, 2), jnp.float32),
-        spec((28,), jnp.float32),
-    )
-    config = dataclasses.replace(pallas_gpu_decode.DecodeConfig.for_shape(1, 4096, 14336), shrink="mma")
-    fn = lambda *a: pallas_gpu_decode.decode_forward(*a, config=config)  # noqa: E731
-    (kernel,) = _triton_kernels(jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)))
-    (loop,) = [op for op in _walk(kernel) if op.name == "scf.for"]
-    in_loop = [op.name for op in _walk(loop)]
-    assert in_loop.count("tt.dot") == 3 and "tt.reduce" not in in_loop
 
 
 def test_base_dot_defaults_to_mma_reaches_the_tiles_and_refuses_unknown_names():
@@ -476,6 +389,7 @@ def test_group_decode_through_the_api_and_its_gradients(monkeypatch):
     monkeypatch.setattr(
         pallas_gpu_decode, "decode_forward_group", lambda *a, **kw: calls.append(1) or group(*a, **kw)
     )
+    monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 0)
     off = run(shared["x"], cols("expert_weights"))
     off_grads = jax.grad(loss, argnums=(0, 1))(shared["x"], cols("expert_weights"))
     assert not calls
@@ -515,10 +429,9 @@ def test_group_decode_kernel_lowers_for_cuda_as_one_kernel(d_outs):
     assert sum(op.name == "scf.if" for op in _walk(kernel)) >= len(d_outs)
 
 
-def test_model_decode_step_with_group_decode_and_mma_shrink_matches(monkeypatch):
+def test_model_decode_step_with_group_decode_matches(monkeypatch):
     """A tiny model's one-token decode step (the decode kernel in interpret mode on every projection): with
-    q/k/v and gate/up each in one launch, and with the shrink as a dot, the same logits as one launch per
-    projection with the gathered shrink."""
+    q/k/v and gate/up each in one launch, the same logits as one launch per projection."""
     from flax import nnx
 
     from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
@@ -528,6 +441,8 @@ def test_model_decode_step_with_group_decode_and_mma_shrink_matches(monkeypatch)
         expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
     )
     model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(4))
+    assert api.GROUP_DECODE_MAX_TOKENS == 1  # the default since session 11 (H100 A/B, benchmarks/RESULTS.md)
+    monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 0)
     calls = []
     group = pallas_gpu_decode.decode_forward_group
     monkeypatch.setattr(
@@ -554,11 +469,6 @@ def test_model_decode_step_with_group_decode_and_mma_shrink_matches(monkeypatch)
     on = step()
     assert len(calls) == 2 * cfg.num_hidden_layers  # q/k/v and gate/up of every layer, at the one-token step
     assert rel_err(on, off) < 1e-5
-    # and with the shrink as a tensor-core dot per slot (knob mma_shrink), grouped and per projection
-    monkeypatch.setattr(pallas_gpu_decode, "MMA_SHRINK", 1)
-    assert rel_err(step(), off) < 1e-5
-    monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 0)
-    assert rel_err(step(), off) < 1e-5
 
 
 @pytest.mark.gpu

@@ -452,7 +452,7 @@ class MeteoraLlama(nnx.Module):
                 routed = sum(p.num_experts > 0 for p in group)
                 if moe_lora.PACK_GATES and moe_lora.GATE_PACK_ROWS and routed:
                     packs[f"{prefix}_gates_nd"] = moe_lora.concat_gates(group).T
-                elif moe_lora.PACK_GATES and routed > 1:
+                if moe_lora.PACK_GATES and routed > 1:
                     packs[f"{prefix}_gates"] = moe_lora.concat_gates(group)
         return packs
 

@@ -135,20 +135,16 @@ def shared_gate_logits(
     (``GATE_PACK_ROWS``); with it a single routed projection is served too.
     """
     routed = [p for p in projections if p.num_experts > 0]
-    if (
-        routing.no_experts
-        or routing.force_expert is not None
-        or len(routed) < (1 if gates_nd is not None else 2)
-    ):
+    num_tokens = x_btd.shape[0] * x_btd.shape[1]
+    split = x_btd.dtype == jnp.bfloat16 and num_tokens >= SPLIT_GATE_MIN_TOKENS
+    rows = gates_nd is not None and num_tokens <= GATE_PACK_ROWS and not split
+    if routing.no_experts or routing.force_expert is not None or len(routed) < (1 if rows else 2):
         return [None] * len(projections)
     x_td = gate_input(x_btd.reshape(-1, x_btd.shape[-1]), routing)
-    split = x_td.dtype == jnp.bfloat16 and x_td.shape[0] >= SPLIT_GATE_MIN_TOKENS
-    if gates_nd is not None and not split:
+    if rows:
         logits_tn = float32_gate_logits_rows(x_td, gates_nd)
     else:
-        if gates_dn is None:
-            gates_dn = concat_gates(projections) if gates_nd is None else gates_nd.T
-        logits_tn = gate_logits(x_td, gates_dn)
+        logits_tn = gate_logits(x_td, concat_gates(projections) if gates_dn is None else gates_dn)
     num_experts = {p.num_experts for p in routed}
     if len(num_experts) == 1 and x_td.shape[0] >= GROUP_ROUTE_MIN_TOKENS:
         (e,) = num_experts
@@ -169,22 +165,27 @@ def shared_gate_logits(
 # be the dense masked one. What it removes per group and step: the gate GEMV, P - 1 shrink GEMMs, the
 # per-step relayout or concatenation of A (which made the unpacked shared shrink slower, session 9) and P - 1
 # reads of x. The gate becomes the bf16 hi/lo split of ``split_gate_logits`` (prefill's gate already; logits
-# within ~1e-5 of float32). Off (sys.maxsize) until an H200 A/B measures it: ``profile_decode.py`` and
-# ``profile_prefill.py`` ``+packed=2``.
-PACKED_MIN_TOKENS = sys.maxsize
+# within ~1e-5 of float32). Measured on an H100 (session 11, benchmarks/RESULTS.md): batch-64 decode 5,444 ->
+# 6,063 tok/s, a 4096-token prefill 135.6 -> 132.1 ms; hence on from 2 tokens (one token keeps the decode
+# kernel). Knob ``packed`` (inf = no packs are made at all).
+PACKED_MIN_TOKENS = 2
+# ... and up to this many tokens (knob ``packed_max``): no cap, since prefill gained too.
+PACKED_MAX_TOKENS = sys.maxsize
 # 1: ``inference_packs`` also holds each group's ``concat_gates``, made once per model state, which the
 # unpacked path's shared gate GEMV then reads: on the H200 that concatenation ran as its own kernel at every
 # step, twice a layer (batch-64 decode, session 9: ~0.26 ms of a 9.8 ms step;
 # profile_decode_h200_b64_s9_defaults.json).
-# The same matrix and the same dot products, so routing is bitwise unchanged. Not yet timed (no GPU since);
-# ``+packed_gates=0`` is the A/B.
+# The same matrix and the same dot products, so routing is bitwise unchanged. On an H100 (session 11) it made
+# no difference with the inference packs off (b64 5,444 vs 5,446 tok/s with ``+packed_gates=0``); it serves
+# the calls the packed path does not (one token, non-dense backends).
 PACK_GATES = 1
-# 1: those gate packs are stored one row per expert column ([N, D]), for every group including o and down,
-# and the gate GEMV contracts their rows. The lead: at batch-1 decode XLA runs the [1, D] x [D, N] float32
-# gate product as a column reduction with too few blocks (4.8-6.6 us for ~1 MB, session 4's profile); over
-# [N, D] the same product is a row reduction, one warp per output. Not yet timed; ``+gate_rows=1`` is the
-# A/B. Logits equal the float32 GEMV's to summation order.
-GATE_PACK_ROWS = 0
+# N > 0: those gate packs are also stored one row per expert column ([N, D]), for every group including o
+# and down, and calls of up to N tokens contract their rows (larger calls keep the [D, N] pack). Why: at
+# batch-1 decode XLA runs the [1, D] x [D, N] float32 gate product as a column reduction with too few blocks
+# (4.8-6.6 us for ~1 MB, session 4's profile); over [N, D] it is a row reduction, one warp per output.
+# Logits equal the float32 GEMV's to summation order. H100, session 11: b1 decode 114.6 -> 121.9 tok/s; at
+# batch 64 the rows were slower (5,444 -> 5,121), hence a token threshold.
+GATE_PACK_ROWS = 1
 
 
 def pack_group(projections: Sequence[MoELoRALinear]) -> Float[Array, "D N"] | None:
@@ -227,7 +228,7 @@ def packed_forward(
     if (
         pack_dn is None
         or not routed
-        or num_tokens < PACKED_MIN_TOKENS
+        or not PACKED_MIN_TOKENS <= num_tokens <= PACKED_MAX_TOKENS
         or routing.no_experts
         or routing.force_expert is not None
         or x_btd.dtype != pack_dn.dtype

@@ -206,9 +206,10 @@ def _decode_max_tokens(name: str) -> int:
 
 # Up to this many tokens, ``grouped_lora_fused_shared`` runs projections whose backend's inference forward is
 # the one-launch decode kernel (``pallas_gpu_decode``) as ONE launch for the whole group
-# (``pallas_gpu_decode.decode_forward_group``): q/k/v in one kernel, gate/up in another. Off (0) until an H200
-# A/B measures it: ``scripts/profile_decode.py --batches 1 --variants auto,auto+group_decode=1``.
-GROUP_DECODE_MAX_TOKENS = 0
+# (``pallas_gpu_decode.decode_forward_group``): q/k/v in one kernel, gate/up in another. Measured on an H100
+# (session 11, ``scripts/profile_decode.py --batches 1``): b1 decode 101.4 -> 104.9 tok/s with the old tiles,
+# 121.9 -> 126.5 with the new ones and the gate rows; knob ``group_decode`` (0 = one launch per projection).
+GROUP_DECODE_MAX_TOKENS = 1
 
 
 def _group_decode_plan(

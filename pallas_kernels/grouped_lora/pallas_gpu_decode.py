@@ -18,11 +18,6 @@ XLA reduction sums them). Each program, in one loop over its part of ``d_in`` in
   accumulates the products elementwise; the sum over ``d_in`` happens once after the loop, because a
   reduction inside the loop is a cross-warp shuffle plus a barrier per step.
 
-(``DecodeConfig.shrink="mma"``, T = 1 only, not yet timed: instead, each slot's ``[block_k, r]`` slice of
-``A[e_j]``, padded to 16 masked columns, is the right operand of a tensor-core dot with the x tile the base
-dot loaded. Triton pipelines loads that feed a dot, so the A rows then arrive by ``cp.async`` like W's,
-where the gather's synchronous loads make every K step wait: scripts/kernel_report.py, session 11.)
-
 Then it adds ``sum_j (c h)[t, j] @ B[e_tj][:, cols]`` with broadcasting multiplies in float32 (r = 8 is
 below ``tl.dot``'s 16), and stores ``y`` in x's dtype. The LoRA rows are ``T`` padded to a power of two
 (1 at T = 1), not to 16, so the shrink does almost no work for padded rows.
@@ -81,15 +76,6 @@ _MIN_DOT_ROWS = 16
 BASE_DOTS = ("mma", "fma")
 # Programs that keep an H200's 132 SMs streaming W (about two each), for ``DecodeConfig.split_for``.
 _TARGET_PROGRAMS = 256
-# ``DecodeConfig.shrink``: how a one-token call computes h = x @ A[e] for its k experts. "gather" (the measured
-# default): per K step, each slot's A rows gathered with synchronous loads and multiplied on CUDA cores.
-# "mma": the k experts' [block_k, r] slices side by side as one [block_k, >=16] tile into a tensor-core dot
-# with the x tile the base dot already loaded; Triton's pipeliner streams loads that feed a dot (cp.async,
-# like W), so no K step waits on an A gather (scripts/kernel_report.py shows the loads). Only for T = 1:
-# tokens with different experts cannot share one tile. Not yet timed.
-SHRINKS = ("gather", "mma")
-# Knob ``mma_shrink`` (meteora_jax/knobs.py): 1 = ``for_shape`` picks shrink="mma".
-MMA_SHRINK = 0
 
 
 def _floor_pow2(n: int) -> int:
@@ -115,31 +101,21 @@ class DecodeConfig:
     # that one XLA reduction sums (deterministic: no atomics). 0 = pick from the shape (``split_for``).
     split_k: int = 1
     base_dot: str = "mma"  # the base product x @ W: one of BASE_DOTS
-    shrink: str = "gather"  # one of SHRINKS ("mma" applies at T = 1 with base_dot "mma"; else "gather")
 
     def __post_init__(self) -> None:
         if self.base_dot not in BASE_DOTS:
             raise ValueError(f"base_dot={self.base_dot!r}: expected one of {BASE_DOTS}")
-        if self.shrink not in SHRINKS:
-            raise ValueError(f"shrink={self.shrink!r}: expected one of {SHRINKS}")
 
     @classmethod
     def for_shape(cls, num_tokens: int, d_in: int, d_out: int) -> DecodeConfig:
-        # Measured on the H200 at T=1 (benchmarks/results/moe_lora_h200_decode_split.json): 32 columns x 512
-        # rows, 4 warps, 3 stages, split-K from the shape was the fastest at 4096->4096, 4096->14336 and
-        # 14336->4096 (within 4% of the best config there); at d_out 1024, 64 x 256 x 4 warps x 4 stages
-        # was 18% faster (7.7 vs 9.4 us). Without split-K a 32-column block gives only 32 (d_out 1024) or
-        # 128 (4096) programs for 132 SMs, and took 1.1-1.8x the time.
+        # Measured on an H100 at T=1 (session 11, benchmarks/results/moe_lora_h100_t1_s11.json): 64 columns x
+        # 256 rows, 4 warps, 3 stages, split-K from the shape was the fastest of six tile sets at all four
+        # Llama-3-8B shapes: 17.6 / 8.4 / 49.2 / 43.5 us against 18.8 / 8.5 / 56.9 / 48.2 for the session-4
+        # choice (32 x 512 x 3 stages; 64 x 256 x 4 stages at d_out <= 1024). Its 80 KiB of shared memory keeps
+        # two blocks per SM where the old k/v tiles (120 KiB) fit one (scripts/kernel_report.py). Without
+        # split-K a column block gives too few programs for 132 SMs (1.1-1.8x the time, session 4).
         del num_tokens, d_in
-        if MMA_SHRINK:
-            # The padded A tiles take shared memory: these are the tiles that keep two blocks per SM with no
-            # spills (scripts/kernel_report.py, session 11); not yet timed against others.
-            if d_out <= 1024:
-                return cls(block_n=64, block_k=128, num_stages=4, split_k=0, shrink="mma")
-            return cls(block_n=32, block_k=256, num_stages=3, split_k=0, shrink="mma")
-        if d_out <= 1024:
-            return cls(block_n=64, block_k=256, num_stages=4, split_k=0)
-        return cls(block_n=32, block_k=512, num_stages=3, split_k=0)
+        return cls(block_n=64, block_k=256, num_stages=3, split_k=0)
 
     def split_for(self, blocks: int, steps: int) -> int:
         """``split_k``, or for 0: enough K splits of ``steps`` K steps for ~2 programs per SM over ``blocks``
@@ -168,9 +144,6 @@ class _Tiles:
     split_k: int  # programs per column block along d_in
     split_steps: int  # block_k steps per split
     fma: bool  # base product on CUDA cores over the toks rows (DecodeConfig.base_dot == "fma")
-    mma_shrink: bool = (
-        False  # the shrink as a tensor-core dot (DecodeConfig.shrink == "mma", T = 1, "mma" base)
-    )
 
 
 def _tiles(
@@ -200,7 +173,6 @@ def _tiles(
         split_k=split_k,
         split_steps=cdiv(steps, split_k),
         fma=cfg.base_dot == "fma",
-        mma_shrink=cfg.shrink == "mma" and toks == 1 and cfg.base_dot == "mma",
     )
 
 
@@ -316,13 +288,6 @@ def _decode_body(
 
     # [toks] per slot: expert ids, read as given (rows past T read nothing and gather nothing).
     ids = [_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
-    if tiles.mma_shrink:
-        # Per slot, the expert's [block_k, r] slice of A padded to >= 16 columns (masked, never read) is the
-        # right operand of a dot with the x tile: one expert per tile keeps the rows' 2r bytes contiguous,
-        # which vectorised, pipelined loads need (a tile mixing the slots' experts compiled to scalar loads).
-        kr = max(_MIN_DOT_ROWS, tiles.rank)
-        r_c = jnp.arange(kr, dtype=jnp.int32)
-        col_ok = None if kr == rank else r_c < rank
 
     def kmask_of(kk):  # noqa: ANN001, ANN202
         return kk < d_in if k_tail else None
@@ -355,17 +320,6 @@ def _decode_body(
                 precision=dot_precision(w_kn.dtype),
             )
         hk = list(hk)
-        if tiles.mma_shrink:
-            a_mask = _all(
-                None if kmask is None else kmask[:, None], None if col_ok is None else col_ok[None, :]
-            )
-            x_in = x_mk.astype(a_ref.dtype)
-            for j in range(top_k):
-                a_kc = _load(a_ref.at[ids[j][:, None], kk[:, None], r_c[None, :]], a_mask)
-                hk[j] = hk[j] + jnp.dot(
-                    x_in, a_kc, preferred_element_type=jnp.float32, precision=dot_precision(a_kc.dtype)
-                )
-            return acc, tuple(hk)
         for s in range(bk // bs):  # shrink sub-steps: bounded [toks, bs, r] tiles
             ks = k0 + s * bs + jnp.arange(bs, dtype=jnp.int32)
             ksmask = kmask_of(ks)
@@ -381,39 +335,24 @@ def _decode_body(
         return acc, tuple(hk)
 
     acc = jnp.zeros((tiles.toks, bk, bn) if tiles.fma else (tiles.rows, bn), jnp.float32)
-    if tiles.mma_shrink:
-        # per slot [rows, kr]: row 0 is the token's h (columns past r zero), the padded rows zero
-        hk = tuple(jnp.zeros((tiles.rows, kr), jnp.float32) for _ in range(top_k))
-    else:
-        hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
+    hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
     acc, hk = lax.fori_loop(0, tiles.split_steps, step, (acc, hk))
     base_mn = jnp.sum(acc, axis=1) if tiles.fma else acc  # "fma": the one reduction over bk ([toks, bn])
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
     # split expands its partial shrink and the partials' sum is the whole term.
-    if tiles.mma_shrink:
-        bc_mask = _all(None if col_ok is None else col_ok[:, None], None if cmask is None else cmask[None, :])
-        y_n = jnp.zeros((bn,), jnp.float32)
-        for j in range(top_k):
-            h_c = jnp.sum(jnp.where((rows == 0)[:, None], hk[j], 0.0), axis=0)  # the token's row of the dot
-            weight = jnp.sum(_load(weights_ref.at[toks, slot0 + j], None).astype(jnp.float32))
-            scale = jnp.sum(_load(scaling_ref.at[ids[j]], None).astype(jnp.float32))
-            b_cn = _load(b_ref.at[ids[j][:, None], r_c[:, None], cols[None, :]], bc_mask)
-            y_n = y_n + jnp.sum((h_c * (weight * scale))[:, None] * b_cn.astype(jnp.float32), axis=0)
-        y_ln = y_n[None, :]
-    else:
-        b_mask = _all(
-            None if tmask is None else tmask[:, None, None],
-            None if rmask is None else rmask[None, :, None],
-            None if cmask is None else cmask[None, None, :],
-        )
-        y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
-        for j in range(top_k):
-            weight_l = _load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32)
-            scale_l = _load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
-            hc_lr = jnp.sum(hk[j], axis=1) * (weight_l * scale_l)[:, None]
-            b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
-            y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
+    b_mask = _all(
+        None if tmask is None else tmask[:, None, None],
+        None if rmask is None else rmask[None, :, None],
+        None if cmask is None else cmask[None, None, :],
+    )
+    y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
+    for j in range(top_k):
+        weight_l = _load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32)
+        scale_l = _load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
+        hc_lr = jnp.sum(hk[j], axis=1) * (weight_l * scale_l)[:, None]
+        b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
+        y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
 
     y_mn = base_mn + (y_ln if tiles.fma else _embed_rows(y_ln, tiles.rows))
     # With split-K, o_ref holds float32 partials [split_k * T, d_out]: this split's rows start at split * T.
