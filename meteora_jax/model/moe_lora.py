@@ -131,8 +131,8 @@ def shared_gate_logits(
     once over the stacked [T, P, E] logits: per row the same selection and weights as each projection's own.
     None (the projection computes its own, or needs none) where fewer than two projections route.
     ``gates_dn``: ``concat_gates(projections)`` made once by the caller (an inference pack, see
-    ``PACK_GATES``), else it is concatenated here, at every call. ``gates_nd``: the same transposed
-    (``GATE_PACK_ROWS``); with it a single routed projection is served too.
+    ``PACK_GATES``), else it is concatenated here, at every call. ``gates_nd``: the same transposed, used for
+    calls of up to ``GATE_PACK_ROWS`` tokens (float32 product); there a single routed projection is served too.
     """
     routed = [p for p in projections if p.num_experts > 0]
     num_tokens = x_btd.shape[0] * x_btd.shape[1]
