@@ -257,12 +257,22 @@ def response_body(choices: Sequence[Choice], *, chat: bool, model: str, request_
 
 
 def stream_chunk(
-    index: int, *, text: str | None, finish: Choice | None, chat: bool, model: str, request_id: str
+    index: int,
+    *,
+    text: str | None,
+    finish: Choice | None,
+    chat: bool,
+    model: str,
+    request_id: str,
+    role: bool = False,
 ) -> dict:
-    """One server-sent event: a text delta, or (``finish``) the choice's last event with its finish reason."""
+    """One server-sent event: a text delta, or (``finish``) the choice's last event with its finish reason, or
+    (``role``, chat) the first event of a choice, which OpenAI's streams open with the assistant's role."""
     reason = openai_finish_reason(finish.finish_reason) if finish is not None else None
     if chat:
-        delta = {"content": text} if text is not None else {}
+        delta = (
+            {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        )
         row: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason}
     else:
         row = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}

@@ -240,9 +240,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         choices = []
         for job in jobs:
-            kind, value = job.events.get()
-            while kind == "delta":
-                kind, value = job.events.get()
+            kind, value = job.events.get()  # "done" or "error": a batch without streaming sends no deltas
             if kind == "error":
                 self._send_failure(value)
                 return
@@ -280,8 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             for index, job in enumerate(jobs):
-                if chat:  # OpenAI's first chat chunk carries the role
-                    event(stream_chunk_role(index, name, request_id))
+                if chat:
+                    event(chunk(index, text=None, finish=None, role=True))
                 while True:
                     kind, value = job.events.get()
                     if kind == "delta":
@@ -297,12 +295,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left; its jobs finish with their batch and nobody reads them
-
-
-def stream_chunk_role(index: int, model: str, request_id: str) -> dict:
-    chunk = stream_chunk(index, text=None, finish=None, chat=True, model=model, request_id=request_id)
-    chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-    return chunk
 
 
 class MeteoraServer(ThreadingHTTPServer):
