@@ -219,10 +219,9 @@ def packed_forward(
 ) -> list[Float[Array, "B T O"]] | None:
     """The group's outputs through its pack (see ``PACKED_MIN_TOKENS``), or None where the pack may not serve
     this call: no pack, a token count outside [``PACKED_MIN_TOKENS``, ``PACKED_MAX_TOKENS``], a forced expert
-    or no experts, another dtype, or a backend whose forward
-    here is not the dense masked one (``kernel_api.masked_forward_plan``). Projections without experts run
-    their own base GEMM. Inference only: the pack is a copy, so no gradient would reach the gates or factors
-    through it."""
+    or no experts, another dtype, or a backend whose forward here is not the dense masked one
+    (``kernel_api.masked_forward_plan``). Projections without experts run their own base GEMM. Inference only:
+    the pack is a copy, so no gradient would reach the gates or factors through it."""
     b, t, d = x_btd.shape
     num_tokens = b * t
     routed = [p for p in projections if p.num_experts > 0]
