@@ -28,12 +28,13 @@ KNOBS: dict[str, tuple[str, str]] = {
     "lowp": ("pallas_kernels.grouped_lora.xla", "LOW_PRECISION_SUM_MIN_TOKENS"),
     "batched": ("pallas_kernels.grouped_lora.xla", "BATCHED_SHRINK_MAX_TOKENS"),
     "shared_shrink": ("pallas_kernels.grouped_lora.api", "SHARED_SHRINK_MIN_TOKENS"),
-    "argmax_topk": ("meteora_jax.model.gate", "ARGMAX_TOP_K_MAX"),
+    "argmax_topk": ("pallas_kernels.grouped_lora.gating", "ARGMAX_TOP_K_MAX"),
     "packed": ("meteora_jax.model.moe_lora", "PACKED_MIN_TOKENS"),
     "packed_max": ("meteora_jax.model.moe_lora", "PACKED_MAX_TOKENS"),
     "packed_gates": ("meteora_jax.model.moe_lora", "PACK_GATES"),
     "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
+    "kernel_route": ("pallas_kernels.grouped_lora.api", "ROUTED_DECODE_MAX_TOKENS"),
 }
 
 

@@ -117,8 +117,9 @@ def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
     """``top_k_values`` by argmax passes (``ARGMAX_TOP_K_MAX``) gives ``lax.top_k``'s values and indices, ties
     to the lower index included, over [T, E] and [T, P, E] rows, and the same gradient."""
     from meteora_jax.model import gate
+    from pallas_kernels.grouped_lora import gating
 
-    monkeypatch.setattr(gate, "ARGMAX_TOP_K_MAX", 3)
+    monkeypatch.setattr(gating, "ARGMAX_TOP_K_MAX", 3)
     rng = np.random.default_rng(k)
     cases = [
         rng.standard_normal((7, 28)).astype(np.float32),
@@ -134,5 +135,5 @@ def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
         g_got = jax.grad(lambda v, w=w: jnp.sum(gate.top_k_values(v, k)[0] * w))(jnp.asarray(x))
         g_want = jax.grad(lambda v, w=w: jnp.sum(jax.lax.top_k(v, k)[0] * w))(jnp.asarray(x))
         np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
-    monkeypatch.setattr(gate, "ARGMAX_TOP_K_MAX", 0)
+    monkeypatch.setattr(gating, "ARGMAX_TOP_K_MAX", 0)
     assert "top_k" in str(jax.make_jaxpr(lambda v: gate.top_k_values(v, 2))(jnp.asarray(cases[0])))

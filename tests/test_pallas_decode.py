@@ -449,26 +449,29 @@ def test_model_decode_step_with_group_decode_matches(monkeypatch):
         pallas_gpu_decode, "decode_forward_group", lambda *a, **kw: calls.append(1) or group(*a, **kw)
     )
 
-    def step():
-        cache = model.init_cache(1, 8)
-        mask = jnp.zeros((1, 8), jnp.int32).at[:, :4].set(1)
-        pre = model.forward(
-            jnp.asarray([[1, 5, 6, 7]]), attention_mask=mask, positions=jnp.arange(4)[None], cache=cache
-        )
-        out = model.forward(
-            jnp.asarray([[9]]),
-            attention_mask=mask.at[:, 4].set(1),
-            positions=jnp.full((1, 1), 4),
-            cache=pre.cache,
-        )
-        return out.logits
-
-    off = step()
+    off = one_token_step(model)
     assert not calls
     monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 1)
-    on = step()
+    on = one_token_step(model)
     assert len(calls) == 2 * cfg.num_hidden_layers  # q/k/v and gate/up of every layer, at the one-token step
     assert rel_err(on, off) < 1e-5
+
+
+def one_token_step(model, **forward_kw) -> jax.Array:  # noqa: ANN001
+    """A 4-token prefill into a fresh cache, then the logits of one decoded token (a decode step)."""
+    cache = model.init_cache(1, 8)
+    mask = jnp.zeros((1, 8), jnp.int32).at[:, :4].set(1)
+    pre = model.forward(
+        jnp.asarray([[1, 5, 6, 7]]), attention_mask=mask, positions=jnp.arange(4)[None], cache=cache
+    )
+    out = model.forward(
+        jnp.asarray([[9]]),
+        attention_mask=mask.at[:, 4].set(1),
+        positions=jnp.full((1, 1), 4),
+        cache=pre.cache,
+        **forward_kw,
+    )
+    return out.logits
 
 
 @pytest.mark.gpu

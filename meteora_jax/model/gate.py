@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from pallas_kernels.grouped_lora.gating import RouteSpec, route, softmax_sorted, top_k_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,66 +32,15 @@ class RoutingOptions:
     no_experts: bool = False
     detach_gate_input: bool = False
 
-
-# Up to this k, ``route`` takes the top-k as k argmax passes (each masking the last pick) instead of
-# ``lax.top_k``: on GPU a top_k is a sort fusion plus slice fusions, and XLA runs a contiguous slice as a
-# device memcpy (~190 a batch-1 Llama-3-8B token, benchmarks/RESULTS.md session 9); argmax passes are
-# reductions that fuse with the softmax. 0 = always ``lax.top_k``.
-ARGMAX_TOP_K_MAX = 0
+    @property
+    def spec(self) -> RouteSpec:
+        """The top-k, temperature and mode as the kernels take them."""
+        return RouteSpec(top_k=self.top_k, temperature=self.temperature, mode=self.mode)
 
 
-def top_k_values(x_te: Float[Array, "*T E"], k: int) -> tuple[Float[Array, "*T K"], Int[Array, "*T K"]]:
-    """``jax.lax.top_k(x, k)``: values in descending order and their indices, ties to the lower index; for
-    k <= ``ARGMAX_TOP_K_MAX`` computed as k argmax passes (the same values and indices, ties included)."""
-    if k > ARGMAX_TOP_K_MAX:
-        return jax.lax.top_k(x_te, k)
-    iota_te = jax.lax.broadcasted_iota(jnp.int32, x_te.shape, x_te.ndim - 1)
-    vals, ids = [], []
-    for _ in range(k):
-        i_t = jnp.argmax(x_te, axis=-1).astype(jnp.int32)  # the first maximum: lax.top_k's tie order
-        hit_te = iota_te == i_t[..., None]
-        vals.append(jnp.max(jnp.where(hit_te, x_te, -jnp.inf), axis=-1))
-        ids.append(i_t)
-        x_te = jnp.where(hit_te, -jnp.inf, x_te)
-    return jnp.stack(vals, axis=-1), jnp.stack(ids, axis=-1)
-
-
-def route(
-    logits_te: Float[Array, "*T E"], *, top_k: int, temperature: float, mode: str
-) -> tuple[Int[Array, "*T K"], Float[Array, "*T K"]]:
-    """Each row's (over the last axis) top-k experts and weights; leading axes are rows alike ([T, P, E]: the
-    projections of one group routed in one top-k, ``moe_lora.shared_gate_logits``)."""
-    logits_te = logits_te.astype(jnp.float32) / temperature
-    if mode == "topk_then_softmax":
-        vals_tk, ids_tk = top_k_values(logits_te, top_k)
-        weights_tk = softmax_sorted(vals_tk)
-    elif mode == "softmax_then_topk":
-        probs_te = jax.nn.softmax(logits_te, axis=-1)
-        vals_tk, ids_tk = top_k_values(probs_te, top_k)
-        weights_tk = vals_tk / jnp.sum(vals_tk, axis=-1, keepdims=True)
-    else:
-        raise ValueError(f"unknown routing mode {mode!r}")
-    return ids_tk.astype(jnp.int32), weights_tk
-
-
-def softmax_sorted(vals_tk: Float[Array, "T K"]) -> Float[Array, "T K"]:
-    """``jax.nn.softmax(vals_tk, axis=-1)`` for values sorted in descending order (``top_k``'s output).
-
-    For k = 2 it is elementwise: with ``diff = v - v_other``, ``w = sigmoid(diff)`` written as
-    ``where(diff >= 0, 1, e) / (1 + e)``, ``e = exp(-|diff|)`` (never overflows; both branches have the right
-    gradient, a tie included). XLA fuses it with the routing math that consumes it instead of launching two
-    reduction kernels (max, sum) for a [T, 2] array at every projection of every decode step. ``flip`` (not
-    slices) pairs the columns, so XLA still sees ``top_k``'s sort-then-slice and keeps its TopK kernel.
-    Column 0 equals ``jax.nn.softmax``'s bit for bit, column 1 to an ulp (XLA may divide differently). Other k:
-    ``jax.nn.softmax``. On the H200 these fusions cost 0.19 ms per batch-1 token at Llama-3-8B shapes
-    (benchmarks/RESULTS.md).
-    """
-    if vals_tk.shape[-1] != 2:
-        return jax.nn.softmax(vals_tk, axis=-1)
-    diff_tk = vals_tk - jnp.flip(vals_tk, axis=-1)
-    pos_tk = diff_tk >= 0
-    e_tk = jnp.exp(jnp.where(pos_tk, -diff_tk, diff_tk))
-    return jnp.where(pos_tk, 1.0, e_tk) / (1.0 + e_tk)
+# The routing math itself is the kernels' (``pallas_kernels.grouped_lora.gating``): the decode kernel can route
+# inside itself, checked against that module. Re-exported here for the model and for users.
+__all__ = ["RoutingOptions", "forced", "route", "softmax_sorted", "top_k_values"]
 
 
 def forced(num_tokens: int, expert: int) -> tuple[Int[Array, "T 1"], Float[Array, "T 1"]]:

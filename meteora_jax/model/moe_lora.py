@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from meteora_jax.model.gate import RoutingOptions, forced, route
 from meteora_jax.params import ExpertParam, GateParam
-from pallas_kernels import grouped_lora_fused, grouped_lora_fused_shared
+from pallas_kernels import grouped_lora_fused, grouped_lora_fused_routed, grouped_lora_fused_shared
 from pallas_kernels.grouped_lora import api as kernel_api
 from pallas_kernels.grouped_lora import xla as kernel_xla
 
@@ -108,6 +108,8 @@ class SharedRoute:
     logits_te: Float[Array, "T E"]
     ids_tk: Int[Array, "T K"] | None = None
     weights_tk: Float[Array, "T K"] | None = None
+    # With the joint top-k: the whole group's logits [T, P, E], which the decode kernel can route from itself.
+    group_logits_tpe: Float[Array, "T P E"] | None = None
 
 
 def concat_gates(projections: Sequence[MoELoRALinear]) -> Float[Array, "D N"]:
@@ -151,7 +153,8 @@ def shared_gate_logits(
         logits_tpe = logits_tn.reshape(x_td.shape[0], len(routed), e)
         ids_tpk, weights_tpk = route_group(logits_tpe, routing)
         parts = iter(
-            SharedRoute(logits_tpe[:, i], ids_tpk[:, i], weights_tpk[:, i]) for i in range(len(routed))
+            SharedRoute(logits_tpe[:, i], ids_tpk[:, i], weights_tpk[:, i], logits_tpe)
+            for i in range(len(routed))
         )
     else:
         bounds = list(itertools.accumulate(p.num_experts for p in routed))[:-1]
@@ -297,7 +300,9 @@ def project_group(
     """Projections that read the same input (q/k/v, gate/up; or one alone): through their inference pack
     where it serves (``packed_forward``); else their gates in one product, their top-k in one
     (``shared_gate_logits``) and, when every one routes through the same backend, their expert terms through
-    ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it). Same results as calling
+    ``grouped_lora_fused_shared`` (one shrink GEMM where that backend shares it), or, where the decode kernel
+    serves and routes itself (``kernel_api.routes_in_kernel``), ``grouped_lora_fused_routed`` from the logits
+    alone (not when ``aux`` asks for the ids: XLA computes them then). Same results as calling
     each projection alone (the pack: to the bf16 gate split's rounding). ``pack_dn`` / ``gates_dn`` /
     ``gates_nd``: this group's ``pack_group`` / ``concat_gates`` / its transpose, made once per model state
     (``MeteoraLlama.inference_packs``)."""
@@ -310,7 +315,21 @@ def project_group(
     if not grouped or len(impls) != 1 or any(p.bias_o is not None for p in projections):
         return [p(x_btd, routing, aux, s) for p, s in zip(projections, shared, strict=True)]
     b, t, d = x_btd.shape
+    impl = impls.pop()
     ws, lora_as, lora_bs, scalings = (list(c) for c in zip(*(p.expert_factors() for p in projections)))
+    if aux is None and kernel_api.routes_in_kernel(impl, b * t, lora_as, ws):
+        # The decode kernel routes from the logits itself; XLA drops the top-k computed above, now unused.
+        ys = grouped_lora_fused_routed(
+            x_btd.reshape(b * t, d),
+            ws,
+            lora_as,
+            lora_bs,
+            shared[0].group_logits_tpe,
+            scalings=scalings,
+            route=routing.spec,
+            implementation=impl,
+        )
+        return [y_to.reshape(b, t, p.d_out) for p, y_to in zip(projections, ys, strict=True)]
     ys = grouped_lora_fused_shared(
         x_btd.reshape(b * t, d),
         ws,
@@ -319,7 +338,7 @@ def project_group(
         [s.ids_tk for s in shared],
         [s.weights_tk for s in shared],
         scalings=scalings,
-        implementation=impls.pop(),
+        implementation=impl,
     )
     if aux is not None:
         for p, s in zip(projections, shared, strict=True):

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_lora import vjp, xla
+from pallas_kernels.grouped_lora import gating, vjp, xla
+from pallas_kernels.grouped_lora.gating import RouteSpec
 from pallas_kernels.grouped_lora.reference import grouped_lora_reference
 from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
 
@@ -317,3 +318,102 @@ def grouped_lora_fused_shared(
         list(expert_weights),
         scalings,
     )
+
+
+# Up to this many tokens, ``grouped_lora_fused_routed`` lets the decode kernel route from the gate logits itself
+# (``pallas_gpu_decode.decode_forward_routed``) where the backend's inference forward is that kernel: the top-k
+# (a sort fusion whose slices XLA runs as device memcpys) and the softmax fusions no longer run between the
+# gate and the kernel. Knob ``kernel_route`` (0 = route in XLA, as before).
+ROUTED_DECODE_MAX_TOKENS = 0
+
+
+def routes_in_kernel(
+    implementation: str | Sequence[str] | None,
+    num_tokens: int,
+    lora_as: Sequence[Array],
+    ws: Sequence[Array | None],
+) -> bool:
+    """Whether ``grouped_lora_fused_routed`` would route these projections inside the decode kernel (else it
+    routes in XLA and calls ``grouped_lora_fused_shared``, which a caller holding the routing can call itself)."""
+    return _routed_plan(implementation, num_tokens, lora_as, ws) is not None
+
+
+def _routed_plan(
+    implementation: str | Sequence[str] | None,
+    num_tokens: int,
+    lora_as: Sequence[Array],
+    ws: Sequence[Array | None],
+) -> str | None:
+    """The decode backend's name when the kernel may route, else None."""
+    limit = min(ROUTED_DECODE_MAX_TOKENS, _decode_max_tokens("pallas_gpu_decode"))
+    if not lora_as or any(w is None for w in ws) or not 0 < num_tokens <= limit:
+        return None
+    if len({(a.shape[0], a.shape[1]) for a in lora_as}) != 1:
+        return None
+    names = {_candidates(implementation, a.shape[0] * a.shape[2])[0] for a in lora_as}
+    if names == {"pallas_gpu_decode"} and jax.default_backend() == "gpu":
+        return "pallas_gpu_decode"
+    return "pallas_gpu_decode_interpret" if names == {"pallas_gpu_decode_interpret"} else None
+
+
+def grouped_lora_fused_routed(
+    x: Float[Array, "T D"],
+    ws: Sequence[Float[Array, "D O"]],
+    lora_as: Sequence[Float[Array, "E D R"]],
+    lora_bs: Sequence[Float[Array, "E R O"]],
+    logits_tpe: Float[Array, "T P E"],
+    *,
+    scalings: Sequence[Float[Array, " E"]],
+    route: RouteSpec,
+    implementation: str | Sequence[str] | None = None,
+) -> list[Float[Array, "T O"]]:
+    """``grouped_lora_fused_shared`` of P projections that read ``x``, routed from their gate logits: projection
+    p's experts and weights are ``gating.route_spec(logits_tpe[:, p], route)``.
+
+    Up to ``ROUTED_DECODE_MAX_TOKENS`` tokens, where the backend's inference forward is the decode kernel, the
+    kernel routes itself (one launch for the group where ``GROUP_DECODE_MAX_TOKENS`` allows, else one per
+    projection). Otherwise, and for every gradient (``vjp.fast_forward``: the same function through
+    ``gating.route`` and ``grouped_lora_fused_shared``), the routing runs in XLA first."""
+    t, p, e = logits_tpe.shape
+    if p != len(ws) or any(a.shape[0] != e for a in lora_as):
+        raise ValueError(f"logits {logits_tpe.shape}: expected [T, {len(ws)}, E] with every projection's E")
+    scalings = [
+        jnp.broadcast_to(jnp.asarray(s, jnp.float32), (a.shape[0],)) for s, a in zip(scalings, lora_as)
+    ]
+
+    def in_xla(x, ws, lora_as, lora_bs, logits_tpe, scalings):  # noqa: ANN001, ANN202
+        ids_mk, weights_mk = gating.route_spec(logits_tpe.reshape(t * p, e), route)
+        ids_tpk, weights_tpk = ids_mk.reshape(t, p, -1), weights_mk.reshape(t, p, -1)
+        ids, weights = [ids_tpk[:, i] for i in range(p)], [weights_tpk[:, i] for i in range(p)]
+        return grouped_lora_fused_shared(
+            x, ws, lora_as, lora_bs, ids, weights, scalings=scalings, implementation=implementation
+        )
+
+    name = _routed_plan(implementation, t, lora_as, ws)
+    args = (x, list(ws), list(lora_as), list(lora_bs), logits_tpe, scalings)
+    if name is None:
+        return in_xla(*args)
+    from pallas_kernels.grouped_lora import pallas_gpu_decode as decode
+
+    interpret = name.endswith("_interpret")
+
+    def in_kernel(x, ws, lora_as, lora_bs, logits_tpe, scalings):  # noqa: ANN001, ANN202
+        if p > 1 and t <= GROUP_DECODE_MAX_TOKENS:
+            return decode.decode_forward_group_routed(
+                x, ws, lora_as, lora_bs, logits_tpe, scalings, spec=route, interpret=interpret
+            )
+        return [
+            decode.decode_forward_routed(
+                x,
+                ws[i],
+                lora_as[i],
+                lora_bs[i],
+                logits_tpe[:, i],
+                scalings[i],
+                spec=route,
+                interpret=interpret,
+            )
+            for i in range(p)
+        ]
+
+    return vjp.fast_forward(in_kernel, in_xla, *args)

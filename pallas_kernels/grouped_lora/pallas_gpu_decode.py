@@ -63,6 +63,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
+from pallas_kernels.grouped_lora.gating import RouteSpec
 
 # ``pallas_gpu`` uses this kernel in inference up to this many tokens per call (above: shrink + fused GEMM).
 # Measured: it wins at T = 1 on all four Llama-3-8B shapes and loses 4-19x at T = 16 (module doc); T in
@@ -201,30 +202,107 @@ def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
     return jnp.sum(jnp.where(hit_ml[:, :, None], y_ln[None, :, :], 0.0), axis=1)
 
 
-def _decode_kernel(*refs: Ref, tiles: _Tiles, top_k: int) -> None:
-    """One projection: refs are x, W, A, B, ids, weights, scaling, out; ``_decode_body`` on every program."""
+def _given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> Any:
+    """Routing read as given: slots ``slot0 .. slot0 + k`` of ``ids`` / ``weights`` ([T, slots])."""
+
+    def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
+        ids = [_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
+        weights = [_load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32) for j in range(top_k)]
+        return ids, weights
+
+    return routing
+
+
+def _kernel_routing(logits_ref: Ref, col0: int, num_experts: int, spec: RouteSpec) -> Any:
+    """Routing computed in the kernel from gate logits (columns ``col0 .. col0 + E`` of ``logits``, [T, cols]):
+    ``gating.route`` for the program's few token rows, so no top-k / softmax kernels run before it. Every
+    program repeats it (E floats per token, from L2). Ties go to the lower expert, as ``lax.top_k``'s; the
+    weights are ``gating.route``'s formulas (top-2: ``softmax_sorted``'s), equal to an ulp of ``exp``."""
+
+    def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
+        e_pad = pow2(num_experts)
+        ei = jnp.arange(e_pad, dtype=jnp.int32)
+        emask = None if e_pad == num_experts else ei < num_experts
+        mask = _all(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
+        # Rows past T read zeros (finite routing, never stored); padded experts are -inf (never picked).
+        l_te = _load(logits_ref.at[toks[:, None], col0 + ei[None, :]], mask).astype(jnp.float32)
+        l_te = l_te / spec.temperature
+        if emask is not None:
+            l_te = jnp.where(emask[None, :], l_te, -jnp.inf)
+        if spec.mode == "softmax_then_topk":
+            ex_te = jnp.exp(l_te - jnp.max(l_te, axis=1)[:, None])
+            l_te = ex_te / jnp.sum(ex_te, axis=1)[:, None]
+        vals, ids = [], []
+        for _ in range(spec.top_k):
+            v_t = jnp.max(l_te, axis=1)
+            i_t = jnp.min(jnp.where(l_te == v_t[:, None], ei[None, :], e_pad), axis=1)
+            vals.append(v_t)
+            ids.append(i_t)
+            l_te = jnp.where(ei[None, :] == i_t[:, None], -jnp.inf, l_te)
+        if spec.mode == "softmax_then_topk":
+            total = functools.reduce(lambda a, b: a + b, vals)
+            return ids, [v / total for v in vals]
+        if spec.top_k == 2:  # ``gating.softmax_sorted``: the sigmoid of the difference, never overflowing
+            weights = []
+            for j in range(2):
+                diff = vals[j] - vals[1 - j]
+                pos = diff >= 0
+                e_t = jnp.exp(jnp.where(pos, -diff, diff))
+                weights.append(jnp.where(pos, 1.0, e_t) / (1.0 + e_t))
+            return ids, weights
+        exps = [jnp.exp(v - vals[0]) for v in vals]  # ``jax.nn.softmax`` over the sorted top k
+        total = functools.reduce(lambda a, b: a + b, exps)
+        return ids, [e / total for e in exps]
+
+    return routing
+
+
+def _decode_kernel(*refs: Ref, tiles: _Tiles, top_k: int, spec: RouteSpec | None) -> None:
+    """One projection: refs are x, W, A, B, ids, weights, scaling, out; or with ``spec`` (routing in the
+    kernel) x, W, A, B, logits, scaling, out. ``_decode_body`` on every program."""
+    x_ref, w_ref, a_ref, b_ref = refs[:4]
+    if spec is None:
+        routing, (scaling_ref, o_ref) = _given_routing(refs[4], refs[5], 0, top_k), refs[6:]
+    else:
+        routing, (scaling_ref, o_ref) = _kernel_routing(refs[4], 0, a_ref.shape[0], spec), refs[5:]
     _decode_body(
-        *refs,
+        x_ref,
+        w_ref,
+        a_ref,
+        b_ref,
+        routing,
+        scaling_ref,
+        o_ref,
         tiles=tiles,
         top_k=top_k,
         col_block=pl.program_id(0),
         split=pl.program_id(1),
-        slot0=0,
         out_col0=0,
     )
 
 
 def _group_decode_kernel(
-    *refs: Ref, tiles: _Tiles, top_k: int, segments: tuple[tuple[int, int, int], ...]
+    *refs: Ref,
+    tiles: _Tiles,
+    top_k: int,
+    segments: tuple[tuple[int, int, int], ...],
+    spec: RouteSpec | None,
 ) -> None:
     """``_decode_kernel`` for P projections that read the same x in ONE launch: refs are x, W_1..W_P,
-    A_1..A_P, B_1..B_P, ids, weights (the P projections' slots side by side, [T, P * k]), scaling_1..P, out.
-    ``segments[p]`` = (first column block, end column block, first output column) of projection p: a
-    program runs the one projection its column block belongs to (``pl.when``; the others' code is skipped)."""
+    A_1..A_P, B_1..B_P, then the routing: ids, weights (the P projections' slots side by side, [T, P * k]),
+    or with ``spec`` the gate logits [T, P * E]; then scaling_1..P, out. ``segments[p]`` = (first column
+    block, end column block, first output column) of projection p: a program runs the one projection its
+    column block belongs to (``pl.when``; the others' code is skipped)."""
     n = len(segments)
     x_ref, ws, as_, bs = refs[0], refs[1 : 1 + n], refs[1 + n : 1 + 2 * n], refs[1 + 2 * n : 1 + 3 * n]
-    ids_ref, weights_ref = refs[1 + 3 * n], refs[2 + 3 * n]
-    scalings, o_ref = refs[3 + 3 * n : 3 + 4 * n], refs[3 + 4 * n]
+    rest = refs[1 + 3 * n :]
+    if spec is None:
+        routings = [_given_routing(rest[0], rest[1], p * top_k, top_k) for p in range(n)]
+        rest = rest[2:]
+    else:
+        routings = [_kernel_routing(rest[0], p * as_[p].shape[0], as_[p].shape[0], spec) for p in range(n)]
+        rest = rest[1:]
+    scalings, o_ref = rest[:n], rest[n]
     # Program ids are read here, outside ``pl.when``: interpret mode cannot evaluate them inside a branch.
     block, split = pl.program_id(0), pl.program_id(1)
     for p, (start, end, col0) in enumerate(segments):
@@ -236,15 +314,13 @@ def _group_decode_kernel(
                 ws[p],
                 as_[p],
                 bs[p],
-                ids_ref,
-                weights_ref,
+                routings[p],
                 scalings[p],
                 o_ref,
                 tiles=tiles,
                 top_k=top_k,
                 col_block=block - start,
                 split=split,
-                slot0=p * top_k,
                 out_col0=col0,
             )
 
@@ -254,8 +330,7 @@ def _decode_body(
     w_ref: Ref,
     a_ref: Ref,
     b_ref: Ref,
-    ids_ref: Ref,
-    weights_ref: Ref,
+    routing: Any,
     scaling_ref: Ref,
     o_ref: Ref,
     *,
@@ -263,12 +338,12 @@ def _decode_body(
     top_k: int,
     col_block: Array,
     split: Array,
-    slot0: int,
     out_col0: int,
 ) -> None:
     """One program's columns ``col_block`` of ``x @ W + LoRA`` over its K split ``split`` (steps
-    ``[split * split_steps, ...)`` of d_in); its routing in columns ``slot0 .. slot0 + k`` of ids / weights;
-    written at output column ``out_col0`` on (a group's slice of ``o_ref``)."""
+    ``[split * split_steps, ...)`` of d_in); ``routing(toks, tmask)`` gives its tokens' expert ids and
+    weights (``_given_routing`` / ``_kernel_routing``); written at output column ``out_col0`` on (a group's
+    slice of ``o_ref``)."""
     n_tok, d_in = x_ref.shape
     d_out = w_ref.shape[1]
     rank = a_ref.shape[2]
@@ -286,8 +361,8 @@ def _decode_body(
     # A split's last steps may lie past d_in when the steps do not divide evenly: those loads are masked too.
     k_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
 
-    # [toks] per slot: expert ids, read as given (rows past T read nothing and gather nothing).
-    ids = [_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
+    # [toks] per slot: expert ids and weights (rows past T gather nothing and are never stored).
+    ids, weights = routing(toks, tmask)
 
     def kmask_of(kk):  # noqa: ANN001, ANN202
         return kk < d_in if k_tail else None
@@ -348,9 +423,8 @@ def _decode_body(
     )
     y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
     for j in range(top_k):
-        weight_l = _load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32)
         scale_l = _load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
-        hc_lr = jnp.sum(hk[j], axis=1) * (weight_l * scale_l)[:, None]
+        hc_lr = jnp.sum(hk[j], axis=1) * (weights[j] * scale_l)[:, None]
         b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
         y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
 
@@ -380,14 +454,58 @@ def decode_forward(
 
     Valid for any T; efficient only for a few tokens (``DECODE_MAX_TOKENS``), which the caller decides.
     """
+    routing = (expert_ids_tk.astype(jnp.int32), expert_weights_tk)
+    return _decode_one(
+        x_td,
+        w_do,
+        lora_a_edr,
+        lora_b_ero,
+        routing,
+        scaling_e,
+        expert_ids_tk.shape[1],
+        None,
+        interpret,
+        config,
+    )
+
+
+def decode_forward_routed(
+    x_td: Float[Array, "T D"],
+    w_do: Float[Array, "D O"],
+    lora_a_edr: Float[Array, "E D R"],
+    lora_b_ero: Float[Array, "E R O"],
+    logits_te: Float[Array, "T E"],
+    scaling_e: Float[Array, " E"],
+    *,
+    spec: RouteSpec,
+    interpret: bool = False,
+    config: DecodeConfig | None = None,
+) -> Float[Array, "T O"]:
+    """``decode_forward`` routed inside the kernel: ``gating.route_spec(logits_te, spec)`` is computed by every
+    program for its tokens, so no top-k, softmax or slice kernels run between the gate and this launch."""
+    return _decode_one(
+        x_td, w_do, lora_a_edr, lora_b_ero, (logits_te,), scaling_e, spec.top_k, spec, interpret, config
+    )
+
+
+def _decode_one(
+    x_td: Array,
+    w_do: Array,
+    lora_a_edr: Array,
+    lora_b_ero: Array,
+    routing: tuple[Array, ...],
+    scaling_e: Array,
+    top_k: int,
+    spec: RouteSpec | None,
+    interpret: bool,
+    config: DecodeConfig | None,
+) -> Array:
     num_tokens, d_in = x_td.shape
     d_out = w_do.shape[1]
-    top_k = expert_ids_tk.shape[1]
     cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, d_out)
     tiles = _tiles(cfg, num_tokens, d_in, d_out, lora_a_edr.shape[2])
-    kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k)
-    ids, scaling = expert_ids_tk.astype(jnp.int32), scaling_e.astype(jnp.float32)
-    args = (x_td, w_do, lora_a_edr, lora_b_ero, ids, expert_weights_tk, scaling)
+    kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k, spec=spec)
+    args = (x_td, w_do, lora_a_edr, lora_b_ero, *routing, scaling_e.astype(jnp.float32))
     return _launch(
         kernel, "lora_decode_fused", args, x_td, d_out, cdiv(d_out, tiles.block_n), cfg, tiles, interpret
     )
@@ -442,9 +560,55 @@ def decode_forward_group(
     split-K chosen over all the blocks). What it saves over P launches: at batch-1 decode the narrow k/v
     kernels move 8 MB each at about half the rate of q's 32 MB (benchmarks/RESULTS.md, session 4); one
     launch streams all three Ws, and writes one output (one split-K sum, not P)."""
+    routing = (
+        jnp.concatenate([i.astype(jnp.int32) for i in expert_ids_tk], axis=1),
+        jnp.concatenate(list(expert_weights_tk), axis=1),
+    )
+    top_k = expert_ids_tk[0].shape[1]
+    return _decode_group(
+        x_td, ws_do, lora_as_edr, lora_bs_ero, routing, scalings_e, top_k, None, interpret, config
+    )
+
+
+def decode_forward_group_routed(
+    x_td: Float[Array, "T D"],
+    ws_do: Sequence[Float[Array, "D O"]],
+    lora_as_edr: Sequence[Float[Array, "E D R"]],
+    lora_bs_ero: Sequence[Float[Array, "E R O"]],
+    logits_tpe: Float[Array, "T P E"],
+    scalings_e: Sequence[Float[Array, " E"]],
+    *,
+    spec: RouteSpec,
+    interpret: bool = False,
+    config: DecodeConfig | None = None,
+) -> list[Float[Array, "T O"]]:
+    """``decode_forward_group`` routed inside the kernel (``decode_forward_routed``): projection p's routing is
+    ``gating.route_spec(logits_tpe[:, p], spec)``; the P projections have the same expert count E."""
+    t, p, e = logits_tpe.shape
+    if p != len(ws_do) or any(a.shape[0] != e for a in lora_as_edr):
+        raise ValueError(
+            f"logits {logits_tpe.shape}: expected [T, {len(ws_do)}, E] with every projection's E"
+        )
+    routing = (logits_tpe.reshape(t, p * e),)
+    return _decode_group(
+        x_td, ws_do, lora_as_edr, lora_bs_ero, routing, scalings_e, spec.top_k, spec, interpret, config
+    )
+
+
+def _decode_group(
+    x_td: Array,
+    ws_do: Sequence[Array],
+    lora_as_edr: Sequence[Array],
+    lora_bs_ero: Sequence[Array],
+    routing: tuple[Array, ...],
+    scalings_e: Sequence[Array],
+    top_k: int,
+    spec: RouteSpec | None,
+    interpret: bool,
+    config: DecodeConfig | None,
+) -> list[Array]:
     num_tokens, d_in = x_td.shape
     d_outs = tuple(w.shape[1] for w in ws_do)
-    top_k = expert_ids_tk[0].shape[1]
     rank = max(a.shape[2] for a in lora_as_edr)
     cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, max(d_outs))
     tiles = _tiles(cfg, num_tokens, d_in, max(d_outs), rank, d_outs)
@@ -452,14 +616,15 @@ def decode_forward_group(
     for o in d_outs:
         segments.append((block, block + cdiv(o, tiles.block_n), col))
         block, col = block + cdiv(o, tiles.block_n), col + o
-    kernel = functools.partial(_group_decode_kernel, tiles=tiles, top_k=top_k, segments=tuple(segments))
+    kernel = functools.partial(
+        _group_decode_kernel, tiles=tiles, top_k=top_k, segments=tuple(segments), spec=spec
+    )
     args = (
         x_td,
         *ws_do,
         *lora_as_edr,
         *lora_bs_ero,
-        jnp.concatenate([i.astype(jnp.int32) for i in expert_ids_tk], axis=1),
-        jnp.concatenate(list(expert_weights_tk), axis=1),
+        *routing,
         *(s.astype(jnp.float32) for s in scalings_e),
     )
     out = _launch(kernel, "lora_decode_fused_group", args, x_td, col, block, cfg, tiles, interpret)

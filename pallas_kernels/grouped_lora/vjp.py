@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.grouped_lora import common
@@ -175,3 +177,46 @@ def _bwd(ops, residuals, dy_to):  # noqa: ANN001, ANN202
 
 
 grouped_lora_vjp.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+def fast_forward(fast: Callable[..., Any], slow: Callable[..., Any], *args: Any) -> Any:
+    """``fast(*args)`` when nothing is differentiated; under differentiation ``slow(*args)`` and slow's own
+    derivative. For a forward-only kernel (the decode kernel routing from gate logits) whose plain-JAX path
+    computes the same function: training stays correct without a backward of its own.
+
+    ``slow`` is differentiated over the perturbed inputs only (``symbolic_zeros``), the others closed over
+    as constants, so the ``custom_vjp`` rules inside it still see which inputs carry no tangent: a gate-only
+    step traces no dA / dB there either."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+
+    @jax.custom_vjp
+    def primal(*xs: Any) -> Any:
+        return fast(*jax.tree_util.tree_unflatten(treedef, xs))
+
+    def fwd(*prims: Any) -> tuple[Any, Any]:
+        values = [p.value for p in prims]
+        hot = [i for i, p in enumerate(prims) if p.perturbed]
+
+        def slow_of_hot(*diff: Any) -> Any:
+            xs = list(values)
+            for i, d in zip(hot, diff, strict=True):
+                xs[i] = d
+            return slow(*jax.tree_util.tree_unflatten(treedef, xs))
+
+        y, pullback = jax.vjp(slow_of_hot, *(values[i] for i in hot))
+        # Which inputs get a cotangent, as residual tree structure (None = none): static, like ``_Needs``.
+        marks = tuple(jnp.zeros((), jnp.int8) if p.perturbed else None for p in prims)
+        return y, (pullback, marks)
+
+    def bwd(res: Any, dy: Any) -> tuple[Any, ...]:
+        pullback, marks = res
+        dy = jax.tree_util.tree_map(
+            lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c,
+            dy,
+            is_leaf=lambda c: isinstance(c, SymbolicZero),
+        )
+        grads = iter(pullback(dy))
+        return tuple(None if m is None else next(grads) for m in marks)
+
+    primal.defvjp(fwd, bwd, symbolic_zeros=True)
+    return primal(*leaves)
