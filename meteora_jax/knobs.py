@@ -35,6 +35,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
     "kernel_route": ("pallas_kernels.grouped_lora.api", "ROUTED_DECODE_MAX_TOKENS"),
+    "fused_expand": ("pallas_kernels.grouped_lora.api", "FUSED_EXPAND_MAX_TOKENS"),
 }
 
 

@@ -251,22 +251,30 @@ def packed_forward(
         gates_tn = gates_tn[:, : n * e] + gates_tn[:, n * e :]
     logits_tpe = gates_tn.reshape(num_tokens, n, e)
     ids_tpk, weights_tpk = route_group(logits_tpe, routing)
+    interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r)
+    if interpret is not None and len({p.implementation for p in routed}) == 1:
+        fused = iter(_expand_fused(routed, x_td, h_tper, ids_tpk, weights_tpk, interpret))
+    else:
+        fused = None
     outs, i = [], 0
     for p in projections:
         if p.num_experts == 0:
             outs.append(p(x_btd, routing, aux))
             continue
         w_do, _, b_ero, scaling_e = p.expert_factors()
-        y_to = kernel_xla.masked_forward_from_shrink(
-            x_td,
-            w_do,
-            h_tper[:, i],
-            b_ero,
-            ids_tpk[:, i],
-            weights_tpk[:, i],
-            scaling_e,
-            low_precision_sum=low,
-        )
+        if fused is not None:
+            y_to = next(fused)
+        else:
+            y_to = kernel_xla.masked_forward_from_shrink(
+                x_td,
+                w_do,
+                h_tper[:, i],
+                b_ero,
+                ids_tpk[:, i],
+                weights_tpk[:, i],
+                scaling_e,
+                low_precision_sum=low,
+            )
         if p.bias_o is not None:
             y_to = y_to + p.bias_o[...]
         if aux is not None:
@@ -274,6 +282,31 @@ def packed_forward(
         outs.append(y_to.reshape(b, t, p.d_out))
         i += 1
     return outs
+
+
+def _expand_fused(
+    routed: Sequence[MoELoRALinear],
+    x_td: Array,
+    h_tper: Array,
+    ids_tpk: Array,
+    weights_tpk: Array,
+    interpret: bool,
+) -> list[Array]:
+    """``packed_forward``'s outputs of the routed projections through ``pallas_gpu_expand`` (one launch: each
+    base GEMM with its expand as an extra K block), from the group's shrink ``h_tper``."""
+    from pallas_kernels.grouped_lora import pallas_gpu_expand
+
+    ws, hcs, bs = [], [], []
+    for i, p in enumerate(routed):
+        w_do, _, b_ero, scaling_e = p.expert_factors()
+        ws.append(w_do)
+        hcs.append(
+            kernel_xla.masked_coefficients(
+                h_tper[:, i], ids_tpk[:, i], weights_tpk[:, i], scaling_e, b_ero.dtype
+            )
+        )
+        bs.append(b_ero.reshape(-1, b_ero.shape[2]))
+    return pallas_gpu_expand.expand_forward_group(x_td, ws, hcs, bs, interpret=interpret)
 
 
 def route_group(

@@ -116,7 +116,7 @@ def _masked_expand(
     x_td: Array, w_do: Array | None, h_ter: Array, coef_te: Array, lora_b_ero: Array, low_precision_sum: bool
 ) -> Array:
     """``(h * coef) @ B_flat`` plus the base term, summed in float32 or (``low_precision_sum``) x's dtype."""
-    hc_ter = (h_ter * coef_te[:, :, None]).astype(lora_b_ero.dtype)
+    hc_ter = _weighted(h_ter, coef_te, lora_b_ero.dtype)
     # bf16 / f16: the expand writes x's dtype and the base GEMM adds it (common.add_base_low_precision)
     low = low_precision_sum and x_td.dtype != jnp.float32 and lora_b_ero.dtype == x_td.dtype
     y_to = jnp.einsum(
@@ -166,6 +166,24 @@ def flat_shrink_weights(lora_as_edr: Sequence[Array]) -> Float[Array, "D N"]:
     column order of ``_shrink_all``'s [T, E, R] output): the layout ``masked_forward_from_shrink`` reads
     ``x @ A`` in. A relayout of every A: meant to be built once per inference call, not per step."""
     return jnp.concatenate([jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], -1) for a in lora_as_edr], axis=1)
+
+
+def _weighted(h_ter: Array, coef_te: Array, dtype: jnp.dtype) -> Array:
+    return (h_ter * coef_te[:, :, None]).astype(dtype)
+
+
+def masked_coefficients(
+    h_ter: Float[Array, "T E R"],
+    ids_tk: Array,
+    weights_tk: Array,
+    scaling_e: Array,
+    dtype: jnp.dtype,
+) -> Float[Array, "T N"]:
+    """The dense path's expand input from every expert's shrink: ``h * coef`` flattened to [T, E * R] in
+    ``dtype``, zero for experts a token did not pick; ``hc @ B_flat`` is the LoRA term
+    (``pallas_gpu_expand`` adds it inside the base GEMM)."""
+    t, e, r = h_ter.shape
+    return _weighted(h_ter, _coef_te(ids_tk, weights_tk, scaling_e), dtype).reshape(t, e * r)
 
 
 def masked_forward_from_shrink(

@@ -1,0 +1,233 @@
+"""Pallas GPU (Triton) kernel for batched decode: ``x @ W + hc @ B_flat`` in one launch, for a few dozen tokens.
+
+    y[t] = x[t] @ W + sum_{e, r} hc[t, e * R + r] * B[e, r, :]
+
+``hc`` is the masked, weighted shrink of the dense path (``xla.masked_coefficients``: every expert's
+``x @ A[e]`` times the token's routing weight and scaling, zero for experts it did not pick), computed by XLA
+from one GEMM per group (``moe_lora.packed_forward``). At batch-64 decode the dense path otherwise runs the
+expand ``hc @ B_flat`` as its own small GEMM beside each base GEMM and adds the two; here the expand is one more
+K block of the base product, so a projection is one launch that streams W and then B_flat (E * R rows, 224
+for 28 rank-8 experts: ~5% more bytes at d_in = 4096), accumulating both in float32.
+
+Grid: one program per ``block_n`` output columns and K split (``split_k`` programs share a column block's
+``d_in``, so that narrow outputs still fill the SMs; with several splits each writes float32 partials and
+one XLA reduction sums them). The B_flat block belongs to split 0; the other splits' loads of it are masked
+off (no traffic). Token rows are padded to a power of two >= 16 (``tl.dot``) with masked loads; tails of
+``d_in``, ``d_out`` and E * R are masked, so any shape works.
+
+A group of projections that read the same x (q/k/v, gate/up) is one launch (``expand_forward_group``): the
+grid walks every projection's column blocks in turn, as ``pallas_gpu_decode.decode_forward_group`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float
+
+from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
+
+Ref = Any
+_MIN_DOT_ROWS = 16
+# Programs that keep an H100 / H200's 132 SMs streaming W (about two each), for the split-K choice.
+_TARGET_PROGRAMS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpandConfig:
+    """Tile sizes. ``block_k`` rows of W (and of B_flat) per loop step; ``split_k`` 0 = from the shape."""
+
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0
+
+
+EXPAND_CONFIG_OVERRIDE: ExpandConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    rows: int  # T padded to a power of two >= 16
+    block_n: int
+    block_k: int
+    split_k: int
+    split_steps: int  # W steps per split
+    lora_steps: int  # B_flat steps (split 0)
+
+
+def _tiles(cfg: ExpandConfig, num_tokens: int, d_in: int, d_outs: Sequence[int], lora_rows: int) -> _Tiles:
+    block_k = max(16, min(cfg.block_k, pow2(d_in)))
+    block_n = max(16, min(cfg.block_n, pow2(max(d_outs))))
+    steps = cdiv(d_in, block_k)
+    blocks = sum(cdiv(o, block_n) for o in d_outs)
+    split = cfg.split_k
+    if split <= 0:
+        split = 1
+        while blocks * split < _TARGET_PROGRAMS and steps // (2 * split) >= 2:
+            split *= 2
+    split = max(1, min(steps, split))
+    return _Tiles(
+        rows=max(_MIN_DOT_ROWS, pow2(num_tokens)),
+        block_n=block_n,
+        block_k=block_k,
+        split_k=split,
+        split_steps=cdiv(steps, split),
+        lora_steps=cdiv(lora_rows, block_k),
+    )
+
+
+def _masked(*masks: Array | None) -> Array | None:
+    present = [m for m in masks if m is not None]
+    return functools.reduce(lambda a, b: a & b, present) if present else None
+
+
+def _load(ref: Ref, mask: Array | None) -> Array:
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+
+
+def _body(
+    x_ref: Ref,
+    w_ref: Ref,
+    hc_ref: Ref,
+    b_ref: Ref,
+    o_ref: Ref,
+    *,
+    tiles: _Tiles,
+    col_block: Array,
+    split: Array,
+    out_col0: int,
+) -> None:
+    """One program's columns ``col_block`` over its K split of d_in, plus (split 0) the B_flat block; written
+    at output column ``out_col0`` on (float32 partial rows ``split * T ..`` under split-K)."""
+    n_tok, d_in = x_ref.shape
+    d_out, lora_rows = w_ref.shape[1], b_ref.shape[0]
+    bn, bk = tiles.block_n, tiles.block_k
+    rows = jnp.arange(tiles.rows, dtype=jnp.int32)
+    row_mask = None if tiles.rows == n_tok else rows < n_tok
+    cols = col_block * bn + jnp.arange(bn, dtype=jnp.int32)
+    cmask = None if d_out % bn == 0 else cols < d_out
+    w_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
+
+    def dot_step(lhs_ref, rhs_ref, k0, extent, tail, gate):  # noqa: ANN001, ANN202
+        kk = k0 + jnp.arange(bk, dtype=jnp.int32)
+        kmask = _masked(kk < extent if tail else None, gate)
+        lhs = _load(
+            lhs_ref.at[rows[:, None], kk[None, :]],
+            _masked(
+                None if row_mask is None else row_mask[:, None], None if kmask is None else kmask[None, :]
+            ),
+        )
+        rhs = _load(
+            rhs_ref.at[kk[:, None], cols[None, :]],
+            _masked(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
+        )
+        return jnp.dot(
+            lhs.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32, precision=dot_precision(rhs.dtype)
+        )
+
+    def w_step(kb, acc):  # noqa: ANN001, ANN202
+        k0 = (split * tiles.split_steps + kb) * bk
+        return acc + dot_step(x_ref, w_ref, k0, d_in, w_tail, None)
+
+    acc = lax.fori_loop(0, tiles.split_steps, w_step, jnp.zeros((tiles.rows, bn), jnp.float32))
+    # The B_flat block: split 0 reads it; for the other splits every load is masked off (no traffic).
+    first = split == 0
+
+    def b_step(kb, acc):  # noqa: ANN001, ANN202
+        return acc + dot_step(hc_ref, b_ref, kb * bk, lora_rows, True, first)
+
+    acc = lax.fori_loop(0, tiles.lora_steps, b_step, acc)
+    out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
+    plgpu.store(
+        o_ref.at[out_rows[:, None], out_col0 + cols[None, :]],
+        acc.astype(o_ref.dtype),
+        mask=_masked(
+            None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]
+        ),
+    )
+
+
+def _group_kernel(*refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...]) -> None:
+    """refs: x, W_1..W_P, hc_1..hc_P, B_1..B_P (flat [E * R, O_p]), out; ``segments`` as in
+    ``pallas_gpu_decode._group_decode_kernel``."""
+    n = len(segments)
+    x_ref, ws, hcs, bs, o_ref = (
+        refs[0],
+        refs[1 : 1 + n],
+        refs[1 + n : 1 + 2 * n],
+        refs[1 + 2 * n : 1 + 3 * n],
+        refs[-1],
+    )
+    block, split = pl.program_id(0), pl.program_id(1)  # outside pl.when: interpret mode needs that
+    for p, (start, end, col0) in enumerate(segments):
+
+        @pl.when((block >= start) & (block < end))
+        def _(p: int = p, start: int = start, col0: int = col0) -> None:
+            _body(
+                x_ref,
+                ws[p],
+                hcs[p],
+                bs[p],
+                o_ref,
+                tiles=tiles,
+                col_block=block - start,
+                split=split,
+                out_col0=col0,
+            )
+
+
+def expand_forward_group(
+    x_td: Float[Array, "T D"],
+    ws_do: Sequence[Float[Array, "D O"]],
+    hcs_tn: Sequence[Float[Array, "T N"]],
+    bs_no: Sequence[Float[Array, "N O"]],
+    *,
+    interpret: bool = False,
+    config: ExpandConfig | None = None,
+) -> list[Float[Array, "T O"]]:
+    """``x @ W_p + hc_p @ B_p`` for P projections that read ``x``, in ONE launch; outputs in x's dtype.
+
+    ``hc_p``: the masked weighted shrink [T, N] (N = E * R, ``xla.masked_coefficients``), ``B_p``: the
+    experts' B flattened to [N, O_p] (a free reshape of [E, R, O_p]). Every projection has its own N."""
+    num_tokens, d_in = x_td.shape
+    d_outs = tuple(w.shape[1] for w in ws_do)
+    if len({len(ws_do), len(hcs_tn), len(bs_no)}) != 1 or any(
+        h.shape != (num_tokens, b.shape[0]) or b.shape[1] != o
+        for h, b, o in zip(hcs_tn, bs_no, d_outs, strict=True)
+    ):
+        raise ValueError(
+            f"expand_forward_group: hc {[h.shape for h in hcs_tn]} / B {[b.shape for b in bs_no]} do not "
+            f"match T={num_tokens} and widths {d_outs}"
+        )
+    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig()
+    tiles = _tiles(cfg, num_tokens, d_in, d_outs, max(b.shape[0] for b in bs_no))
+    segments, block, col = [], 0, 0
+    for o in d_outs:
+        segments.append((block, block + cdiv(o, tiles.block_n), col))
+        block, col = block + cdiv(o, tiles.block_n), col + o
+    split = tiles.split_k
+    out_shape = jax.ShapeDtypeStruct(
+        (num_tokens, col) if split == 1 else (split * num_tokens, col),
+        x_td.dtype if split == 1 else jnp.float32,
+    )
+    out = pl.pallas_call(
+        functools.partial(_group_kernel, tiles=tiles, segments=tuple(segments)),
+        out_shape=out_shape,
+        grid=(block, split),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="lora_expand_fused",
+    )(x_td, *ws_do, *hcs_tn, *bs_no)
+    if split > 1:
+        out = jnp.sum(out.reshape(split, num_tokens, col), axis=0).astype(x_td.dtype)
+    return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)

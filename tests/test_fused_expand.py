@@ -1,0 +1,142 @@
+"""``pallas_gpu_expand``: ``x @ W + hc @ B_flat`` in one launch for batched decode, in interpret mode against a
+float64 NumPy reference, wired into the model's packed path (``fused_expand`` knob), and lowered for CUDA at
+Llama-3-8B shapes on this CPU-only host (one Triton kernel per group). Compiled twins are marked ``gpu``."""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_lora import api, pallas_gpu_expand
+from pallas_kernels.grouped_lora.pallas_gpu_expand import ExpandConfig
+from tests.grouped_lora_cases import rel_err
+from tests.test_pallas_decode import _triton_kernels, _walk
+
+SMALL = ExpandConfig(block_n=16, block_k=32)
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+# name -> (T, d_in, widths, expert columns per projection, dtype, tiles)
+CASES = {
+    "t2_f32_split1": (2, 72, (40, 24, 24), (48, 15, 48), "float32", ExpandConfig(16, 32, split_k=1)),
+    "t5_bf16_split2": (5, 100, (40, 33), (48, 48), "bfloat16", ExpandConfig(16, 32, split_k=2)),
+    "t16_f32_split_auto": (16, 128, (48,), (224,), "float32", SMALL),
+    "t64_bf16_default_tiles": (64, 256, (128, 64), (224, 224), "bfloat16", None),
+}
+
+
+def _inputs(name: str) -> tuple:
+    t, d_in, widths, ns, dtype, _ = CASES[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    x = rng.standard_normal((t, d_in))
+    ws = [rng.standard_normal((d_in, o)) * d_in**-0.5 for o in widths]
+    # hc as the dense path makes it: most entries zero (experts a token did not pick)
+    hcs = [rng.standard_normal((t, n)) * (rng.random((t, n)) < 0.2) for n in ns]
+    bs = [rng.standard_normal((n, o)) for n, o in zip(ns, widths, strict=True)]
+    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    return cast(x), [cast(w) for w in ws], [cast(h) for h in hcs], [cast(b) for b in bs]
+
+
+def _want(x, ws, hcs, bs) -> list[np.ndarray]:  # noqa: ANN001
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    return [f64(x) @ f64(w) + f64(h) @ f64(b) for w, h, b in zip(ws, hcs, bs, strict=True)]
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", list(CASES))
+def test_expand_kernel_matches_float64(name, interpret):
+    x, ws, hcs, bs = _inputs(name)
+    config = CASES[name][-1]
+    ys = jax.jit(lambda *a: pallas_gpu_expand.expand_forward_group(*a, interpret=interpret, config=config))(
+        x, ws, hcs, bs
+    )
+    for y, want, h, b in zip(ys, _want(x, ws, hcs, bs), hcs, bs, strict=True):
+        assert y.dtype == x.dtype and y.shape == want.shape
+        lora = np.asarray(h, np.float64) @ np.asarray(b, np.float64)
+        assert np.linalg.norm(lora) > 0.3 * np.linalg.norm(want - lora)  # dropping the LoRA block cannot pass
+        err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+        assert err < TOLERANCE[CASES[name][4]]
+
+
+def test_expand_kernel_refuses_mismatched_shapes():
+    x, ws, hcs, bs = _inputs("t2_f32_split1")
+    with pytest.raises(ValueError, match="do not match"):
+        pallas_gpu_expand.expand_forward_group(x, ws, hcs[:1] + hcs[:2], bs, interpret=True)
+
+
+def test_model_packed_step_with_fused_expand_matches(monkeypatch):
+    """A tiny model with inference packs (the sampler's path), pallas_gpu_decode in interpret mode: a 4-token
+    prefill and a batch-3 decode step take the fused expand for every group with ``fused_expand`` on, and give
+    the logits of XLA's GEMMs (knob off)."""
+    from flax import nnx
+
+    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
+
+    cfg = ModelConfig.tiny(vocab_size=99)
+    moe = MoEConfig(
+        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
+    )
+    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(6))
+    model.pack_for_inference()
+    calls = []
+    kernel = pallas_gpu_expand.expand_forward_group
+    monkeypatch.setattr(
+        pallas_gpu_expand,
+        "expand_forward_group",
+        lambda *a, **kw: calls.append(len(a[1])) or kernel(*a, **kw),
+    )
+
+    def run():
+        ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
+        return model.forward(
+            ids, attention_mask=jnp.ones((3, 4), jnp.int32), positions=jnp.arange(4)[None]
+        ).logits
+
+    monkeypatch.setattr(api, "FUSED_EXPAND_MAX_TOKENS", 0)
+    off = run()
+    assert not calls
+    monkeypatch.setattr(api, "FUSED_EXPAND_MAX_TOKENS", 64)
+    on = run()
+    assert sorted(set(calls)) == [1, 2, 3] and len(calls) == 4 * cfg.num_hidden_layers
+    assert rel_err(on, off) < 1e-5
+    assert api.expand_fused_plan("xla", 12, 48) is None
+    assert api.expand_fused_plan("pallas_gpu_decode_interpret", 1, 48) is None  # one token: the decode kernel
+    assert api.expand_fused_plan("pallas_gpu_decode_interpret", 65, 48) is None  # above the knob
+
+
+@pytest.mark.parametrize("widths", [(4096, 1024, 1024), (14336, 14336), (4096,)], ids=["qkv", "gate_up", "o"])
+def test_expand_kernel_lowers_for_cuda_as_one_kernel(widths):
+    """Llama-3-8B's groups at batch 64 (bf16, 28 rank-8 experts: 224 expert rows) lower to ONE Triton kernel
+    for CUDA, with one W loop and one B_flat loop per projection branch."""
+    spec = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    args = (
+        spec((64, 4096), bf16),
+        [spec((4096, o), bf16) for o in widths],
+        [spec((64, 224), bf16) for _ in widths],
+        [spec((224, o), bf16) for o in widths],
+    )
+    lowered = jax.jit(pallas_gpu_expand.expand_forward_group).trace(*args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    (kernel,) = _triton_kernels(lowered)
+    assert sum(op.name == "scf.for" for op in _walk(kernel)) == 2 * len(widths)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("widths", [(4096, 1024, 1024), (14336, 14336), (4096,)], ids=["qkv", "gate_up", "o"])
+@pytest.mark.parametrize("num_tokens", [8, 64])
+def test_expand_kernel_compiled_at_llama_shapes(widths, num_tokens):
+    rng = np.random.default_rng(num_tokens + len(widths))
+    bf16 = jnp.bfloat16
+    x = jnp.asarray(rng.standard_normal((num_tokens, 4096)), bf16)
+    ws = [jnp.asarray(rng.standard_normal((4096, o)) / 64, bf16) for o in widths]
+    hcs = [
+        jnp.asarray(rng.standard_normal((num_tokens, 224)) * (rng.random((num_tokens, 224)) < 0.1), bf16)
+        for _ in widths
+    ]
+    bs = [jnp.asarray(rng.standard_normal((224, o)), bf16) for o in widths]
+    ys = jax.jit(pallas_gpu_expand.expand_forward_group)(x, ws, hcs, bs)
+    for y, want in zip(ys, _want(x, ws, hcs, bs), strict=True):
+        assert np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want) < TOLERANCE["bfloat16"]
