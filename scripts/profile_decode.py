@@ -27,7 +27,9 @@ the projections that share an input), ``auto+argmax_topk=2`` (top-k as argmax pa
 ``auto+packed_gates=0`` (the shared gate GEMV's gates concatenated at every step again, as before session 10),
 ``auto+gate_rows=1`` (the gate packs stored [N, D]: the gate GEMV as a row reduction),
 ``auto+group_decode=1`` (batch 1: q/k/v in one decode-kernel launch, gate/up in another),
-``auto+packed_max=64`` (the packed path only up to 64 tokens).
+``auto+packed_max=64`` (the packed path only up to 64 tokens), ``auto+kernel_route=1`` (batch 1: the decode
+kernel routes from the gate logits itself, no top-k / softmax kernels), ``auto+fused_expand=64`` (batched
+decode: each group's base GEMMs with their expands as one extra K block, ``pallas_gpu_expand``).
 ``--dump-hlo F.tar.gz`` keeps each variant's compiled decode program, to find what a kernel in the trace is.
 
 XLA reads ``XLA_FLAGS`` once, when jax initialises its backend, so flags must be set before this process
