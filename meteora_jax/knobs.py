@@ -35,7 +35,11 @@ KNOBS: dict[str, tuple[str, str]] = {
     "gate_rows": ("meteora_jax.model.moe_lora", "GATE_PACK_ROWS"),
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
     "kernel_route": ("pallas_kernels.grouped_lora.api", "ROUTED_DECODE_MAX_TOKENS"),
-    "fused_expand": ("pallas_kernels.grouped_lora.api", "FUSED_EXPAND_MAX_TOKENS"),
+    "fused_expand": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "FUSED_EXPAND_MAX_TOKENS"),
+    "expand_bn": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_N"),
+    "expand_bk": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_K"),
+    "expand_split": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPLIT_K"),
+    "expand_programs": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_TARGET_PROGRAMS"),
 }
 
 

@@ -9,7 +9,9 @@ Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.
 runs it with those tiles (block_n, block_k, num_warps, num_stages, and split_k: 1 = none, 0 or left out =
 chosen from the shape; a trailing ``f`` = ``base_dot="fma"``, the base GEMV on CUDA cores) instead of
 ``DecodeConfig.for_shape``, so one run can sweep them:
-``--impls pallas_gpu,pallas_gpu@64x256x4x4,pallas_gpu@32x512x4x3x1,pallas_gpu@64x128x4x3f,xla``.
+``--impls pallas_gpu,pallas_gpu@64x256x4x4,pallas_gpu@32x512x4x3x1,pallas_gpu@64x128x4x3f,xla``. A suffix
+``+KNOB=N`` sets a trace-time knob (``meteora_jax.knobs``) for that impl's rows only:
+``pallas_gpu_decode+fused_expand=64`` runs 2..64-token calls through ``pallas_gpu_expand``.
 ``pallas_gpu_decode`` is the
 automatic GPU choice for few experts: that kernel at T=1, ``xla`` otherwise.
 
@@ -45,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from meteora_jax import knobs as run_knobs  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 from pallas_kernels.grouped_lora import api, pallas_gpu_decode, shapes  # noqa: E402
@@ -79,6 +82,13 @@ def parse_impl(spec: str) -> tuple[str, pallas_gpu_decode.DecodeConfig | None]:
         split_k=int(match.group(5) or 0),
         base_dot="fma" if match.group(6) else "mma",
     )
+
+
+def split_knobs(spec: str) -> tuple[str, dict[str, int]]:
+    """``impl[@tiles]+KNOB=N+...`` -> (``impl[@tiles]``, {knob: N}): trace-time knobs (``meteora_jax.knobs``)
+    set while that impl's rows are traced and timed, e.g. ``pallas_gpu_decode+fused_expand=64``."""
+    name, *opts = spec.split("+")
+    return name, run_knobs.parse(opts, where=f"impl {spec!r}")
 
 
 @contextlib.contextmanager
@@ -142,14 +152,16 @@ def bench(
         args = (inp["x"], inp["w"], inp["lora_a"], inp["lora_b"], inp["expert_ids"], inp["expert_weights"])
         ref = None
         for impl in impls:
-            impl_name, tiles = parse_impl(impl)
+            impl_spec, impl_knobs = split_knobs(impl)
+            impl_name, tiles = parse_impl(impl_spec)
             fn = jax.jit(
                 lambda x, w, a, b, ids, ew, impl_name=impl_name, s=inp["scaling"]: api.grouped_lora_fused(
                     x, w, a, b, ids, ew, scaling=s, implementation=impl_name
                 )
             )
             try:
-                with decode_config(tiles):  # traced (and retraced by the timers) under these tiles
+                # traced (and retraced by the timers) under these tiles and knobs
+                with run_knobs.knobs_set(impl_knobs), decode_config(tiles):
                     compiled = fn.lower(*args).compile()
                     mem = compiled.memory_analysis()
                     peak_mb = (mem.temp_size_in_bytes / 2**20) if mem is not None else float("nan")

@@ -143,3 +143,30 @@ def test_parse_impl_refuses_malformed_tiles(spec):
     """Anything but four or five numbers and an optional ``f`` after the ``@`` is an error, not a guess."""
     with pytest.raises(ValueError, match=r"BNxBKxWxS\[xK\]\[f\]"):
         _bench_module().parse_impl(spec)
+
+
+def test_bench_impl_knob_suffix_is_set_for_that_impl_only(tmp_path):
+    """``impl+KNOB=N``: parsed (a bad knob is refused, naming the knobs), set while that impl's rows are traced
+    (``pallas_gpu_expand`` runs at T=16 with ``fused_expand`` on) and restored after."""
+    from meteora_jax.errors import MeteoraInputError
+    from pallas_kernels.grouped_lora import pallas_gpu_expand
+
+    bench = _bench_module()
+    assert bench.split_knobs("pallas_gpu_decode+fused_expand=64") == (
+        "pallas_gpu_decode",
+        {"fused_expand": 64},
+    )
+    assert bench.split_knobs("pallas_gpu@64x256x4x3") == ("pallas_gpu@64x256x4x3", {})
+    with pytest.raises(MeteoraInputError, match="knobs are"):
+        bench.split_knobs("xla+nope=1")
+    seen = []
+    kernel = pallas_gpu_expand.expand_forward_group
+    pallas_gpu_expand.expand_forward_group = lambda *a, **kw: seen.append(1) or kernel(*a, **kw)
+    try:
+        impls = ["pallas_gpu_decode_interpret", "pallas_gpu_decode_interpret+fused_expand=64"]
+        bench.bench(bench.TINY_CASES[1:2], impls, str(tmp_path / "r.json"), timers=("fori",), calls=2, reps=5)
+    finally:
+        pallas_gpu_expand.expand_forward_group = kernel
+    assert seen and pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == impls and rows[1]["rel_err_vs_first_impl"] < 1e-2

@@ -94,10 +94,10 @@ def test_model_packed_step_with_fused_expand_matches(monkeypatch):
             ids, attention_mask=jnp.ones((3, 4), jnp.int32), positions=jnp.arange(4)[None]
         ).logits
 
-    monkeypatch.setattr(api, "FUSED_EXPAND_MAX_TOKENS", 0)
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 0)
     off = run()
     assert not calls
-    monkeypatch.setattr(api, "FUSED_EXPAND_MAX_TOKENS", 64)
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 64)
     on = run()
     assert sorted(set(calls)) == [1, 2, 3] and len(calls) == 4 * cfg.num_hidden_layers
     assert rel_err(on, off) < 1e-5
@@ -140,3 +140,42 @@ def test_expand_kernel_compiled_at_llama_shapes(widths, num_tokens):
     ys = jax.jit(pallas_gpu_expand.expand_forward_group)(x, ws, hcs, bs)
     for y, want in zip(ys, _want(x, ws, hcs, bs), strict=True):
         assert np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want) < TOLERANCE["bfloat16"]
+
+
+def test_grouped_lora_fused_takes_the_expand_kernel_for_a_few_tokens(monkeypatch):
+    """``grouped_lora_fused(implementation="pallas_gpu_decode")`` in inference runs ``forward_if_batched`` from 2
+    tokens up to the knob (matching the reference), the decode kernel at 1, XLA above; gradients are XLA's."""
+    from tests.test_pallas_decode import _args, _case, _want
+    from tests.test_pallas_decode import _inputs as decode_inputs
+
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 8)
+    calls = []
+    kernel = pallas_gpu_expand.expand_forward_group
+    monkeypatch.setattr(
+        pallas_gpu_expand,
+        "expand_forward_group",
+        lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw),
+    )
+    impl = "pallas_gpu_decode_interpret"
+    for t in (1, 2, 8, 9):
+        inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "float32"), f"expand-api-{t}")
+        y = api.grouped_lora_fused(*_args(inp)[:-1], scaling=inp["scaling"], implementation=impl)
+        want, lora = _want(inp)
+        assert np.linalg.norm(np.asarray(y - want)) / np.linalg.norm(np.asarray(lora)) < 1e-5
+    assert calls == [2, 8]
+
+    def loss(x):
+        return jnp.sum(
+            api.grouped_lora_fused(x, *_args(inp)[1:-1], scaling=inp["scaling"], implementation=impl)
+        )
+
+    inp = decode_inputs(_case(4, 72, 40, 6, 8, 2, "float32"), "expand-api-grad")
+    calls.clear()
+    g = jax.grad(loss)(inp["x"])
+    assert not calls
+    g_ref = jax.grad(
+        lambda x: jnp.sum(
+            api.grouped_lora_fused(x, *_args(inp)[1:-1], scaling=inp["scaling"], implementation="reference")
+        )
+    )(inp["x"])
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5)

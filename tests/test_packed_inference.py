@@ -66,7 +66,7 @@ def _packed_copy(model: MeteoraLlama) -> MeteoraLlama:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pack_columns_are_each_projections_shrink_and_gate(dtype):
     """Float64 NumPy check of the layout: the pack's columns are every expert's ``x @ A[e]`` (expert-major, as
-    ``xla._shrink_all``) and each projection's gate logits (bf16: hi + lo within 2^-16 of float32)."""
+    ``xla.shrink_all``) and each projection's gate logits (bf16: hi + lo within 2^-16 of float32)."""
     model = _model(dtype)
     attn = model.layers[0].attn
     group = (attn.q_proj, attn.k_proj, attn.v_proj)

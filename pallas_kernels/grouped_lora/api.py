@@ -419,20 +419,15 @@ def grouped_lora_fused_routed(
     return vjp.fast_forward(in_kernel, in_xla, *args)
 
 
-# From 2 up to this many tokens, a group whose inference forward is the dense masked path and whose backend is
-# the GPU decode one (``pallas_gpu_decode``) can add each projection's expand inside its base GEMM
-# (``pallas_gpu_expand.expand_forward_group``: one launch per group instead of a base GEMM, an expand GEMM and
-# their sum per projection); the caller computes the shrink (``moe_lora.packed_forward``). Knob
-# ``fused_expand`` (0 = off: XLA's GEMMs).
-FUSED_EXPAND_MAX_TOKENS = 0
-
-
 def expand_fused_plan(
     implementation: str | Sequence[str] | None, num_tokens: int, expert_columns: int
 ) -> bool | None:
     """``interpret`` (a bool) when ``pallas_gpu_expand`` may serve this call, else None: the dense masked
-    forward (``masked_forward_plan``) of the GPU decode backend, up to ``FUSED_EXPAND_MAX_TOKENS`` tokens."""
-    if num_tokens > FUSED_EXPAND_MAX_TOKENS:
+    forward (``masked_forward_plan``) of the GPU decode backend, up to ``pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS``
+    tokens (the caller computes the shrink: ``moe_lora.packed_forward``)."""
+    from pallas_kernels.grouped_lora import pallas_gpu_expand
+
+    if num_tokens > pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS:
         return None
     plan = masked_forward_plan(implementation, num_tokens, expert_columns)
     if plan is None:

@@ -654,14 +654,19 @@ def forward_if_few_tokens(
 def make_decode_ops(fallback: Any, *, interpret: bool = False) -> Any:
     """``fallback`` (an XLA ops object) whose inference forward is this kernel where it measured faster.
 
-    The kernel serves what ``forward_if_few_tokens`` serves; every other call, and all of training (shrink,
+    The kernel serves what ``forward_if_few_tokens`` serves, ``pallas_gpu_expand`` what its
+    ``forward_if_batched`` serves (off unless its knob is set); every other call, and all of training (shrink,
     expand, backward), is ``fallback``'s.
     """
     if not interpret and jax.default_backend() != "gpu":
         raise NotImplementedError("pallas_gpu_decode needs a GPU (or the _interpret variant)")
 
+    from pallas_kernels.grouped_lora import pallas_gpu_expand
+
     def forward(*args):  # noqa: ANN002, ANN202
         y_to = forward_if_few_tokens(*args, interpret=interpret)
+        if y_to is None:
+            y_to = pallas_gpu_expand.forward_if_batched(*args, interpret=interpret)
         if y_to is None and fallback.forward is not None:
             y_to = fallback.forward(*args)
         return y_to

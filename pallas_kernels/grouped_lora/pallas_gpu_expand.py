@@ -33,23 +33,45 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
+from pallas_kernels.grouped_lora import xla
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 
 Ref = Any
 _MIN_DOT_ROWS = 16
-# Programs that keep an H100 / H200's 132 SMs streaming W (about two each), for the split-K choice.
-_TARGET_PROGRAMS = 256
+# From 2 up to this many tokens, the GPU decode backend (``pallas_gpu_decode``) runs its dense inference forward
+# through this kernel: a single projection (``forward_if_batched``) and, in the model, each group of the
+# packed path (``api.expand_fused_plan``). Knob ``fused_expand`` (0 = off: XLA's base and expand GEMMs).
+FUSED_EXPAND_MAX_TOKENS = 0
+# The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``;
+# meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
+# re-reads x ([64, 4096] bf16 = 512 KB, from L2), so narrow blocks cost L2 traffic, while split-K writes and
+# re-reads float32 partials (split x T x d_out x 4 bytes each way), so many splits cost HBM traffic.
+EXPAND_BLOCK_N = 64
+EXPAND_BLOCK_K = 128
+EXPAND_SPLIT_K = 0  # 0 = the fewest splits (powers of two) that give ``EXPAND_TARGET_PROGRAMS`` programs
+EXPAND_TARGET_PROGRAMS = 132  # one per SM of an H100 / H200
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpandConfig:
-    """Tile sizes. ``block_k`` rows of W (and of B_flat) per loop step; ``split_k`` 0 = from the shape."""
+    """Tile sizes. ``block_k`` rows of W (and of B_flat) per loop step; ``split_k`` 0 = from the shape.
+    ``ExpandConfig.default()`` reads the module's knobs."""
 
     block_n: int = 64
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0
+    target_programs: int = 132
+
+    @classmethod
+    def default(cls) -> ExpandConfig:
+        return cls(
+            block_n=EXPAND_BLOCK_N,
+            block_k=EXPAND_BLOCK_K,
+            split_k=EXPAND_SPLIT_K,
+            target_programs=EXPAND_TARGET_PROGRAMS,
+        )
 
 
 EXPAND_CONFIG_OVERRIDE: ExpandConfig | None = None
@@ -73,7 +95,7 @@ def _tiles(cfg: ExpandConfig, num_tokens: int, d_in: int, d_outs: Sequence[int],
     split = cfg.split_k
     if split <= 0:
         split = 1
-        while blocks * split < _TARGET_PROGRAMS and steps // (2 * split) >= 2:
+        while blocks * split < cfg.target_programs and steps // (2 * split) >= 2:
             split *= 2
     split = max(1, min(steps, split))
     return _Tiles(
@@ -209,7 +231,7 @@ def expand_forward_group(
             f"expand_forward_group: hc {[h.shape for h in hcs_tn]} / B {[b.shape for b in bs_no]} do not "
             f"match T={num_tokens} and widths {d_outs}"
         )
-    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig()
+    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
     tiles = _tiles(cfg, num_tokens, d_in, d_outs, max(b.shape[0] for b in bs_no))
     segments, block, col = [], 0, 0
     for o in d_outs:
@@ -231,3 +253,27 @@ def expand_forward_group(
     if split > 1:
         out = jnp.sum(out.reshape(split, num_tokens, col), axis=0).astype(x_td.dtype)
     return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
+
+
+def forward_if_batched(
+    x_td: Float[Array, "T D"],
+    w_do: Float[Array, "D O"] | None,
+    lora_a_edr: Float[Array, "E D R"],
+    lora_b_ero: Float[Array, "E R O"],
+    expert_ids_tk: Array,
+    expert_weights_tk: Array,
+    scaling_e: Array,
+    *,
+    interpret: bool = False,
+) -> Float[Array, "T O"] | None:
+    """An ops ``forward``: XLA's dense shrink and coefficient mask, then this kernel, for a call of 2 ..
+    ``FUSED_EXPAND_MAX_TOKENS`` tokens with ``w`` and few expert columns; else None (the caller's path)."""
+    num_experts, _, rank = lora_a_edr.shape
+    if w_do is None or not 2 <= x_td.shape[0] <= FUSED_EXPAND_MAX_TOKENS:
+        return None
+    if num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS:
+        return None
+    h_ter = xla.shrink_all(x_td, lora_a_edr)
+    hc_tn = xla.masked_coefficients(h_ter, expert_ids_tk, expert_weights_tk, scaling_e, lora_b_ero.dtype)
+    b_no = lora_b_ero.reshape(num_experts * rank, lora_b_ero.shape[2])
+    return expand_forward_group(x_td, [w_do], [hc_tn], [b_no], interpret=interpret)[0]

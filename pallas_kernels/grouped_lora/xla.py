@@ -92,13 +92,13 @@ def masked_forward(
         )
         h_ter = jnp.transpose(h_etr, (1, 0, 2))
     else:
-        h_ter = _shrink_all(x_td, lora_a_edr)
+        h_ter = shrink_all(x_td, lora_a_edr)
     return masked_forward_from_shrink(
         x_td, w_do, h_ter, lora_b_ero, ids_tk, weights_tk, scaling_e, low_precision_sum=low_precision_sum
     )
 
 
-def _shrink_all(x_td: Array, lora_a_edr: Array) -> Float[Array, "T E R"]:
+def shrink_all(x_td: Array, lora_a_edr: Array) -> Float[Array, "T E R"]:
     """[T, E, R]: every expert's shrink, the same contraction as DenseOps.shrink."""
     return jnp.einsum("td,edr->ter", x_td, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
@@ -146,7 +146,7 @@ def shared_masked_forward(
     projection's own shrink; the rest (mask, expand, base) is per projection as in ``masked_forward``.
     Measured SLOWER on the H200 at batch-64 decode (6,222 vs 6,332 tok/s, session 9: the kernel count did not
     fall, the concatenation costs what the GEMMs saved), so ``api.SHARED_SHRINK_MIN_TOKENS`` leaves it off."""
-    h_tnr = _shrink_all(x_td, jnp.concatenate(list(lora_as_edr), axis=0))
+    h_tnr = shrink_all(x_td, jnp.concatenate(list(lora_as_edr), axis=0))
     outs, start = [], 0
     for w_do, a_edr, b_ero, ids, wts, scaling_e in zip(
         ws_do, lora_as_edr, lora_bs_ero, ids_tk, weights_tk, scalings_e, strict=True
@@ -163,7 +163,7 @@ def shared_masked_forward(
 
 def flat_shrink_weights(lora_as_edr: Sequence[Array]) -> Float[Array, "D N"]:
     """``[A_1 | A_2 | ...]`` as one [d, sum(E * r)] matrix, each A flattened expert-major ([d, E * r], the
-    column order of ``_shrink_all``'s [T, E, R] output): the layout ``masked_forward_from_shrink`` reads
+    column order of ``shrink_all``'s [T, E, R] output): the layout ``masked_forward_from_shrink`` reads
     ``x @ A`` in. A relayout of every A: meant to be built once per inference call, not per step."""
     return jnp.concatenate([jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], -1) for a in lora_as_edr], axis=1)
 
