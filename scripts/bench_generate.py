@@ -30,10 +30,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from meteora_jax import knobs  # noqa: E402
 from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
+from meteora_jax.errors import MeteoraInputError  # noqa: E402
 from meteora_jax.generate.sampler import DecodeState, _decode, _prefill, inference_packs  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
+from meteora_jax.knobs import KNOBS  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
 from meteora_jax.model.llama import MeteoraLlama  # noqa: E402
 
@@ -293,7 +296,18 @@ def main() -> int:
     ap.add_argument("--lora-impl", default=None, help="grouped_lora implementation (default: automatic)")
     ap.add_argument("--decode-batches", default="1,64,8", help="comma list of decode batch sizes")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/generate_h200.json)")
+    ap.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help=f"a trace-time knob for the whole run (repeatable; meteora_jax/knobs.py): {sorted(KNOBS)}",
+    )
     args = ap.parse_args()
+    try:
+        knobs.set_knobs(knobs.parse(args.knob, where="--knob"))
+    except MeteoraInputError as e:
+        ap.error(str(e))
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "generate_h200.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     cfg = llama3_8b(args.tiny)
@@ -306,6 +320,7 @@ def main() -> int:
         top_k=2,
         config="tiny" if args.tiny else "llama3-8b",
         date=time.strftime("%Y-%m-%d"),
+        knobs=knobs.current(),
     )
     reps = 2 if args.tiny else 5
     t0 = time.perf_counter()
