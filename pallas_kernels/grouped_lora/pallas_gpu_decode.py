@@ -43,6 +43,13 @@ after the loop, like the shrink. Measured on the H200 (session 9, benchmarks/RES
 at 3 of the 4 shapes with every tile tried (best fma vs mma: 16.6 vs 15.7 us at 4096->4096, 49.6 vs 48.2 at
 4096->14336, 47.2 vs 39.2 at 14336->4096) and 4% faster at 4096->1024 (7.4 vs 7.7 us); so "mma" stays.
 
+Routing inside the kernel (``decode_forward_routed``, ``decode_forward_group_routed``; ``api.grouped_lora_fused_routed``
+takes them for single-token inference when its knob is on): the kernel takes the gate logits instead of ids
+and weights, and every program computes its tokens' top-k and weights (``_kernel_routing``, E floats per token
+from L2; the same ids as ``gating.route``, ties included, and its weight formulas). At batch-1 decode that
+removes the TopK sort fusion, its slice memcpys and the softmax fusion that XLA runs per group between the gate
+GEMV and this kernel.
+
 Masks: rows past T and columns past ``d_out`` use out-of-range indices (never clamped ones: interpret mode
 writes masked lanes back), ``d_in`` need not divide ``block_k`` (the tail step is masked), any rank works
 (padded to a power of two and masked).
