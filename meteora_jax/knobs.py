@@ -36,6 +36,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
     "kernel_route": ("pallas_kernels.grouped_lora.api", "ROUTED_DECODE_MAX_TOKENS"),
     "fused_expand": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "FUSED_EXPAND_MAX_TOKENS"),
+    "expand_route": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE"),
     "expand_bn": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_N"),
     "expand_bk": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_K"),
     "expand_split": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPLIT_K"),

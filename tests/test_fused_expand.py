@@ -4,6 +4,7 @@ Llama-3-8B shapes on this CPU-only host (one Triton kernel per group). Compiled 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -179,3 +180,123 @@ def test_grouped_lora_fused_takes_the_expand_kernel_for_a_few_tokens(monkeypatch
         )
     )(inp["x"])
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "t,halves,spec",
+    [
+        (5, True, (2, 1.0, "topk_then_softmax")),
+        (16, False, (1, 0.5, "softmax_then_topk")),
+        (3, True, (3, 0.7, "topk_then_softmax")),
+    ],
+)  # fmt: skip
+def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
+    """``expand_forward_group_routed`` (hc built in the kernel from the packed GEMM's output: shrinks, gate
+    logits as one range or bf16-style hi / lo halves) equals ``expand_forward_group`` given ``gating.route`` +
+    ``xla.masked_coefficients`` of the same columns; with the projections' logits swapped it does not."""
+    from pallas_kernels.grouped_lora import gating, xla
+    from pallas_kernels.grouped_lora.gating import RouteSpec
+
+    rng = np.random.default_rng(t)
+    n, e, r, d_in, widths = 3, 6, 4, 40, (24, 16, 16)
+    spec = RouteSpec(*spec)
+    a_cols = n * e * r
+    gate_cols = (2 if halves else 1) * n * e
+    wide = jnp.asarray(rng.standard_normal((t, a_cols + gate_cols)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((t, d_in)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((d_in, o)) / 6, jnp.float32) for o in widths]
+    bs = [jnp.asarray(rng.standard_normal((e * r, o)), jnp.float32) for o in widths]
+    scalings = [jnp.asarray(rng.uniform(0.5, 2.0, e), jnp.float32) for _ in widths]
+    col0s = tuple((a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n))
+    routed = pallas_gpu_expand.Routed(spec, e, r, tuple(i * e * r for i in range(n)), col0s)
+    got = pallas_gpu_expand.expand_forward_group_routed(
+        x, ws, wide, bs, scalings, routed=routed, interpret=True, config=SMALL
+    )
+    hcs = []
+    for i in range(n):
+        logits = sum(wide[:, c : c + e] for c in col0s[i])
+        ids, weights = gating.route_spec(logits, spec)
+        h_ter = wide[:, i * e * r : (i + 1) * e * r].reshape(t, e, r)
+        hcs.append(xla.masked_coefficients(h_ter, ids, weights, scalings[i], jnp.float32))
+    want = pallas_gpu_expand.expand_forward_group(x, ws, hcs, bs, interpret=True, config=SMALL)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-6
+    swapped = dataclasses.replace(routed, logit_col0s=col0s[1:] + col0s[:1])
+    moved = pallas_gpu_expand.expand_forward_group_routed(
+        x, ws, wide, bs, scalings, routed=swapped, interpret=True, config=SMALL
+    )
+    assert max(rel_err(m, w) for m, w in zip(moved, want, strict=True)) > 1e-3
+    with pytest.raises(ValueError, match="do not match"):
+        pallas_gpu_expand.expand_forward_group_routed(
+            x, ws, wide, bs[:2], scalings, routed=routed, interpret=True
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
+    """The tiny model's packed path with ``fused_expand`` and ``expand_route`` on: every group through the
+    routed kernel (its bf16 gates as hi / lo halves), the logits of the unfused path; ``return_routing`` falls
+    back to XLA's routing."""
+    from flax import nnx
+
+    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
+
+    cfg = ModelConfig.tiny(vocab_size=99)
+    moe = MoEConfig(
+        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
+    )
+    model = MeteoraLlama(cfg, moe, dtype=dtype, rngs=nnx.Rngs(7))
+    model.pack_for_inference()
+    calls = []
+    kernel = pallas_gpu_expand.expand_forward_group_routed
+    monkeypatch.setattr(
+        pallas_gpu_expand, "expand_forward_group_routed", lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
+    )
+
+    def run(**kw):
+        ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3]])
+        mask = jnp.ones((2, 4), jnp.int32)
+        return model.forward(ids, attention_mask=mask, positions=jnp.arange(4)[None], **kw).logits
+
+    off = run()
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 64)
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_ROUTE", 1)
+    on = run()
+    assert len(calls) == 4 * cfg.num_hidden_layers
+    assert rel_err(on, off) < (1e-5 if dtype == "float32" else 2e-2)
+    calls.clear()
+    run(return_routing=True)
+    assert not calls
+
+
+def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel():
+    """The routed kernel at Llama-3-8B's q/k/v, batch 64 (the packed GEMM's output with bf16 gate halves):
+    ONE Triton kernel for CUDA, and no XLA sort / top-k beside it."""
+    from pallas_kernels.grouped_lora.gating import RouteSpec
+
+    spec = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    widths, e, r = (4096, 1024, 1024), 28, 8
+    a_cols = 3 * e * r
+    routed = pallas_gpu_expand.Routed(
+        RouteSpec(2),
+        e,
+        r,
+        tuple(i * e * r for i in range(3)),
+        tuple((a_cols + i * e, a_cols + (3 + i) * e) for i in range(3)),
+    )
+    args = (
+        spec((64, 4096), bf16),
+        [spec((4096, o), bf16) for o in widths],
+        spec((64, a_cols + 6 * e), jnp.float32),
+        [spec((e * r, o), bf16) for o in widths],
+        [spec((e,), jnp.float32) for _ in widths],
+    )
+
+    def fn(*a):
+        return pallas_gpu_expand.expand_forward_group_routed(*a, routed=routed)
+
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    assert "sort" not in text and "top_k" not in text.lower()

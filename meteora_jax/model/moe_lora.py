@@ -24,6 +24,7 @@ from meteora_jax.model.gate import RoutingOptions, forced, route
 from meteora_jax.params import ExpertParam, GateParam
 from pallas_kernels import grouped_lora_fused, grouped_lora_fused_routed, grouped_lora_fused_shared
 from pallas_kernels.grouped_lora import api as kernel_api
+from pallas_kernels.grouped_lora import pallas_gpu_expand as kernel_gpu_expand
 from pallas_kernels.grouped_lora import xla as kernel_xla
 
 # logical axes of each projection's (d_in, d_out)
@@ -252,10 +253,33 @@ def packed_forward(
     logits_tpe = gates_tn.reshape(num_tokens, n, e)
     ids_tpk, weights_tpk = route_group(logits_tpe, routing)
     interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r)
+    fused = None
     if interpret is not None and len({p.implementation for p in routed}) == 1:
-        fused = iter(_expand_fused(routed, x_td, h_tper, ids_tpk, weights_tpk, interpret))
-    else:
-        fused = None
+        if aux is None and kernel_gpu_expand.EXPAND_ROUTE:  # the kernel routes from ``wide`` itself
+            halves = wide_tn.shape[1] - a_cols == 2 * n * e
+            spec = kernel_gpu_expand.Routed(
+                routing.spec,
+                e,
+                r,
+                h_col0s=tuple(i * e * r for i in range(n)),
+                logit_col0s=tuple(
+                    (a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)
+                ),
+            )
+            factors = [p.expert_factors() for p in routed]
+            fused = iter(
+                kernel_gpu_expand.expand_forward_group_routed(
+                    x_td,
+                    [f[0] for f in factors],
+                    wide_tn,
+                    [f[2].reshape(e * r, -1) for f in factors],
+                    [f[3] for f in factors],
+                    routed=spec,
+                    interpret=interpret,
+                )
+            )
+        else:
+            fused = iter(_expand_fused(routed, x_td, h_tper, ids_tpk, weights_tpk, interpret))
     outs, i = [], 0
     for p in projections:
         if p.num_experts == 0:
@@ -294,8 +318,6 @@ def _expand_fused(
 ) -> list[Array]:
     """``packed_forward``'s outputs of the routed projections through ``pallas_gpu_expand`` (one launch: each
     base GEMM with its expand as an extra K block), from the group's shrink ``h_tper``."""
-    from pallas_kernels.grouped_lora import pallas_gpu_expand
-
     ws, hcs, bs = [], [], []
     for i, p in enumerate(routed):
         w_do, _, b_ero, scaling_e = p.expert_factors()
@@ -306,7 +328,7 @@ def _expand_fused(
             )
         )
         bs.append(b_ero.reshape(-1, b_ero.shape[2]))
-    return pallas_gpu_expand.expand_forward_group(x_td, ws, hcs, bs, interpret=interpret)
+    return kernel_gpu_expand.expand_forward_group(x_td, ws, hcs, bs, interpret=interpret)
 
 
 def route_group(

@@ -220,11 +220,14 @@ def _given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> An
     return routing
 
 
-def _kernel_routing(logits_ref: Ref, col0: int, num_experts: int, spec: RouteSpec) -> Any:
-    """Routing computed in the kernel from gate logits (columns ``col0 .. col0 + E`` of ``logits``, [T, cols]):
-    ``gating.route`` for the program's few token rows, so no top-k / softmax kernels run before it. Every
-    program repeats it (E floats per token, from L2). Ties go to the lower expert, as ``lax.top_k``'s; the
-    weights are ``gating.route``'s formulas (top-2: ``softmax_sorted``'s), equal to an ulp of ``exp``."""
+def _kernel_routing(logits_ref: Ref, col0s: int | tuple[int, ...], num_experts: int, spec: RouteSpec) -> Any:
+    """Routing computed in the kernel from gate logits (columns ``col0 .. col0 + E`` of ``logits``, [T, cols];
+    with several ``col0s`` the logits are the sum of those column ranges, in order: the bf16 hi / lo halves of
+    a packed gate product): ``gating.route`` for the program's token rows, so no top-k / softmax kernels run
+    before it. Every program repeats it (E floats per token, from L2). Ties go to the lower expert, as
+    ``lax.top_k``'s; the weights are ``gating.route``'s formulas (top-2: ``softmax_sorted``'s), equal to an ulp
+    of ``exp``. Also used by ``pallas_gpu_expand``'s routed kernel."""
+    col0s = (col0s,) if isinstance(col0s, int) else tuple(col0s)
 
     def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
         e_pad = pow2(num_experts)
@@ -232,8 +235,10 @@ def _kernel_routing(logits_ref: Ref, col0: int, num_experts: int, spec: RouteSpe
         emask = None if e_pad == num_experts else ei < num_experts
         mask = _all(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
         # Rows past T read zeros (finite routing, never stored); padded experts are -inf (never picked).
-        l_te = _load(logits_ref.at[toks[:, None], col0 + ei[None, :]], mask).astype(jnp.float32)
-        l_te = l_te / spec.temperature
+        parts = [
+            _load(logits_ref.at[toks[:, None], c + ei[None, :]], mask).astype(jnp.float32) for c in col0s
+        ]
+        l_te = functools.reduce(lambda a, b: a + b, parts) / spec.temperature
         if emask is not None:
             l_te = jnp.where(emask[None, :], l_te, -jnp.inf)
         if spec.mode == "softmax_then_topk":

@@ -35,6 +35,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.grouped_lora import xla
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
+from pallas_kernels.grouped_lora.gating import RouteSpec
 
 Ref = Any
 _MIN_DOT_ROWS = 16
@@ -42,6 +43,9 @@ _MIN_DOT_ROWS = 16
 # through this kernel: a single projection (``forward_if_batched``) and, in the model, each group of the
 # packed path (``api.expand_fused_plan``). Knob ``fused_expand`` (0 = off: XLA's base and expand GEMMs).
 FUSED_EXPAND_MAX_TOKENS = 0
+# 1: where the fused expand serves the model's packed path, it also routes itself (``expand_forward_group_routed``
+# from the packed GEMM's output: no top-k / softmax / coefficient kernels per group). Knob ``expand_route``.
+EXPAND_ROUTE = 0
 # The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
 # re-reads x ([64, 4096] bf16 = 512 KB, from L2), so narrow blocks cost L2 traffic, while split-K writes and
@@ -117,10 +121,68 @@ def _load(ref: Ref, mask: Array | None) -> Array:
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
+def _given_hc(hc_ref: Ref) -> Any:
+    """A left operand read as given (x, or ``hc`` [T, E * R]): ``prepare(rows, row_mask)`` returns the tile
+    loader ``(kk, mask, dtype) -> [rows, len(kk)]``."""
+
+    def prepare(rows: Array, row_mask: Array | None) -> Any:
+        del row_mask
+
+        def lhs(kk: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
+            del dtype
+            return _load(hc_ref.at[rows[:, None], kk[None, :]], mask)
+
+        return lhs
+
+    return prepare
+
+
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """Where a group's routed expand finds its inputs in the packed GEMM's output ``wide`` ([T, cols] float32,
+    ``moe_lora.packed_forward``): projection p's shrink ``h`` at columns ``h_col0s[p] ..`` (E * R, expert-major)
+    and its gate logits as the sum of the E-column ranges at ``logit_col0s[p]`` (one range, or the bf16 hi / lo
+    halves). ``spec``: the routing."""
+
+    spec: RouteSpec
+    num_experts: int
+    rank: int
+    h_col0s: tuple[int, ...]
+    logit_col0s: tuple[tuple[int, ...], ...]
+
+
+def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
+    """The B_flat block's left operand computed in the kernel: ``h * coef`` in B's dtype, with ``coef`` from the
+    program's own top-k of the logits (``pallas_gpu_decode._kernel_routing``, run once by ``prepare``, before the
+    B_flat loop), as ``xla.masked_coefficients`` computes it (the same products, so the same values)."""
+    from pallas_kernels.grouped_lora.pallas_gpu_decode import _kernel_routing
+
+    route = _kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec)
+    h_col0, n_cols = routed.h_col0s[p], routed.num_experts * routed.rank
+
+    def prepare(rows: Array, row_mask: Array | None) -> Any:
+        ids, weights = route(rows, row_mask)
+
+        def lhs(kk: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
+            e_of = kk // routed.rank
+            hits = [
+                jnp.where(i[:, None] == e_of[None, :], w[:, None], 0.0)
+                for i, w in zip(ids, weights, strict=True)
+            ]
+            weight = functools.reduce(lambda a, b: a + b, hits)
+            scale = _load(scaling_ref.at[e_of], kk < n_cols).astype(jnp.float32)
+            h = _load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask).astype(jnp.float32)
+            return (h * (weight * scale[None, :])).astype(dtype)
+
+        return lhs
+
+    return prepare
+
+
 def _body(
     x_ref: Ref,
     w_ref: Ref,
-    hc_ref: Ref,
+    lora_lhs: Any,
     b_ref: Ref,
     o_ref: Ref,
     *,
@@ -129,8 +191,9 @@ def _body(
     split: Array,
     out_col0: int,
 ) -> None:
-    """One program's columns ``col_block`` over its K split of d_in, plus (split 0) the B_flat block; written
-    at output column ``out_col0`` on (float32 partial rows ``split * T ..`` under split-K)."""
+    """One program's columns ``col_block`` over its K split of d_in, plus (split 0) the B_flat block, whose
+    left operand ``lora_lhs`` gives (``_given_hc`` / ``_routed_hc``: ``prepare(rows, row_mask)``); written at
+    output column ``out_col0`` on (float32 partial rows ``split * T ..`` under split-K)."""
     n_tok, d_in = x_ref.shape
     d_out, lora_rows = w_ref.shape[1], b_ref.shape[0]
     bn, bk = tiles.block_n, tiles.block_k
@@ -139,15 +202,17 @@ def _body(
     cols = col_block * bn + jnp.arange(bn, dtype=jnp.int32)
     cmask = None if d_out % bn == 0 else cols < d_out
     w_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
+    x_lhs = _given_hc(x_ref)(rows, row_mask)
 
-    def dot_step(lhs_ref, rhs_ref, k0, extent, tail, gate):  # noqa: ANN001, ANN202
+    def dot_step(lhs_fn, rhs_ref, k0, extent, tail, gate):  # noqa: ANN001, ANN202
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = _masked(kk < extent if tail else None, gate)
-        lhs = _load(
-            lhs_ref.at[rows[:, None], kk[None, :]],
+        lhs = lhs_fn(
+            kk,
             _masked(
                 None if row_mask is None else row_mask[:, None], None if kmask is None else kmask[None, :]
             ),
+            rhs_ref.dtype,
         )
         rhs = _load(
             rhs_ref.at[kk[:, None], cols[None, :]],
@@ -159,14 +224,16 @@ def _body(
 
     def w_step(kb, acc):  # noqa: ANN001, ANN202
         k0 = (split * tiles.split_steps + kb) * bk
-        return acc + dot_step(x_ref, w_ref, k0, d_in, w_tail, None)
+        return acc + dot_step(x_lhs, w_ref, k0, d_in, w_tail, None)
 
     acc = lax.fori_loop(0, tiles.split_steps, w_step, jnp.zeros((tiles.rows, bn), jnp.float32))
     # The B_flat block: split 0 reads it; for the other splits every load is masked off (no traffic).
     first = split == 0
 
+    b_lhs = lora_lhs(rows, row_mask)
+
     def b_step(kb, acc):  # noqa: ANN001, ANN202
-        return acc + dot_step(hc_ref, b_ref, kb * bk, lora_rows, True, first)
+        return acc + dot_step(b_lhs, b_ref, kb * bk, lora_rows, True, first)
 
     acc = lax.fori_loop(0, tiles.lora_steps, b_step, acc)
     out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
@@ -179,17 +246,20 @@ def _body(
     )
 
 
-def _group_kernel(*refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...]) -> None:
-    """refs: x, W_1..W_P, hc_1..hc_P, B_1..B_P (flat [E * R, O_p]), out; ``segments`` as in
-    ``pallas_gpu_decode._group_decode_kernel``."""
+def _group_kernel(
+    *refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...], routed: Routed | None
+) -> None:
+    """refs: x, W_1..W_P, hc_1..hc_P, B_1..B_P (flat [E * R, O_p]), out; or with ``routed``: x, W_1..W_P, wide,
+    B_1..B_P, scaling_1..P, out. ``segments`` as in ``pallas_gpu_decode._group_decode_kernel``."""
     n = len(segments)
-    x_ref, ws, hcs, bs, o_ref = (
-        refs[0],
-        refs[1 : 1 + n],
-        refs[1 + n : 1 + 2 * n],
-        refs[1 + 2 * n : 1 + 3 * n],
-        refs[-1],
-    )
+    x_ref, ws = refs[0], refs[1 : 1 + n]
+    if routed is None:
+        lhs_fns = [_given_hc(h) for h in refs[1 + n : 1 + 2 * n]]
+        bs = refs[1 + 2 * n : 1 + 3 * n]
+    else:
+        wide_ref, bs, scalings = refs[1 + n], refs[2 + n : 2 + 2 * n], refs[2 + 2 * n : 2 + 3 * n]
+        lhs_fns = [_routed_hc(wide_ref, scalings[p], routed, p) for p in range(n)]
+    o_ref = refs[-1]
     block, split = pl.program_id(0), pl.program_id(1)  # outside pl.when: interpret mode needs that
     for p, (start, end, col0) in enumerate(segments):
 
@@ -198,7 +268,7 @@ def _group_kernel(*refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int
             _body(
                 x_ref,
                 ws[p],
-                hcs[p],
+                lhs_fns[p],
                 bs[p],
                 o_ref,
                 tiles=tiles,
@@ -206,6 +276,69 @@ def _group_kernel(*refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int
                 split=split,
                 out_col0=col0,
             )
+
+
+def _launch(
+    x_td: Array,
+    ws_do: Sequence[Array],
+    lora_args: tuple[Array, ...],
+    lora_rows: int,
+    routed: Routed | None,
+    interpret: bool,
+    config: ExpandConfig | None,
+) -> list[Array]:
+    num_tokens, d_in = x_td.shape
+    d_outs = tuple(w.shape[1] for w in ws_do)
+    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
+    tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows)
+    segments, block, col = [], 0, 0
+    for o in d_outs:
+        segments.append((block, block + cdiv(o, tiles.block_n), col))
+        block, col = block + cdiv(o, tiles.block_n), col + o
+    split = tiles.split_k
+    out_shape = jax.ShapeDtypeStruct(
+        (num_tokens, col) if split == 1 else (split * num_tokens, col),
+        x_td.dtype if split == 1 else jnp.float32,
+    )
+    out = pl.pallas_call(
+        functools.partial(_group_kernel, tiles=tiles, segments=tuple(segments), routed=routed),
+        out_shape=out_shape,
+        grid=(block, split),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="lora_expand_fused" if routed is None else "lora_expand_fused_routed",
+    )(x_td, *ws_do, *lora_args)
+    if split > 1:
+        out = jnp.sum(out.reshape(split, num_tokens, col), axis=0).astype(x_td.dtype)
+    return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
+
+
+def expand_forward_group_routed(
+    x_td: Float[Array, "T D"],
+    ws_do: Sequence[Float[Array, "D O"]],
+    wide_tn: Float[Array, "T C"],
+    bs_no: Sequence[Float[Array, "N O"]],
+    scalings_e: Sequence[Float[Array, " E"]],
+    *,
+    routed: Routed,
+    interpret: bool = False,
+    config: ExpandConfig | None = None,
+) -> list[Float[Array, "T O"]]:
+    """``expand_forward_group`` where each program builds ``hc`` itself from the packed GEMM's output ``wide``
+    (every expert's shrink and the gate logits, see ``Routed``): no top-k, softmax, slice or coefficient kernels
+    run between that GEMM and this launch. Every projection has ``routed.num_experts`` experts of rank
+    ``routed.rank`` (B_p flat [E * R, O_p])."""
+    n_cols = routed.num_experts * routed.rank
+    n = len(ws_do)
+    if not (len(bs_no) == len(scalings_e) == len(routed.h_col0s) == len(routed.logit_col0s) == n) or any(
+        b.shape != (n_cols, w.shape[1]) for b, w in zip(bs_no, ws_do, strict=True)
+    ):
+        raise ValueError(
+            f"expand_forward_group_routed: B {[b.shape for b in bs_no]} / {len(routed.h_col0s)} column offsets "
+            f"do not match {n} projections of {routed.num_experts} rank-{routed.rank} experts"
+        )
+    scalings = tuple(s.astype(jnp.float32) for s in scalings_e)
+    return _launch(x_td, ws_do, (wide_tn, *bs_no, *scalings), n_cols, routed, interpret, config)
 
 
 def expand_forward_group(
@@ -231,28 +364,7 @@ def expand_forward_group(
             f"expand_forward_group: hc {[h.shape for h in hcs_tn]} / B {[b.shape for b in bs_no]} do not "
             f"match T={num_tokens} and widths {d_outs}"
         )
-    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
-    tiles = _tiles(cfg, num_tokens, d_in, d_outs, max(b.shape[0] for b in bs_no))
-    segments, block, col = [], 0, 0
-    for o in d_outs:
-        segments.append((block, block + cdiv(o, tiles.block_n), col))
-        block, col = block + cdiv(o, tiles.block_n), col + o
-    split = tiles.split_k
-    out_shape = jax.ShapeDtypeStruct(
-        (num_tokens, col) if split == 1 else (split * num_tokens, col),
-        x_td.dtype if split == 1 else jnp.float32,
-    )
-    out = pl.pallas_call(
-        functools.partial(_group_kernel, tiles=tiles, segments=tuple(segments)),
-        out_shape=out_shape,
-        grid=(block, split),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="lora_expand_fused",
-    )(x_td, *ws_do, *hcs_tn, *bs_no)
-    if split > 1:
-        out = jnp.sum(out.reshape(split, num_tokens, col), axis=0).astype(x_td.dtype)
-    return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
+    return _launch(x_td, ws_do, (*hcs_tn, *bs_no), max(b.shape[0] for b in bs_no), None, interpret, config)
 
 
 def forward_if_batched(
