@@ -137,3 +137,13 @@ def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
         np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
     monkeypatch.setattr(gating, "ARGMAX_TOP_K_MAX", 0)
     assert "top_k" in str(jax.make_jaxpr(lambda v: gate.top_k_values(v, 2))(jnp.asarray(cases[0])))
+
+
+def test_route_spec_refuses_unknown_modes_and_k_below_one():
+    from pallas_kernels.grouped_lora.gating import RouteSpec
+
+    with pytest.raises(ValueError, match="unknown routing mode"):
+        RouteSpec(2, 1.0, "top_p")
+    with pytest.raises(ValueError, match="top_k=0"):
+        RouteSpec(0)
+    assert RouteSpec() == RouteSpec(2, 1.0, "topk_then_softmax")
