@@ -31,7 +31,10 @@ from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SM_REGISTERS, SM_SHARED_BYTES, SM_THREADS, SM_BLOCKS = 65536, 227 * 1024, 2048, 32  # sm_90 (H100 / H200)
-# (name, d_in, d_outs): one kernel per projection, and the two groups ``decode_forward_group`` launches
+# (name, d_in, d_outs[, kind]): one kernel per projection, and the two groups ``decode_forward_group`` launches
+# (kind "decode", T = 1); the decode kernel routing from the logits ("routed", T = 1); the fused expand of
+# batched decode ("expand", T = 64, ``pallas_gpu_expand``) and its routed variant ("expand_routed"). The
+# expand kinds take their default tiles (``ExpandConfig.default()``) whatever ``--configs`` says.
 CASES = (
     ("q_o", 4096, (4096,)),
     ("k_v", 4096, (1024,)),
@@ -39,7 +42,13 @@ CASES = (
     ("down", 14336, (4096,)),
     ("group_qkv", 4096, (4096, 1024, 1024)),
     ("group_gate_up", 4096, (14336, 14336)),
+    ("routed_qkv", 4096, (4096, 1024, 1024), "routed"),
+    ("routed_down", 14336, (4096,), "routed"),
+    ("expand_qkv_b64", 4096, (4096, 1024, 1024), "expand"),
+    ("expand_gate_up_b64", 4096, (14336, 14336), "expand"),
+    ("expand_routed_qkv_b64", 4096, (4096, 1024, 1024), "expand_routed"),
 )
+DEFAULT_CASES = tuple(c[0] for c in CASES if len(c) == 3)
 
 
 # ------------------------------------------------------------------------------------ lowering (this venv)
@@ -51,10 +60,53 @@ def _walk(op):  # noqa: ANN202
                 yield from _walk(child.operation)
 
 
+def _lowering_call(kind: str, d_in: int, d_outs: tuple[int, ...], experts: int, rank: int, top_k: int):  # noqa: ANN202
+    """(fn, args) of the new kinds (see ``CASES``), as abstract bf16 inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.grouped_lora import pallas_gpu_decode, pallas_gpu_expand
+    from pallas_kernels.grouped_lora.gating import RouteSpec
+
+    spec, bf16, n = jax.ShapeDtypeStruct, jnp.bfloat16, len(d_outs)
+    ws = [spec((d_in, o), bf16) for o in d_outs]
+    scalings = [spec((experts,), jnp.float32) for _ in d_outs]
+    if kind == "routed":
+        x = spec((1, d_in), bf16)
+        args = (
+            x,
+            ws,
+            [spec((experts, d_in, rank), bf16)] * n,
+            [spec((experts, rank, o), bf16) for o in d_outs],
+        )
+        args = (*args, spec((1, n, experts), jnp.float32), scalings)
+        return (lambda *a: pallas_gpu_decode.decode_forward_group_routed(*a, spec=RouteSpec(top_k))), args
+    x = spec((64, d_in), bf16)
+    bs = [spec((experts * rank, o), bf16) for o in d_outs]
+    if kind == "expand":
+        return pallas_gpu_expand.expand_forward_group, (x, ws, [spec((64, experts * rank), bf16)] * n, bs)
+    a_cols = n * experts * rank
+    routed = pallas_gpu_expand.Routed(
+        RouteSpec(top_k),
+        experts,
+        rank,
+        tuple(i * experts * rank for i in range(n)),
+        tuple((a_cols + i * experts, a_cols + (n + i) * experts) for i in range(n)),
+    )
+    wide = spec((64, a_cols + 2 * n * experts), jnp.float32)
+    return (lambda *a: pallas_gpu_expand.expand_forward_group_routed(*a, routed=routed)), (
+        x,
+        ws,
+        wide,
+        bs,
+        scalings,
+    )
+
+
 def lower_case(
-    d_in: int, d_outs: tuple[int, ...], config, *, experts: int, rank: int, top_k: int
+    d_in: int, d_outs: tuple[int, ...], config, *, experts: int, rank: int, top_k: int, kind: str = "decode"
 ) -> list[dict]:  # noqa: ANN001
-    """The Triton kernels (IR text, warps, stages, grid) that one decode call lowers to for CUDA."""
+    """The Triton kernels (IR text, warps, stages, grid) that one call of ``kind`` lowers to for CUDA."""
     import jax
     import jax.numpy as jnp
     from jax._src.lib import triton
@@ -75,7 +127,11 @@ def lower_case(
         for o in d_outs
     ]
     x = spec((1, d_in), bf16)
-    if len(d_outs) == 1:
+    if kind != "decode":
+        fn, args = _lowering_call(kind, d_in, d_outs, experts, rank, top_k)
+        if kind == "routed":  # the decode kernel's tiles
+            fn = (lambda f: lambda *a: pallas_gpu_decode_config(config, f, *a))(fn)
+    elif len(d_outs) == 1:
         fn = lambda x, *a: pallas_gpu_decode.decode_forward(x, *a, config=config)  # noqa: E731
         args = (x, *per[0])
     else:
@@ -104,6 +160,18 @@ def lower_case(
             }
         )
     return kernels
+
+
+def pallas_gpu_decode_config(config, fn, *args):  # noqa: ANN001, ANN201
+    """``fn(*args)`` traced under the decode kernel's tile override ``config`` (None: the defaults)."""
+    from pallas_kernels.grouped_lora import pallas_gpu_decode
+
+    saved = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE
+    pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = config
+    try:
+        return fn(*args)
+    finally:
+        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = saved
 
 
 # ------------------------------------------------------------------------------------ compiling (triton)
@@ -206,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="default", help="comma list: default and/or BNxBKxWxS[xK][f]")
     ap.add_argument(
         "--cases",
-        default=",".join(c[0] for c in CASES),
-        help="comma list of " + ", ".join(c[0] for c in CASES),
+        default=",".join(DEFAULT_CASES),
+        help="comma list of " + ", ".join(c[0] for c in CASES) + " (default: the decode kernels)",
     )
     ap.add_argument("--experts", type=int, default=28)
     ap.add_argument("--rank", type=int, default=8)
@@ -224,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.configs.split(","):
             config = parse_config(spec)
             for name in args.cases.split(","):
-                _, d_in, d_outs = cases[name]
-                kw = dict(experts=args.experts, rank=args.rank, top_k=args.top_k)
+                _, d_in, d_outs, *kind = cases[name]
+                kw = dict(
+                    experts=args.experts, rank=args.rank, top_k=args.top_k, kind=(kind or ["decode"])[0]
+                )
                 for i, k in enumerate(lower_case(d_in, d_outs, config, **kw)):
                     path = os.path.join(tmp, f"{name}_{spec}_{i}.ttir")
                     with open(path, "w") as f:

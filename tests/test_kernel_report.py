@@ -55,3 +55,20 @@ def test_report_on_the_decode_kernel(tmp_path):
 
     (row,) = json.loads(out.read_text())["rows"]
     assert row["kernel"] == "lora_decode_fused" and row["loops"] == 1 and row["loop_mma"] > 0
+
+
+@pytest.mark.parametrize(
+    "case,name,loops",
+    [
+        ("routed_down", "lora_decode_fused_group", 1),
+        ("expand_qkv_b64", "lora_expand_fused", 6),
+        ("expand_routed_qkv_b64", "lora_expand_fused_routed", 6),
+    ],
+)
+def test_new_kinds_lower_to_one_named_kernel(case, name, loops):
+    """The session-12 kinds lower (on this CPU host, no triton needed) to one Triton kernel each: the routed
+    decode kernel (one K loop), the fused expands (a W loop and a B_flat loop per projection)."""
+    _, d_in, d_outs, kind = {c[0]: c for c in kr.CASES}[case]
+    (k,) = kr.lower_case(d_in, d_outs, None, experts=28, rank=8, top_k=2, kind=kind)
+    assert k["name"] == name
+    assert k["ttir"].count(" scf.for ") == loops
