@@ -38,7 +38,8 @@ class RouteSpec:
 # Up to this k, ``route`` takes the top-k as k argmax passes (each masking the last pick) instead of
 # ``lax.top_k``: on GPU a top_k is a sort fusion plus slice fusions, and XLA runs a contiguous slice as a
 # device memcpy (~190 a batch-1 Llama-3-8B token, benchmarks/RESULTS.md session 9); argmax passes are
-# reductions that fuse with the softmax. 0 = always ``lax.top_k``.
+# reductions that fuse with the softmax. 0 = always ``lax.top_k``: on an H100 (session 11) it removed the memcpys
+# but not the time (b1 125.3 vs 126.5 tok/s, b64 slower: 5,195 vs 5,444). ``kernel_route`` is the next attempt.
 ARGMAX_TOP_K_MAX = 0
 
 
