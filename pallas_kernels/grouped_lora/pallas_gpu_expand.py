@@ -88,11 +88,18 @@ class _Tiles:
     block_k: int
     split_k: int
     split_steps: int  # W steps per split
+    lora_block_k: int  # B_flat rows per step
     lora_steps: int  # B_flat steps (split 0)
 
 
-def _tiles(cfg: ExpandConfig, num_tokens: int, d_in: int, d_outs: Sequence[int], lora_rows: int) -> _Tiles:
+def _tiles(
+    cfg: ExpandConfig, num_tokens: int, d_in: int, d_outs: Sequence[int], lora_rows: int, routed: bool = False
+) -> _Tiles:
+    """``routed``: the B_flat loop's left operand is the float32 ``h`` (twice the bytes of bf16 ``hc``), so it
+    steps half as many rows, which keeps its pipelined tiles near the W loop's shared memory (sm_90, 64 x 128
+    tiles: 129 KiB and one block per SM at full steps; scripts/kernel_report.py)."""
     block_k = max(16, min(cfg.block_k, pow2(d_in)))
+    lora_block_k = max(16, block_k // 2) if routed else block_k
     block_n = max(16, min(cfg.block_n, pow2(max(d_outs))))
     steps = cdiv(d_in, block_k)
     blocks = sum(cdiv(o, block_n) for o in d_outs)
@@ -108,7 +115,8 @@ def _tiles(cfg: ExpandConfig, num_tokens: int, d_in: int, d_outs: Sequence[int],
         block_k=block_k,
         split_k=split,
         split_steps=cdiv(steps, split),
-        lora_steps=cdiv(lora_rows, block_k),
+        lora_block_k=lora_block_k,
+        lora_steps=cdiv(lora_rows, lora_block_k),
     )
 
 
@@ -204,7 +212,7 @@ def _body(
     w_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
     x_lhs = _given_hc(x_ref)(rows, row_mask)
 
-    def dot_step(lhs_fn, rhs_ref, k0, extent, tail, gate):  # noqa: ANN001, ANN202
+    def dot_step(lhs_fn, rhs_ref, k0, extent, tail, gate, bk=bk):  # noqa: ANN001, ANN202
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = _masked(kk < extent if tail else None, gate)
         lhs = lhs_fn(
@@ -233,7 +241,8 @@ def _body(
     b_lhs = lora_lhs(rows, row_mask)
 
     def b_step(kb, acc):  # noqa: ANN001, ANN202
-        return acc + dot_step(b_lhs, b_ref, kb * bk, lora_rows, True, first)
+        lbk = tiles.lora_block_k
+        return acc + dot_step(b_lhs, b_ref, kb * lbk, lora_rows, True, first, bk=lbk)
 
     acc = lax.fori_loop(0, tiles.lora_steps, b_step, acc)
     out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
@@ -290,7 +299,7 @@ def _launch(
     num_tokens, d_in = x_td.shape
     d_outs = tuple(w.shape[1] for w in ws_do)
     cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
-    tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows)
+    tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows, routed is not None)
     segments, block, col = [], 0, 0
     for o in d_outs:
         segments.append((block, block + cdiv(o, tiles.block_n), col))
