@@ -17,6 +17,12 @@ off (no traffic). Token rows are padded to a power of two >= 16 (``tl.dot``) wit
 
 A group of projections that read the same x (q/k/v, gate/up) is one launch (``expand_forward_group``): the
 grid walks every projection's column blocks in turn, as ``pallas_gpu_decode.decode_forward_group`` does.
+``expand_forward_group_routed`` also builds ``hc`` in the kernel, from the packed GEMM's output (every expert's
+shrink and the gate logits) and its own top-k (``pallas_gpu_decode._kernel_routing``), so that nothing runs
+between that GEMM and this launch.
+
+Status (session 12): checked in interpret mode and compiled for sm_90 on a CPU host (scripts/kernel_report.py:
+no spills, two blocks per SM); not yet run on a GPU, so its knobs are off (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
