@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels.grouped_lora import api, pallas_gpu_expand
 from pallas_kernels.grouped_lora.pallas_gpu_expand import ExpandConfig
 from tests.grouped_lora_cases import rel_err
-from tests.test_pallas_decode import _triton_kernels, _walk
+from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model
 
 SMALL = ExpandConfig(block_n=16, block_k=32)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -71,16 +71,8 @@ def test_model_packed_step_with_fused_expand_matches(monkeypatch):
     """A tiny model with inference packs (the sampler's path), pallas_gpu_decode in interpret mode: a 4-token
     prefill and a batch-3 decode step take the fused expand for every group with ``fused_expand`` on, and give
     the logits of XLA's GEMMs (knob off)."""
-    from flax import nnx
-
-    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
-
-    cfg = ModelConfig.tiny(vocab_size=99)
-    moe = MoEConfig(
-        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
-    )
-    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(6))
-    model.pack_for_inference()
+    model = tiny_decode_model(6, "float32", packed=True)
+    cfg = model.config
     calls = []
     kernel = pallas_gpu_expand.expand_forward_group
     monkeypatch.setattr(
@@ -237,16 +229,8 @@ def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
     """The tiny model's packed path with ``fused_expand`` and ``expand_route`` on: every group through the
     routed kernel (its bf16 gates as hi / lo halves), the logits of the unfused path; ``return_routing`` falls
     back to XLA's routing."""
-    from flax import nnx
-
-    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
-
-    cfg = ModelConfig.tiny(vocab_size=99)
-    moe = MoEConfig(
-        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
-    )
-    model = MeteoraLlama(cfg, moe, dtype=dtype, rngs=nnx.Rngs(7))
-    model.pack_for_inference()
+    model = tiny_decode_model(7, dtype, packed=True)
+    cfg = model.config
     calls = []
     kernel = pallas_gpu_expand.expand_forward_group_routed
     monkeypatch.setattr(

@@ -432,15 +432,8 @@ def test_group_decode_kernel_lowers_for_cuda_as_one_kernel(d_outs):
 def test_model_decode_step_with_group_decode_matches(monkeypatch):
     """A tiny model's one-token decode step (the decode kernel in interpret mode on every projection): with
     q/k/v and gate/up each in one launch, the same logits as one launch per projection."""
-    from flax import nnx
-
-    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
-
-    cfg = ModelConfig.tiny(vocab_size=99)
-    moe = MoEConfig(
-        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
-    )
-    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(4))
+    model = tiny_decode_model(4)
+    cfg = model.config
     assert api.GROUP_DECODE_MAX_TOKENS == 1  # the default since session 11 (H100 A/B, benchmarks/RESULTS.md)
     monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 0)
     calls = []
@@ -455,6 +448,23 @@ def test_model_decode_step_with_group_decode_matches(monkeypatch):
     on = one_token_step(model)
     assert len(calls) == 2 * cfg.num_hidden_layers  # q/k/v and gate/up of every layer, at the one-token step
     assert rel_err(on, off) < 1e-5
+
+
+def tiny_decode_model(seed: int, dtype: str = "float32", *, packed: bool = False):  # noqa: ANN201
+    """The tiny Llama with 6 experts on ``pallas_gpu_decode`` in interpret mode (the GPU decode paths on this
+    CPU host); ``packed``: with its inference packs attached, as the sampler runs it."""
+    from flax import nnx
+
+    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
+
+    cfg = ModelConfig.tiny(vocab_size=99)
+    moe = MoEConfig(
+        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
+    )
+    model = MeteoraLlama(cfg, moe, dtype=dtype, rngs=nnx.Rngs(seed))
+    if packed:
+        model.pack_for_inference()
+    return model
 
 
 def one_token_step(model, **forward_kw) -> jax.Array:  # noqa: ANN001

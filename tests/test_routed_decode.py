@@ -30,6 +30,7 @@ from tests.test_pallas_decode import (
     _walk,
     _want,
     one_token_step,
+    tiny_decode_model,
 )
 
 SPLIT2 = dataclasses.replace(SMALL, split_k=2)
@@ -189,37 +190,14 @@ def test_model_decode_step_routes_in_the_kernel_with_the_same_logits(monkeypatch
     """A tiny model's one-token decode step with its inference packs (the sampler's path; the decode kernel in
     interpret mode): with ``kernel_route`` on, q/k/v, o, gate/up and down route inside the kernel, and the
     logits equal routing in XLA. ``return_routing`` (aux) keeps XLA's routing, so the ids it reports exist."""
-    from flax import nnx
-
-    from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
-
-    cfg = ModelConfig.tiny(vocab_size=99)
-    moe = MoEConfig(
-        expert_names=tuple(f"e{i}" for i in range(6)), implementation="pallas_gpu_decode_interpret"
-    )
-    model = MeteoraLlama(cfg, moe, dtype="float32", rngs=nnx.Rngs(5))
-    model.pack_for_inference()
+    model = tiny_decode_model(5, packed=True)
+    cfg = model.config
     calls = []
     for fn in ("decode_forward_routed", "decode_forward_group_routed"):
         kernel = getattr(pallas_gpu_decode, fn)
         monkeypatch.setattr(
             pallas_gpu_decode, fn, lambda *a, kernel=kernel, fn=fn, **kw: calls.append(fn) or kernel(*a, **kw)
         )
-
-    def step(aux):
-        cache = model.init_cache(1, 8)
-        mask = jnp.zeros((1, 8), jnp.int32).at[:, :4].set(1)
-        pre = model.forward(
-            jnp.asarray([[1, 5, 6, 7]]), attention_mask=mask, positions=jnp.arange(4)[None], cache=cache
-        )
-        out = model.forward(
-            jnp.asarray([[9]]),
-            attention_mask=mask.at[:, 4].set(1),
-            positions=jnp.full((1, 1), 4),
-            cache=pre.cache,
-            return_routing=aux,
-        )
-        return out.logits
 
     monkeypatch.setattr(api, "ROUTED_DECODE_MAX_TOKENS", 0)
     off = one_token_step(model)
