@@ -255,40 +255,20 @@ def packed_forward(
     interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r)
     fused = None
     if interpret is not None and len({p.implementation for p in routed}) == 1:
-        if aux is None and kernel_gpu_expand.EXPAND_ROUTE:  # the kernel routes from ``wide`` itself
-            halves = wide_tn.shape[1] - a_cols == 2 * n * e
-            spec = kernel_gpu_expand.Routed(
-                routing.spec,
-                e,
-                r,
-                h_col0s=tuple(i * e * r for i in range(n)),
-                logit_col0s=tuple(
-                    (a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)
-                ),
-            )
-            factors = [p.expert_factors() for p in routed]
-            fused = iter(
-                kernel_gpu_expand.expand_forward_group_routed(
-                    x_td,
-                    [f[0] for f in factors],
-                    wide_tn,
-                    [f[2].reshape(e * r, -1) for f in factors],
-                    [f[3] for f in factors],
-                    routed=spec,
-                    interpret=interpret,
-                )
-            )
-        else:
-            fused = iter(_expand_fused(routed, x_td, h_tper, ids_tpk, weights_tpk, interpret))
+        # the kernel routes from ``wide`` itself unless ``aux`` wants XLA's ids
+        in_kernel = aux is None and bool(kernel_gpu_expand.EXPAND_ROUTE)
+        fused = iter(
+            _expand_fused(routed, x_td, wide_tn, h_tper, ids_tpk, weights_tpk, routing, in_kernel, interpret)
+        )
     outs, i = [], 0
     for p in projections:
         if p.num_experts == 0:
             outs.append(p(x_btd, routing, aux))
             continue
-        w_do, _, b_ero, scaling_e = p.expert_factors()
         if fused is not None:
             y_to = next(fused)
         else:
+            w_do, _, b_ero, scaling_e = p.expert_factors()
             y_to = kernel_xla.masked_forward_from_shrink(
                 x_td,
                 w_do,
@@ -311,23 +291,42 @@ def packed_forward(
 def _expand_fused(
     routed: Sequence[MoELoRALinear],
     x_td: Array,
+    wide_tn: Array,
     h_tper: Array,
     ids_tpk: Array,
     weights_tpk: Array,
+    routing: RoutingOptions,
+    in_kernel: bool,
     interpret: bool,
 ) -> list[Array]:
     """``packed_forward``'s outputs of the routed projections through ``pallas_gpu_expand`` (one launch: each
-    base GEMM with its expand as an extra K block), from the group's shrink ``h_tper``."""
-    ws, hcs, bs = [], [], []
-    for i, p in enumerate(routed):
-        w_do, _, b_ero, scaling_e = p.expert_factors()
-        ws.append(w_do)
-        hcs.append(
-            kernel_xla.masked_coefficients(
-                h_tper[:, i], ids_tpk[:, i], weights_tpk[:, i], scaling_e, b_ero.dtype
-            )
+    base GEMM with its expand as an extra K block), from the packed GEMM's output ``wide_tn`` ([shrinks |
+    gates]; its shrinks as [T, P, E, R]: ``h_tper``). ``in_kernel``: the kernel builds ``hc`` and routes itself
+    (``EXPAND_ROUTE``); else ``hc`` comes from XLA's routing ``ids_tpk`` / ``weights_tpk``."""
+    _, n, e, r = h_tper.shape
+    factors = [p.expert_factors() for p in routed]
+    ws = [w_do for w_do, _, _, _ in factors]
+    bs = [b_ero.reshape(e * r, b_ero.shape[2]) for _, _, b_ero, _ in factors]
+    a_cols = n * e * r
+    if in_kernel:
+        halves = wide_tn.shape[1] - a_cols == 2 * n * e  # bf16 gates: hi / lo columns
+        spec = kernel_gpu_expand.Routed(
+            routing.spec,
+            e,
+            r,
+            h_col0s=tuple(i * e * r for i in range(n)),
+            logit_col0s=tuple(
+                (a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)
+            ),
         )
-        bs.append(b_ero.reshape(-1, b_ero.shape[2]))
+        scalings = [scaling_e for _, _, _, scaling_e in factors]
+        return kernel_gpu_expand.expand_forward_group_routed(
+            x_td, ws, wide_tn, bs, scalings, routed=spec, interpret=interpret
+        )
+    hcs = [
+        kernel_xla.masked_coefficients(h_tper[:, i], ids_tpk[:, i], weights_tpk[:, i], scaling_e, b_ero.dtype)
+        for i, (_, _, b_ero, scaling_e) in enumerate(factors)
+    ]
     return kernel_gpu_expand.expand_forward_group(x_td, ws, hcs, bs, interpret=interpret)
 
 

@@ -374,9 +374,7 @@ def grouped_lora_fused_routed(
     kernel routes itself (one launch for the group where ``GROUP_DECODE_MAX_TOKENS`` allows, else one per
     projection). Otherwise, and for every gradient (``vjp.fast_forward``: the same function through
     ``gating.route`` and ``grouped_lora_fused_shared``), the routing runs in XLA first."""
-    t, p, e = logits_tpe.shape
-    if p != len(ws) or any(a.shape[0] != e for a in lora_as):
-        raise ValueError(f"logits {logits_tpe.shape}: expected [T, {len(ws)}, E] with every projection's E")
+    t, p, e = gating.group_shape(logits_tpe, lora_as)
     scalings = [
         jnp.broadcast_to(jnp.asarray(s, jnp.float32), (a.shape[0],)) for s, a in zip(scalings, lora_as)
     ]

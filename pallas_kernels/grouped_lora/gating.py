@@ -11,6 +11,7 @@ other backend takes. The model's gate (``meteora_jax.model.gate``) uses it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,15 @@ def route_spec(
 ) -> tuple[Int[Array, "*T K"], Float[Array, "*T K"]]:
     """``route`` with its options in a ``RouteSpec``."""
     return route(logits_te, top_k=spec.top_k, temperature=spec.temperature, mode=spec.mode)
+
+
+def group_shape(logits_tpe: Float[Array, "T P E"], lora_as: Sequence[Array]) -> tuple[int, int, int]:
+    """``(T, P, E)`` of a group's gate logits, checked against its P projections' stacked A ([E, d, r] each):
+    a ValueError when the counts do not match."""
+    t, p, e = logits_tpe.shape
+    if p != len(lora_as) or any(a.shape[0] != e for a in lora_as):
+        raise ValueError(
+            f"logits {logits_tpe.shape}: expected [T, {len(lora_as)}, E] with every projection's expert count "
+            f"E (theirs: {[a.shape[0] for a in lora_as]})"
+        )
+    return t, p, e

@@ -45,7 +45,7 @@ at 3 of the 4 shapes with every tile tried (best fma vs mma: 16.6 vs 15.7 us at 
 
 Routing inside the kernel (``decode_forward_routed``, ``decode_forward_group_routed``; ``api.grouped_lora_fused_routed``
 takes them for single-token inference when its knob is on): the kernel takes the gate logits instead of ids
-and weights, and every program computes its tokens' top-k and weights (``_kernel_routing``, E floats per token
+and weights, and every program computes its tokens' top-k and weights (``kernel_routing``, E floats per token
 from L2; the same ids as ``gating.route``, ties included, and its weight formulas). At batch-1 decode that
 removes the TopK sort fusion, its slice memcpys and the softmax fusion that XLA runs per group between the gate
 GEMV and this kernel.
@@ -70,7 +70,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
-from pallas_kernels.grouped_lora.gating import RouteSpec
+from pallas_kernels.grouped_lora.gating import RouteSpec, group_shape
 
 # ``pallas_gpu`` uses this kernel in inference up to this many tokens per call (above: shrink + fused GEMM).
 # Measured: it wins at T = 1 on all four Llama-3-8B shapes and loses 4-19x at T = 16 (module doc); T in
@@ -78,7 +78,7 @@ from pallas_kernels.grouped_lora.gating import RouteSpec
 DECODE_MAX_TOKENS = 1
 Ref = Any  # a Pallas ref: indexed with ``.at[...]`` and read with ``plgpu.load``
 # Rows of the base dot: Triton's dot needs M >= 16.
-_MIN_DOT_ROWS = 16
+MIN_DOT_ROWS = 16
 # ``DecodeConfig.base_dot``: "mma" = tensor-core ``tl.dot`` on rows padded to 16; "fma" = CUDA-core
 # broadcast multiply-accumulate on the token rows only.
 BASE_DOTS = ("mma", "fma")
@@ -128,15 +128,41 @@ class DecodeConfig:
     def split_for(self, blocks: int, steps: int) -> int:
         """``split_k``, or for 0: enough K splits of ``steps`` K steps for ~2 programs per SM over ``blocks``
         column blocks, each split >= 2 steps."""
-        if self.split_k > 0:
-            return self.split_k
-        split = 1
-        while blocks * split < _TARGET_PROGRAMS and steps // (2 * split) >= 2:
-            split *= 2
-        return split
+        return self.split_k if self.split_k > 0 else split_k_for(blocks, steps, _TARGET_PROGRAMS)
 
 
 DECODE_CONFIG_OVERRIDE: DecodeConfig | None = None
+
+
+def split_k_for(blocks: int, steps: int, target_programs: int) -> int:
+    """The fewest K splits (a power of two) that give ``blocks`` column blocks ``target_programs`` programs,
+    each split keeping >= 2 of the ``steps`` K steps."""
+    split = 1
+    while blocks * split < target_programs and steps // (2 * split) >= 2:
+        split *= 2
+    return split
+
+
+def column_segments(d_outs: Sequence[int], block_n: int) -> tuple[tuple[tuple[int, int, int], ...], int, int]:
+    """A group kernel's grid over P projections' outputs side by side: ``(segments, blocks, width)``, where
+    ``segments[p]`` = (first column block, end column block, first output column) of projection p."""
+    segments, block, col = [], 0, 0
+    for o in d_outs:
+        segments.append((block, block + cdiv(o, block_n), col))
+        block, col = block + cdiv(o, block_n), col + o
+    return tuple(segments), block, col
+
+
+def for_each_segment(segments: tuple[tuple[int, int, int], ...], body: Any) -> None:
+    """In a group kernel: ``body(p, col_block, split, out_col0)`` for the one projection p whose segment holds
+    this program's column block (``pl.when``: the others' code is skipped)."""
+    # Program ids are read here, outside ``pl.when``: interpret mode cannot evaluate them inside a branch.
+    block, split = pl.program_id(0), pl.program_id(1)
+    for p, (start, end, col0) in enumerate(segments):
+
+        @pl.when((block >= start) & (block < end))
+        def _(p: int = p, start: int = start, col0: int = col0) -> None:
+            body(p, block - start, split, col0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +198,7 @@ def _tiles(
     blocks = sum(cdiv(o, block_n) for o in (d_outs or (d_out,)))
     split_k = max(1, min(steps, cfg.split_for(blocks, steps)))
     return _Tiles(
-        rows=max(_MIN_DOT_ROWS, toks),
+        rows=max(MIN_DOT_ROWS, toks),
         toks=toks,
         block_n=block_n,
         block_k=block_k,
@@ -184,7 +210,7 @@ def _tiles(
     )
 
 
-def _all(*masks: Array | None) -> Array | None:
+def all_masks(*masks: Array | None) -> Array | None:
     """The conjunction of the masks that exist (``None`` = statically all true), broadcast together."""
     present = [m for m in masks if m is not None]
     if not present:
@@ -195,8 +221,10 @@ def _all(*masks: Array | None) -> Array | None:
     return out
 
 
-def _load(ref: Ref, mask: Array | None) -> Array:
-    """A load with zeros where ``mask`` is false; Triton refuses ``other`` without a mask."""
+def masked_load(ref: Ref, mask: Array | None) -> Array:
+    """A load with zeros where ``mask`` is false; Triton refuses ``other`` without a mask. Shared with
+    ``pallas_gpu_expand``, as are ``all_masks``, ``kernel_routing``, ``split_k_for``, ``column_segments``,
+    ``for_each_segment`` and ``launch_group``."""
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
@@ -213,14 +241,16 @@ def _given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> An
     """Routing read as given: slots ``slot0 .. slot0 + k`` of ``ids`` / ``weights`` ([T, slots])."""
 
     def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
-        ids = [_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
-        weights = [_load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32) for j in range(top_k)]
+        ids = [masked_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
+        weights = [
+            masked_load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32) for j in range(top_k)
+        ]
         return ids, weights
 
     return routing
 
 
-def _kernel_routing(logits_ref: Ref, col0s: int | tuple[int, ...], num_experts: int, spec: RouteSpec) -> Any:
+def kernel_routing(logits_ref: Ref, col0s: int | tuple[int, ...], num_experts: int, spec: RouteSpec) -> Any:
     """Routing computed in the kernel from gate logits (columns ``col0 .. col0 + E`` of ``logits``, [T, cols];
     with several ``col0s`` the logits are the sum of those column ranges, in order: the bf16 hi / lo halves of
     a packed gate product): ``gating.route`` for the program's token rows, so no top-k / softmax kernels run
@@ -233,10 +263,11 @@ def _kernel_routing(logits_ref: Ref, col0s: int | tuple[int, ...], num_experts: 
         e_pad = pow2(num_experts)
         ei = jnp.arange(e_pad, dtype=jnp.int32)
         emask = None if e_pad == num_experts else ei < num_experts
-        mask = _all(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
+        mask = all_masks(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
         # Rows past T read zeros (finite routing, never stored); padded experts are -inf (never picked).
         parts = [
-            _load(logits_ref.at[toks[:, None], c + ei[None, :]], mask).astype(jnp.float32) for c in col0s
+            masked_load(logits_ref.at[toks[:, None], c + ei[None, :]], mask).astype(jnp.float32)
+            for c in col0s
         ]
         l_te = functools.reduce(lambda a, b: a + b, parts) / spec.temperature
         if emask is not None:
@@ -276,7 +307,7 @@ def _decode_kernel(*refs: Ref, tiles: _Tiles, top_k: int, spec: RouteSpec | None
     if spec is None:
         routing, (scaling_ref, o_ref) = _given_routing(refs[4], refs[5], 0, top_k), refs[6:]
     else:
-        routing, (scaling_ref, o_ref) = _kernel_routing(refs[4], 0, a_ref.shape[0], spec), refs[5:]
+        routing, (scaling_ref, o_ref) = kernel_routing(refs[4], 0, a_ref.shape[0], spec), refs[5:]
     _decode_body(
         x_ref,
         w_ref,
@@ -302,9 +333,8 @@ def _group_decode_kernel(
 ) -> None:
     """``_decode_kernel`` for P projections that read the same x in ONE launch: refs are x, W_1..W_P,
     A_1..A_P, B_1..B_P, then the routing: ids, weights (the P projections' slots side by side, [T, P * k]),
-    or with ``spec`` the gate logits [T, P * E]; then scaling_1..P, out. ``segments[p]`` = (first column
-    block, end column block, first output column) of projection p: a program runs the one projection its
-    column block belongs to (``pl.when``; the others' code is skipped)."""
+    or with ``spec`` the gate logits [T, P * E]; then scaling_1..P, out. ``segments``: ``column_segments``; a
+    program runs the one projection its column block belongs to (``for_each_segment``)."""
     n = len(segments)
     x_ref, ws, as_, bs = refs[0], refs[1 : 1 + n], refs[1 + n : 1 + 2 * n], refs[1 + 2 * n : 1 + 3 * n]
     rest = refs[1 + 3 * n :]
@@ -312,29 +342,27 @@ def _group_decode_kernel(
         routings = [_given_routing(rest[0], rest[1], p * top_k, top_k) for p in range(n)]
         rest = rest[2:]
     else:
-        routings = [_kernel_routing(rest[0], p * as_[p].shape[0], as_[p].shape[0], spec) for p in range(n)]
+        routings = [kernel_routing(rest[0], p * as_[p].shape[0], as_[p].shape[0], spec) for p in range(n)]
         rest = rest[1:]
     scalings, o_ref = rest[:n], rest[n]
-    # Program ids are read here, outside ``pl.when``: interpret mode cannot evaluate them inside a branch.
-    block, split = pl.program_id(0), pl.program_id(1)
-    for p, (start, end, col0) in enumerate(segments):
 
-        @pl.when((block >= start) & (block < end))
-        def _(p: int = p, start: int = start, col0: int = col0) -> None:
-            _decode_body(
-                x_ref,
-                ws[p],
-                as_[p],
-                bs[p],
-                routings[p],
-                scalings[p],
-                o_ref,
-                tiles=tiles,
-                top_k=top_k,
-                col_block=block - start,
-                split=split,
-                out_col0=col0,
-            )
+    def body(p: int, col_block: Array, split: Array, col0: int) -> None:
+        _decode_body(
+            x_ref,
+            ws[p],
+            as_[p],
+            bs[p],
+            routings[p],
+            scalings[p],
+            o_ref,
+            tiles=tiles,
+            top_k=top_k,
+            col_block=col_block,
+            split=split,
+            out_col0=col0,
+        )
+
+    for_each_segment(segments, body)
 
 
 def _decode_body(
@@ -354,7 +382,7 @@ def _decode_body(
 ) -> None:
     """One program's columns ``col_block`` of ``x @ W + LoRA`` over its K split ``split`` (steps
     ``[split * split_steps, ...)`` of d_in); ``routing(toks, tmask)`` gives its tokens' expert ids and
-    weights (``_given_routing`` / ``_kernel_routing``); written at output column ``out_col0`` on (a group's
+    weights (``_given_routing`` / ``kernel_routing``); written at output column ``out_col0`` on (a group's
     slice of ``o_ref``)."""
     n_tok, d_in = x_ref.shape
     d_out = w_ref.shape[1]
@@ -381,9 +409,9 @@ def _decode_body(
 
     def x_tile(row_idx, row_m, kk, kmask):  # noqa: ANN001, ANN202
         """x[row_idx][:, kk], zero where a row is past T or a column past d_in."""
-        return _load(
+        return masked_load(
             x_ref.at[row_idx[:, None], kk[None, :]],
-            _all(None if row_m is None else row_m[:, None], None if kmask is None else kmask[None, :]),
+            all_masks(None if row_m is None else row_m[:, None], None if kmask is None else kmask[None, :]),
         )
 
     def step(kb, carry):  # noqa: ANN001, ANN202
@@ -392,9 +420,9 @@ def _decode_body(
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = kmask_of(kk)
         x_mk = x_tile(rows, row_mask, kk, kmask)  # m: 16 padded rows ("mma") or toks ("fma")
-        w_kn = _load(
+        w_kn = masked_load(
             w_ref.at[kk[:, None], cols[None, :]],
-            _all(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
+            all_masks(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
         )
         if tiles.fma:
             # Elementwise multiply-add on CUDA cores over the token rows only; no reduction in the loop.
@@ -411,13 +439,15 @@ def _decode_body(
             ks = k0 + s * bs + jnp.arange(bs, dtype=jnp.int32)
             ksmask = kmask_of(ks)
             x_ls = x_tile(toks, tmask, ks, ksmask).astype(jnp.float32)
-            a_mask = _all(
+            a_mask = all_masks(
                 None if tmask is None else tmask[:, None, None],
                 None if ksmask is None else ksmask[None, :, None],
                 None if rmask is None else rmask[None, None, :],
             )
             for j in range(top_k):
-                a_lsr = _load(a_ref.at[ids[j][:, None, None], ks[None, :, None], ri[None, None, :]], a_mask)
+                a_lsr = masked_load(
+                    a_ref.at[ids[j][:, None, None], ks[None, :, None], ri[None, None, :]], a_mask
+                )
                 hk[j] = hk[j] + x_ls[:, :, None] * a_lsr.astype(jnp.float32)
         return acc, tuple(hk)
 
@@ -428,16 +458,16 @@ def _decode_body(
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
     # split expands its partial shrink and the partials' sum is the whole term.
-    b_mask = _all(
+    b_mask = all_masks(
         None if tmask is None else tmask[:, None, None],
         None if rmask is None else rmask[None, :, None],
         None if cmask is None else cmask[None, None, :],
     )
     y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
     for j in range(top_k):
-        scale_l = _load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
+        scale_l = masked_load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
         hc_lr = jnp.sum(hk[j], axis=1) * (weights[j] * scale_l)[:, None]
-        b_lrn = _load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
+        b_lrn = masked_load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
         y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
 
     y_mn = base_mn + (y_ln if tiles.fma else _embed_rows(y_ln, tiles.rows))
@@ -446,7 +476,9 @@ def _decode_body(
     plgpu.store(
         o_ref.at[out_rows[:, None], out_col0 + cols[None, :]],
         y_mn.astype(o_ref.dtype),
-        mask=_all(None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]),
+        mask=all_masks(
+            None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]
+        ),
     )
 
 
@@ -530,8 +562,8 @@ def _launch(
     x_td: Array,
     d_out: int,
     blocks: int,
-    cfg: DecodeConfig,
-    tiles: _Tiles,
+    cfg: Any,
+    tiles: Any,
     interpret: bool,
 ) -> Float[Array, "T O"]:
     """One ``pallas_call`` of a decode kernel over ``blocks`` column blocks x ``split_k``, and (split-K) the sum
@@ -596,11 +628,7 @@ def decode_forward_group_routed(
 ) -> list[Float[Array, "T O"]]:
     """``decode_forward_group`` routed inside the kernel (``decode_forward_routed``): projection p's routing is
     ``gating.route_spec(logits_tpe[:, p], spec)``; the P projections have the same expert count E."""
-    t, p, e = logits_tpe.shape
-    if p != len(ws_do) or any(a.shape[0] != e for a in lora_as_edr):
-        raise ValueError(
-            f"logits {logits_tpe.shape}: expected [T, {len(ws_do)}, E] with every projection's E"
-        )
+    t, p, e = group_shape(logits_tpe, lora_as_edr)
     routing = (logits_tpe.reshape(t, p * e),)
     return _decode_group(
         x_td, ws_do, lora_as_edr, lora_bs_ero, routing, scalings_e, spec.top_k, spec, interpret, config
@@ -624,13 +652,8 @@ def _decode_group(
     rank = max(a.shape[2] for a in lora_as_edr)
     cfg = config or DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, max(d_outs))
     tiles = _tiles(cfg, num_tokens, d_in, max(d_outs), rank, d_outs)
-    segments, block, col = [], 0, 0
-    for o in d_outs:
-        segments.append((block, block + cdiv(o, tiles.block_n), col))
-        block, col = block + cdiv(o, tiles.block_n), col + o
-    kernel = functools.partial(
-        _group_decode_kernel, tiles=tiles, top_k=top_k, segments=tuple(segments), spec=spec
-    )
+    segments, blocks, width = column_segments(d_outs, tiles.block_n)
+    kernel = functools.partial(_group_decode_kernel, tiles=tiles, top_k=top_k, segments=segments, spec=spec)
     args = (
         x_td,
         *ws_do,
@@ -639,7 +662,26 @@ def _decode_group(
         *routing,
         *(s.astype(jnp.float32) for s in scalings_e),
     )
-    out = _launch(kernel, "lora_decode_fused_group", args, x_td, col, block, cfg, tiles, interpret)
+    return launch_group(
+        kernel, "lora_decode_fused_group", args, x_td, segments, blocks, width, cfg, tiles, interpret
+    )
+
+
+def launch_group(
+    kernel: Any,
+    name: str,
+    args: tuple,
+    x_td: Array,
+    segments: tuple[tuple[int, int, int], ...],
+    blocks: int,
+    width: int,
+    cfg: Any,
+    tiles: Any,
+    interpret: bool,
+) -> list[Array]:
+    """``_launch`` of a group kernel (``column_segments``), its output split back into one per projection.
+    ``cfg`` / ``tiles``: anything with ``num_warps``, ``num_stages`` / ``split_k`` (``pallas_gpu_expand``'s)."""
+    out = _launch(kernel, name, args, x_td, width, blocks, cfg, tiles, interpret)
     return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
 
 

@@ -18,7 +18,7 @@ off (no traffic). Token rows are padded to a power of two >= 16 (``tl.dot``) wit
 A group of projections that read the same x (q/k/v, gate/up) is one launch (``expand_forward_group``): the
 grid walks every projection's column blocks in turn, as ``pallas_gpu_decode.decode_forward_group`` does.
 ``expand_forward_group_routed`` also builds ``hc`` in the kernel, from the packed GEMM's output (every expert's
-shrink and the gate logits) and its own top-k (``pallas_gpu_decode._kernel_routing``), so that nothing runs
+shrink and the gate logits) and its own top-k (``pallas_gpu_decode.kernel_routing``), so that nothing runs
 between that GEMM and this launch.
 
 Status (session 12): checked in interpret mode and compiled for sm_90 on a CPU host (scripts/kernel_report.py:
@@ -32,19 +32,26 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
 from pallas_kernels.grouped_lora import xla
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 from pallas_kernels.grouped_lora.gating import RouteSpec
+from pallas_kernels.grouped_lora.pallas_gpu_decode import (
+    MIN_DOT_ROWS,
+    all_masks,
+    column_segments,
+    for_each_segment,
+    kernel_routing,
+    launch_group,
+    masked_load,
+    split_k_for,
+)
 
 Ref = Any
-_MIN_DOT_ROWS = 16
 # From 2 up to this many tokens, the GPU decode backend (``pallas_gpu_decode``) runs its dense inference forward
 # through this kernel: a single projection (``forward_if_batched``) and, in the model, each group of the
 # packed path (``api.expand_fused_plan``). Knob ``fused_expand`` (0 = off: XLA's base and expand GEMMs).
@@ -109,14 +116,10 @@ def _tiles(
     block_n = max(16, min(cfg.block_n, pow2(max(d_outs))))
     steps = cdiv(d_in, block_k)
     blocks = sum(cdiv(o, block_n) for o in d_outs)
-    split = cfg.split_k
-    if split <= 0:
-        split = 1
-        while blocks * split < cfg.target_programs and steps // (2 * split) >= 2:
-            split *= 2
+    split = cfg.split_k if cfg.split_k > 0 else split_k_for(blocks, steps, cfg.target_programs)
     split = max(1, min(steps, split))
     return _Tiles(
-        rows=max(_MIN_DOT_ROWS, pow2(num_tokens)),
+        rows=max(MIN_DOT_ROWS, pow2(num_tokens)),
         block_n=block_n,
         block_k=block_k,
         split_k=split,
@@ -124,15 +127,6 @@ def _tiles(
         lora_block_k=lora_block_k,
         lora_steps=cdiv(lora_rows, lora_block_k),
     )
-
-
-def _masked(*masks: Array | None) -> Array | None:
-    present = [m for m in masks if m is not None]
-    return functools.reduce(lambda a, b: a & b, present) if present else None
-
-
-def _load(ref: Ref, mask: Array | None) -> Array:
-    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
 def _given_hc(hc_ref: Ref) -> Any:
@@ -144,7 +138,7 @@ def _given_hc(hc_ref: Ref) -> Any:
 
         def lhs(kk: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
             del dtype
-            return _load(hc_ref.at[rows[:, None], kk[None, :]], mask)
+            return masked_load(hc_ref.at[rows[:, None], kk[None, :]], mask)
 
         return lhs
 
@@ -167,11 +161,9 @@ class Routed:
 
 def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
     """The B_flat block's left operand computed in the kernel: ``h * coef`` in B's dtype, with ``coef`` from the
-    program's own top-k of the logits (``pallas_gpu_decode._kernel_routing``, run once by ``prepare``, before the
+    program's own top-k of the logits (``pallas_gpu_decode.kernel_routing``, run once by ``prepare``, before the
     B_flat loop), as ``xla.masked_coefficients`` computes it (the same products, so the same values)."""
-    from pallas_kernels.grouped_lora.pallas_gpu_decode import _kernel_routing
-
-    route = _kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec)
+    route = kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec)
     h_col0, n_cols = routed.h_col0s[p], routed.num_experts * routed.rank
 
     def prepare(rows: Array, row_mask: Array | None) -> Any:
@@ -184,8 +176,8 @@ def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
                 for i, w in zip(ids, weights, strict=True)
             ]
             weight = functools.reduce(lambda a, b: a + b, hits)
-            scale = _load(scaling_ref.at[e_of], kk < n_cols).astype(jnp.float32)
-            h = _load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask).astype(jnp.float32)
+            scale = masked_load(scaling_ref.at[e_of], kk < n_cols).astype(jnp.float32)
+            h = masked_load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask).astype(jnp.float32)
             return (h * (weight * scale[None, :])).astype(dtype)
 
         return lhs
@@ -220,17 +212,17 @@ def _body(
 
     def dot_step(lhs_fn, rhs_ref, k0, extent, tail, gate, bk=bk):  # noqa: ANN001, ANN202
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
-        kmask = _masked(kk < extent if tail else None, gate)
+        kmask = all_masks(kk < extent if tail else None, gate)
         lhs = lhs_fn(
             kk,
-            _masked(
+            all_masks(
                 None if row_mask is None else row_mask[:, None], None if kmask is None else kmask[None, :]
             ),
             rhs_ref.dtype,
         )
-        rhs = _load(
+        rhs = masked_load(
             rhs_ref.at[kk[:, None], cols[None, :]],
-            _masked(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
+            all_masks(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
         )
         return jnp.dot(
             lhs.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32, precision=dot_precision(rhs.dtype)
@@ -255,7 +247,7 @@ def _body(
     plgpu.store(
         o_ref.at[out_rows[:, None], out_col0 + cols[None, :]],
         acc.astype(o_ref.dtype),
-        mask=_masked(
+        mask=all_masks(
             None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]
         ),
     )
@@ -265,7 +257,7 @@ def _group_kernel(
     *refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...], routed: Routed | None
 ) -> None:
     """refs: x, W_1..W_P, hc_1..hc_P, B_1..B_P (flat [E * R, O_p]), out; or with ``routed``: x, W_1..W_P, wide,
-    B_1..B_P, scaling_1..P, out. ``segments`` as in ``pallas_gpu_decode._group_decode_kernel``."""
+    B_1..B_P, scaling_1..P, out. ``segments``: ``pallas_gpu_decode.column_segments``."""
     n = len(segments)
     x_ref, ws = refs[0], refs[1 : 1 + n]
     if routed is None:
@@ -275,22 +267,21 @@ def _group_kernel(
         wide_ref, bs, scalings = refs[1 + n], refs[2 + n : 2 + 2 * n], refs[2 + 2 * n : 2 + 3 * n]
         lhs_fns = [_routed_hc(wide_ref, scalings[p], routed, p) for p in range(n)]
     o_ref = refs[-1]
-    block, split = pl.program_id(0), pl.program_id(1)  # outside pl.when: interpret mode needs that
-    for p, (start, end, col0) in enumerate(segments):
 
-        @pl.when((block >= start) & (block < end))
-        def _(p: int = p, start: int = start, col0: int = col0) -> None:
-            _body(
-                x_ref,
-                ws[p],
-                lhs_fns[p],
-                bs[p],
-                o_ref,
-                tiles=tiles,
-                col_block=block - start,
-                split=split,
-                out_col0=col0,
-            )
+    def body(p: int, col_block: Array, split: Array, col0: int) -> None:
+        _body(
+            x_ref,
+            ws[p],
+            lhs_fns[p],
+            bs[p],
+            o_ref,
+            tiles=tiles,
+            col_block=col_block,
+            split=split,
+            out_col0=col0,
+        )
+
+    for_each_segment(segments, body)
 
 
 def _launch(
@@ -306,26 +297,12 @@ def _launch(
     d_outs = tuple(w.shape[1] for w in ws_do)
     cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
     tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows, routed is not None)
-    segments, block, col = [], 0, 0
-    for o in d_outs:
-        segments.append((block, block + cdiv(o, tiles.block_n), col))
-        block, col = block + cdiv(o, tiles.block_n), col + o
-    split = tiles.split_k
-    out_shape = jax.ShapeDtypeStruct(
-        (num_tokens, col) if split == 1 else (split * num_tokens, col),
-        x_td.dtype if split == 1 else jnp.float32,
+    segments, blocks, width = column_segments(d_outs, tiles.block_n)
+    kernel = functools.partial(_group_kernel, tiles=tiles, segments=segments, routed=routed)
+    name = "lora_expand_fused" if routed is None else "lora_expand_fused_routed"
+    return launch_group(
+        kernel, name, (x_td, *ws_do, *lora_args), x_td, segments, blocks, width, cfg, tiles, interpret
     )
-    out = pl.pallas_call(
-        functools.partial(_group_kernel, tiles=tiles, segments=tuple(segments), routed=routed),
-        out_shape=out_shape,
-        grid=(block, split),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="lora_expand_fused" if routed is None else "lora_expand_fused_routed",
-    )(x_td, *ws_do, *lora_args)
-    if split > 1:
-        out = jnp.sum(out.reshape(split, num_tokens, col), axis=0).astype(x_td.dtype)
-    return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
 
 
 def expand_forward_group_routed(
