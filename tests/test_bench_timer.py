@@ -145,12 +145,13 @@ def test_parse_impl_refuses_malformed_tiles(spec):
         _bench_module().parse_impl(spec)
 
 
-def test_bench_impl_knob_suffix_is_set_for_that_impl_only(tmp_path):
+def test_bench_impl_knob_suffix_is_set_for_that_impl_only(tmp_path, monkeypatch):
     """``impl+KNOB=N``: parsed (a bad knob is refused, naming the knobs), set while that impl's rows are traced
     (``pallas_gpu_expand`` runs at T=16 with ``fused_expand`` on) and restored after."""
     from meteora_jax.errors import MeteoraInputError
     from pallas_kernels.grouped_lora import pallas_gpu_expand
 
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 0)  # off unless the suffix sets it
     bench = _bench_module()
     assert bench.split_knobs("pallas_gpu_decode+fused_expand=64") == (
         "pallas_gpu_decode",

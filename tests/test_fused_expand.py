@@ -87,6 +87,7 @@ def test_model_packed_step_with_fused_expand_matches(monkeypatch):
             ids, attention_mask=jnp.ones((3, 4), jnp.int32), positions=jnp.arange(4)[None]
         ).logits
 
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_ROUTE", 0)  # the routed variant has its own test below
     monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 0)
     off = run()
     assert not calls
@@ -229,6 +230,8 @@ def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
     """The tiny model's packed path with ``fused_expand`` and ``expand_route`` on: every group through the
     routed kernel (its bf16 gates as hi / lo halves), the logits of the unfused path; ``return_routing`` falls
     back to XLA's routing."""
+    # the defaults since session 13 (H100 A/B, benchmarks/RESULTS.md)
+    assert pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS == 64 and pallas_gpu_expand.EXPAND_ROUTE == 1
     model = tiny_decode_model(7, dtype, packed=True)
     cfg = model.config
     calls = []
@@ -242,7 +245,9 @@ def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
         mask = jnp.ones((2, 4), jnp.int32)
         return model.forward(ids, attention_mask=mask, positions=jnp.arange(4)[None], **kw).logits
 
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 0)
     off = run()
+    assert not calls
     monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 64)
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_ROUTE", 1)
     on = run()
@@ -284,3 +289,34 @@ def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel():
     text = lowered.as_text()
     assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
     assert "sort" not in text and "top_k" not in text.lower()
+
+
+def test_expand_kernel_is_skipped_where_its_tiles_would_not_fit_in_shared_memory(monkeypatch):
+    """The W loop's x tile holds every token's row: at 256 bf16 tokens its three stages ask 240 KiB, which the
+    H100 refused at launch (227 KiB per block). ``fits`` sends such calls to XLA's path instead, in the model's
+    plan and in ``forward_if_batched``; the estimate matches Triton's 96 KiB at 64 tokens (kernel_report)."""
+    from tests.test_pallas_decode import _args, _case
+    from tests.test_pallas_decode import _inputs as decode_inputs
+
+    assert pallas_gpu_expand.shared_memory_bytes(64, 2, pallas_gpu_expand.ExpandConfig()) == 96 * 1024
+    assert pallas_gpu_expand.shared_memory_bytes(256, 2, pallas_gpu_expand.ExpandConfig()) == 245760
+    monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 256)
+    assert pallas_gpu_expand.fits(128, 2) and not pallas_gpu_expand.fits(256, 2)
+    assert not pallas_gpu_expand.fits(128, 4)  # float32 rows: twice the bytes
+    assert not pallas_gpu_expand.fits(1, 2)  # one token: the decode kernel's
+    impl = "pallas_gpu_decode_interpret"
+    assert api.expand_fused_plan(impl, 128, 48) is True
+    assert api.expand_fused_plan(impl, 128, 48, itemsize=4) is None
+    assert api.expand_fused_plan(impl, 256, 48) is None
+    calls = []
+    kernel = pallas_gpu_expand.expand_forward_group
+    monkeypatch.setattr(
+        pallas_gpu_expand,
+        "expand_forward_group",
+        lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw),
+    )
+    outs = {}
+    for t in (128, 256):
+        inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "bfloat16"), f"expand-smem-{t}")
+        outs[t] = pallas_gpu_expand.forward_if_batched(*_args(inp), interpret=True)
+    assert calls == [128] and outs[128] is not None and outs[256] is None

@@ -190,6 +190,7 @@ def test_model_decode_step_routes_in_the_kernel_with_the_same_logits(monkeypatch
     """A tiny model's one-token decode step with its inference packs (the sampler's path; the decode kernel in
     interpret mode): with ``kernel_route`` on, q/k/v, o, gate/up and down route inside the kernel, and the
     logits equal routing in XLA. ``return_routing`` (aux) keeps XLA's routing, so the ids it reports exist."""
+    assert api.ROUTED_DECODE_MAX_TOKENS == 1  # the default since session 13 (H100 A/B, benchmarks/RESULTS.md)
     model = tiny_decode_model(5, packed=True)
     cfg = model.config
     calls = []

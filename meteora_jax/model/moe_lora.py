@@ -252,7 +252,7 @@ def packed_forward(
         gates_tn = gates_tn[:, : n * e] + gates_tn[:, n * e :]
     logits_tpe = gates_tn.reshape(num_tokens, n, e)
     ids_tpk, weights_tpk = route_group(logits_tpe, routing)
-    interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r)
+    interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r, x_td.dtype.itemsize)
     fused = None
     if interpret is not None and len({p.implementation for p in routed}) == 1:
         # the kernel routes from ``wide`` itself unless ``aux`` wants XLA's ids

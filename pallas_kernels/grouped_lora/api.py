@@ -323,8 +323,9 @@ def grouped_lora_fused_shared(
 # Up to this many tokens, ``grouped_lora_fused_routed`` lets the decode kernel route from the gate logits itself
 # (``pallas_gpu_decode.decode_forward_routed``) where the backend's inference forward is that kernel: the top-k
 # (a sort fusion whose slices XLA runs as device memcpys) and the softmax fusions no longer run between the
-# gate and the kernel. Knob ``kernel_route`` (0 = route in XLA, as before).
-ROUTED_DECODE_MAX_TOKENS = 0
+# gate and the kernel. Knob ``kernel_route`` (0 = route in XLA, as before). On since session 13: on the H100 the
+# 8B model's batch-1 decode went from 1.125x to 1.00x the experts-off model (benchmarks/RESULTS.md).
+ROUTED_DECODE_MAX_TOKENS = 1
 
 
 def routes_in_kernel(
@@ -418,14 +419,15 @@ def grouped_lora_fused_routed(
 
 
 def expand_fused_plan(
-    implementation: str | Sequence[str] | None, num_tokens: int, expert_columns: int
+    implementation: str | Sequence[str] | None, num_tokens: int, expert_columns: int, itemsize: int = 2
 ) -> bool | None:
     """``interpret`` (a bool) when ``pallas_gpu_expand`` may serve this call, else None: the dense masked
     forward (``masked_forward_plan``) of the GPU decode backend, up to ``pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS``
-    tokens (the caller computes the shrink: ``moe_lora.packed_forward``)."""
+    tokens of ``itemsize`` bytes whose tiles fit in shared memory (``pallas_gpu_expand.fits``; the caller
+    computes the shrink: ``moe_lora.packed_forward``)."""
     from pallas_kernels.grouped_lora import pallas_gpu_expand
 
-    if num_tokens > pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS:
+    if not pallas_gpu_expand.fits(num_tokens, itemsize):
         return None
     plan = masked_forward_plan(implementation, num_tokens, expert_columns)
     if plan is None:

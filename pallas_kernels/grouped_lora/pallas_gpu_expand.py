@@ -54,11 +54,12 @@ from pallas_kernels.grouped_lora.pallas_gpu_decode import (
 Ref = Any
 # From 2 up to this many tokens, the GPU decode backend (``pallas_gpu_decode``) runs its dense inference forward
 # through this kernel: a single projection (``forward_if_batched``) and, in the model, each group of the
-# packed path (``api.expand_fused_plan``). Knob ``fused_expand`` (0 = off: XLA's base and expand GEMMs).
-FUSED_EXPAND_MAX_TOKENS = 0
+# packed path (``api.expand_fused_plan``). Knob ``fused_expand`` (0 = off: XLA's base and expand GEMMs). On since
+# session 13 with ``EXPAND_ROUTE``: batch-64 decode 1.35x -> 1.19x the experts-off model on the H100.
+FUSED_EXPAND_MAX_TOKENS = 64
 # 1: where the fused expand serves the model's packed path, it also routes itself (``expand_forward_group_routed``
 # from the packed GEMM's output: no top-k / softmax / coefficient kernels per group). Knob ``expand_route``.
-EXPAND_ROUTE = 0
+EXPAND_ROUTE = 1
 # The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
 # re-reads x ([64, 4096] bf16 = 512 KB, from L2), so narrow blocks cost L2 traffic, while split-K writes and
@@ -92,6 +93,28 @@ class ExpandConfig:
 
 
 EXPAND_CONFIG_OVERRIDE: ExpandConfig | None = None
+
+# Shared memory per block on sm_90 (227 KiB). The W loop's pipelined x tile holds every token's row, so it grows
+# with T; a call whose tiles would not fit goes to the caller's XLA path rather than failing at launch (the H100
+# refused 240 KiB at 256 bf16 tokens: ``RESOURCE_EXHAUSTED: Shared memory size limit exceeded``).
+MAX_SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def shared_memory_bytes(num_tokens: int, itemsize: int, config: ExpandConfig | None = None) -> int:
+    """The W loop's pipelined tiles: ``num_stages`` x (x tile [rows, block_k] + W tile [block_k, block_n]) at
+    ``itemsize`` bytes. The B_flat loop's tiles are no larger (the routed loop steps half the rows of float32
+    ``h``). Matches Triton's figure for sm_90: 96 KiB at 64 bf16 tokens (scripts/kernel_report.py), 240 KiB at
+    256."""
+    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
+    rows = max(MIN_DOT_ROWS, pow2(num_tokens))
+    return cfg.num_stages * (rows * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
+
+
+def fits(num_tokens: int, itemsize: int, config: ExpandConfig | None = None) -> bool:
+    """Whether a call of ``num_tokens`` rows of ``itemsize`` bytes may run through this kernel."""
+    return 2 <= num_tokens <= FUSED_EXPAND_MAX_TOKENS and (
+        shared_memory_bytes(num_tokens, itemsize, config) <= MAX_SHARED_MEMORY_BYTES
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +396,7 @@ def forward_if_batched(
     """An ops ``forward``: XLA's dense shrink and coefficient mask, then this kernel, for a call of 2 ..
     ``FUSED_EXPAND_MAX_TOKENS`` tokens with ``w`` and few expert columns; else None (the caller's path)."""
     num_experts, _, rank = lora_a_edr.shape
-    if w_do is None or not 2 <= x_td.shape[0] <= FUSED_EXPAND_MAX_TOKENS:
+    if w_do is None or not fits(x_td.shape[0], x_td.dtype.itemsize):
         return None
     if num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS:
         return None
