@@ -320,6 +320,7 @@ def main() -> int:
         top_k=2,
         config="tiny" if args.tiny else "llama3-8b",
         date=time.strftime("%Y-%m-%d"),
+        command=" ".join(["python3 scripts/bench_generate.py", *sys.argv[1:]]),
         knobs=knobs.current(),
     )
     reps = 2 if args.tiny else 5

@@ -33,5 +33,7 @@ def test_knobs_are_set_for_the_run_and_recorded(tmp_path):
         "--knob", "kernel_route=1", "--knob", "fused_expand=inf", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    knobs = json.loads(out.read_text())["knobs"]
+    written = json.loads(out.read_text())
+    knobs = written["knobs"]
     assert knobs["kernel_route"] == 1 and knobs["fused_expand"] == sys.maxsize
+    assert written["command"].endswith("--knob kernel_route=1 --knob fused_expand=inf --out " + str(out))
