@@ -436,9 +436,8 @@ def test_model_decode_step_with_group_decode_matches(monkeypatch):
     cfg = model.config
     assert api.GROUP_DECODE_MAX_TOKENS == 1  # the default since session 11 (H100 A/B, benchmarks/RESULTS.md)
     monkeypatch.setattr(api, "GROUP_DECODE_MAX_TOKENS", 0)
-    monkeypatch.setattr(
-        api, "ROUTED_DECODE_MAX_TOKENS", 0
-    )  # given routing (tests/test_routed_decode.py: in-kernel)
+    # given routing here; routing inside the kernel is tests/test_routed_decode.py's
+    monkeypatch.setattr(api, "ROUTED_DECODE_MAX_TOKENS", 0)
     calls = []
     group = pallas_gpu_decode.decode_forward_group
     monkeypatch.setattr(

@@ -394,7 +394,8 @@ def forward_if_batched(
     interpret: bool = False,
 ) -> Float[Array, "T O"] | None:
     """An ops ``forward``: XLA's dense shrink and coefficient mask, then this kernel, for a call of 2 ..
-    ``FUSED_EXPAND_MAX_TOKENS`` tokens with ``w`` and few expert columns; else None (the caller's path)."""
+    ``FUSED_EXPAND_MAX_TOKENS`` tokens (whose tiles ``fits`` shared memory) with ``w`` and few expert columns;
+    else None (the caller's path)."""
     num_experts, _, rank = lora_a_edr.shape
     if w_do is None or not fits(x_td.shape[0], x_td.dtype.itemsize):
         return None
