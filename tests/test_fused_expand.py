@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,17 @@ def _want(x, ws, hcs, bs) -> list[np.ndarray]:  # noqa: ANN001
     return [f64(x) @ f64(w) + f64(h) @ f64(b) for w, h, b in zip(ws, hcs, bs, strict=True)]
 
 
+def _record_expand_calls(monkeypatch: pytest.MonkeyPatch, key: Callable[..., int]) -> list[int]:
+    """Spies on ``pallas_gpu_expand.expand_forward_group``: each call appends ``key(*its args)`` to the list
+    returned, then runs the kernel."""
+    calls: list[int] = []
+    kernel = pallas_gpu_expand.expand_forward_group
+    monkeypatch.setattr(
+        pallas_gpu_expand, "expand_forward_group", lambda *a, **kw: calls.append(key(*a)) or kernel(*a, **kw)
+    )
+    return calls
+
+
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(CASES))
 def test_expand_kernel_matches_float64(name, interpret):
@@ -73,13 +85,7 @@ def test_model_packed_step_with_fused_expand_matches(monkeypatch):
     the logits of XLA's GEMMs (knob off)."""
     model = tiny_decode_model(6, "float32", packed=True)
     cfg = model.config
-    calls = []
-    kernel = pallas_gpu_expand.expand_forward_group
-    monkeypatch.setattr(
-        pallas_gpu_expand,
-        "expand_forward_group",
-        lambda *a, **kw: calls.append(len(a[1])) or kernel(*a, **kw),
-    )
+    calls = _record_expand_calls(monkeypatch, lambda _, ws, *__: len(ws))
 
     def run():
         ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
@@ -143,13 +149,7 @@ def test_grouped_lora_fused_takes_the_expand_kernel_for_a_few_tokens(monkeypatch
     from tests.test_pallas_decode import _inputs as decode_inputs
 
     monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 8)
-    calls = []
-    kernel = pallas_gpu_expand.expand_forward_group
-    monkeypatch.setattr(
-        pallas_gpu_expand,
-        "expand_forward_group",
-        lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw),
-    )
+    calls = _record_expand_calls(monkeypatch, lambda x_td, *_: x_td.shape[0])
     impl = "pallas_gpu_decode_interpret"
     for t in (1, 2, 8, 9):
         inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "float32"), f"expand-api-{t}")
@@ -308,13 +308,7 @@ def test_expand_kernel_is_skipped_where_its_tiles_would_not_fit_in_shared_memory
     assert api.expand_fused_plan(impl, 128, 48) is True
     assert api.expand_fused_plan(impl, 128, 48, itemsize=4) is None
     assert api.expand_fused_plan(impl, 256, 48) is None
-    calls = []
-    kernel = pallas_gpu_expand.expand_forward_group
-    monkeypatch.setattr(
-        pallas_gpu_expand,
-        "expand_forward_group",
-        lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw),
-    )
+    calls = _record_expand_calls(monkeypatch, lambda x_td, *_: x_td.shape[0])
     outs = {}
     for t in (128, 256):
         inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "bfloat16"), f"expand-smem-{t}")
