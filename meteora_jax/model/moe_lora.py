@@ -25,6 +25,7 @@ from meteora_jax.params import ExpertParam, GateParam
 from pallas_kernels import grouped_lora_fused, grouped_lora_fused_routed, grouped_lora_fused_shared
 from pallas_kernels.grouped_lora import api as kernel_api
 from pallas_kernels.grouped_lora import pallas_gpu_expand as kernel_gpu_expand
+from pallas_kernels.grouped_lora import pallas_gpu_pack as kernel_gpu_pack
 from pallas_kernels.grouped_lora import xla as kernel_xla
 
 # logical axes of each projection's (d_in, d_out)
@@ -245,7 +246,15 @@ def packed_forward(
     ((_, low),) = plans
     n, a_cols = len(routed), len(routed) * e * r
     x_td = x_btd.reshape(num_tokens, d)
-    wide_tn = jnp.dot(x_td, pack_dn, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    pack_interpret = kernel_api.pack_kernel_plan(
+        routed[0].implementation, num_tokens, e * r, x_td.dtype.itemsize
+    )
+    if pack_interpret is not None:  # every routed projection has this backend (``plans``)
+        wide_tn = kernel_gpu_pack.pack_matmul(x_td, pack_dn, interpret=pack_interpret)
+    else:
+        wide_tn = jnp.dot(
+            x_td, pack_dn, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )
     h_tper = wide_tn[:, :a_cols].reshape(num_tokens, n, e, r)
     gates_tn = wide_tn[:, a_cols:]
     if gates_tn.shape[1] == 2 * n * e:  # bf16 hi / lo halves

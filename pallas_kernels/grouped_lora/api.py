@@ -436,3 +436,22 @@ def expand_fused_plan(
     if name == "pallas_gpu_decode" and jax.default_backend() == "gpu":
         return False
     return True if name == "pallas_gpu_decode_interpret" else None
+
+
+def pack_kernel_plan(
+    implementation: str | Sequence[str] | None, num_tokens: int, expert_columns: int, itemsize: int = 2
+) -> bool | None:
+    """``interpret`` (a bool) when ``pallas_gpu_pack`` may compute the packed GEMM of ``moe_lora.packed_forward``
+    for this call, else None: the same backends as ``expand_fused_plan``, up to
+    ``pallas_gpu_pack.PACK_KERNEL_MAX_TOKENS`` tokens whose tiles fit in shared memory."""
+    from pallas_kernels.grouped_lora import pallas_gpu_pack
+
+    if not pallas_gpu_pack.fits(num_tokens, itemsize):
+        return None
+    plan = masked_forward_plan(implementation, num_tokens, expert_columns)
+    if plan is None:
+        return None
+    name = plan[0]
+    if name == "pallas_gpu_decode" and jax.default_backend() == "gpu":
+        return False
+    return True if name == "pallas_gpu_decode_interpret" else None
