@@ -75,7 +75,7 @@ def test_pack_kernel_plan_and_shared_memory(monkeypatch):
     assert api.pack_kernel_plan(impl, 8, 48) is True
     assert api.pack_kernel_plan(impl, 1, 48) is None  # one token: the decode kernel routes itself
     assert api.pack_kernel_plan("xla", 8, 48) is None
-    assert pallas_gpu_pack.shared_memory_bytes(64, 2, PackConfig()) == 96 * 1024
+    assert pallas_gpu_expand.shared_memory_bytes(64, 2, PackConfig()) == 96 * 1024
     assert api.pack_kernel_plan(impl, 128, 48) is True
     assert api.pack_kernel_plan(impl, 256, 48) is None  # 240 KiB > 227 KiB
     monkeypatch.setattr(pallas_gpu_pack, "PACK_KERNEL_MAX_TOKENS", 64)

@@ -429,6 +429,14 @@ def expand_fused_plan(
 
     if not pallas_gpu_expand.fits(num_tokens, itemsize):
         return None
+    return _gpu_decode_interpret(implementation, num_tokens, expert_columns)
+
+
+def _gpu_decode_interpret(
+    implementation: str | Sequence[str] | None, num_tokens: int, expert_columns: int
+) -> bool | None:
+    """``interpret`` where the dense masked forward of this call is the GPU decode backend's (False on a GPU,
+    True for its ``_interpret`` twin), else None."""
     plan = masked_forward_plan(implementation, num_tokens, expert_columns)
     if plan is None:
         return None
@@ -448,10 +456,4 @@ def pack_kernel_plan(
 
     if not pallas_gpu_pack.fits(num_tokens, itemsize):
         return None
-    plan = masked_forward_plan(implementation, num_tokens, expert_columns)
-    if plan is None:
-        return None
-    name = plan[0]
-    if name == "pallas_gpu_decode" and jax.default_backend() == "gpu":
-        return False
-    return True if name == "pallas_gpu_decode_interpret" else None
+    return _gpu_decode_interpret(implementation, num_tokens, expert_columns)

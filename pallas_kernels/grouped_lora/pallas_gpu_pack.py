@@ -36,6 +36,11 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 from pallas_kernels.grouped_lora.pallas_gpu_decode import MIN_DOT_ROWS, all_masks, masked_load, split_k_for
+from pallas_kernels.grouped_lora.pallas_gpu_expand import (
+    MAX_SHARED_MEMORY_BYTES,
+    ExpandConfig,
+    shared_memory_bytes,
+)
 
 Ref = Any
 # From 2 up to this many tokens, ``moe_lora.packed_forward`` runs its packed GEMM through this kernel where the
@@ -49,21 +54,12 @@ PACK_BLOCK_K = 128
 PACK_SPLIT_K = 0  # 0 = the fewest splits (powers of two) that give ``PACK_TARGET_PROGRAMS`` programs
 PACK_TARGET_PROGRAMS = 132  # one per SM of an H100 / H200
 PACK_STAGES = 3
-# Shared memory per block on sm_90 (227 KiB), as ``pallas_gpu_expand.MAX_SHARED_MEMORY_BYTES``.
-MAX_SHARED_MEMORY_BYTES = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class PackConfig:
-    """Tile sizes: ``block_k`` rows of the pack per loop step, ``split_k`` 0 = from the shape.
-    ``PackConfig.default()`` reads the module's knobs."""
-
-    block_n: int = 64
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 3
-    split_k: int = 0
-    target_programs: int = 132
+class PackConfig(ExpandConfig):
+    """``pallas_gpu_expand``'s tile sizes (``block_k`` rows of the pack per loop step, ``split_k`` 0 = from
+    the shape); ``PackConfig.default()`` reads this module's knobs."""
 
     @classmethod
     def default(cls) -> PackConfig:
@@ -100,17 +96,12 @@ def _tiles(cfg: PackConfig, num_tokens: int, d_in: int, n_cols: int) -> _Tiles:
     )
 
 
-def shared_memory_bytes(num_tokens: int, itemsize: int, config: PackConfig | None = None) -> int:
-    """The loop's pipelined tiles: ``num_stages`` x (x tile [rows, block_k] + pack tile [block_k, block_n])."""
-    cfg = config or PackConfig.default()
-    rows = max(MIN_DOT_ROWS, pow2(num_tokens))
-    return cfg.num_stages * (rows * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
-
-
 def fits(num_tokens: int, itemsize: int, config: PackConfig | None = None) -> bool:
-    """Whether a call of ``num_tokens`` rows of ``itemsize`` bytes may run through this kernel."""
+    """Whether a call of ``num_tokens`` rows of ``itemsize`` bytes may run through this kernel: its loop's
+    pipelined tiles are those of ``pallas_gpu_expand``'s W loop (``shared_memory_bytes``), under the same limit."""
+    cfg = config or PackConfig.default()
     return 2 <= num_tokens <= PACK_KERNEL_MAX_TOKENS and (
-        shared_memory_bytes(num_tokens, itemsize, config) <= MAX_SHARED_MEMORY_BYTES
+        shared_memory_bytes(num_tokens, itemsize, cfg) <= MAX_SHARED_MEMORY_BYTES
     )
 
 
