@@ -41,12 +41,15 @@ KNOBS: dict[str, tuple[str, str]] = {
     "expand_bk": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_K"),
     "expand_split": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPLIT_K"),
     "expand_programs": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_TARGET_PROGRAMS"),
+    "expand_stages": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_STAGES"),
+    "expand_warps": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_WARPS"),
     "pack_kernel": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_KERNEL_MAX_TOKENS"),
     "pack_bn": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_N"),
     "pack_bk": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_K"),
     "pack_split": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_SPLIT_K"),
     "pack_programs": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_TARGET_PROGRAMS"),
     "pack_stages": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_STAGES"),
+    "pack_warps": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_WARPS"),
 }
 
 

@@ -61,7 +61,8 @@ FUSED_EXPAND_MAX_TOKENS = 64
 # 1: where the fused expand serves the model's packed path, it also routes itself (``expand_forward_group_routed``
 # from the packed GEMM's output: no top-k / softmax / coefficient kernels per group). Knob ``expand_route``.
 EXPAND_ROUTE = 1
-# The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``;
+# The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``,
+# ``expand_stages``, ``expand_warps``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
 # re-reads x ([64, 4096] bf16 = 512 KB, from L2), so narrow blocks cost L2 traffic, while split-K writes and
 # re-reads float32 partials (split x T x d_out x 4 bytes each way), so many splits cost HBM traffic.
@@ -69,6 +70,8 @@ EXPAND_BLOCK_N = 64
 EXPAND_BLOCK_K = 128
 EXPAND_SPLIT_K = 0  # 0 = the fewest splits (powers of two) that give ``EXPAND_TARGET_PROGRAMS`` programs
 EXPAND_TARGET_PROGRAMS = 132  # one per SM of an H100 / H200
+EXPAND_STAGES = 3  # Triton's software-pipeline depth: tiles in flight per program (knob ``expand_stages``)
+EXPAND_WARPS = 4  # knob ``expand_warps``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,8 @@ class ExpandConfig:
         return cls(
             block_n=EXPAND_BLOCK_N,
             block_k=EXPAND_BLOCK_K,
+            num_warps=EXPAND_WARPS,
+            num_stages=EXPAND_STAGES,
             split_k=EXPAND_SPLIT_K,
             target_programs=EXPAND_TARGET_PROGRAMS,
         )

@@ -47,13 +47,14 @@ Ref = Any
 # group's backend is the GPU decode one (``api.pack_kernel_plan``). Knob ``pack_kernel`` (0 = off: XLA's GEMM).
 PACK_KERNEL_MAX_TOKENS = 0
 # The default tiles, as trace-time knobs (``pack_bn``, ``pack_bk``, ``pack_split``, ``pack_programs``,
-# ``pack_stages``; meteora_jax/knobs.py) so that one process can sweep them on a GPU. As in
+# ``pack_stages``, ``pack_warps``; meteora_jax/knobs.py) so that one process can sweep them on a GPU. As in
 # ``pallas_gpu_expand``: narrow column blocks re-read x from L2, many splits write and re-read partials.
 PACK_BLOCK_N = 64
 PACK_BLOCK_K = 128
 PACK_SPLIT_K = 0  # 0 = the fewest splits (powers of two) that give ``PACK_TARGET_PROGRAMS`` programs
 PACK_TARGET_PROGRAMS = 132  # one per SM of an H100 / H200
 PACK_STAGES = 3
+PACK_WARPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class PackConfig(ExpandConfig):
         return cls(
             block_n=PACK_BLOCK_N,
             block_k=PACK_BLOCK_K,
+            num_warps=PACK_WARPS,
             num_stages=PACK_STAGES,
             split_k=PACK_SPLIT_K,
             target_programs=PACK_TARGET_PROGRAMS,
