@@ -314,3 +314,41 @@ def test_expand_kernel_is_skipped_where_its_tiles_would_not_fit_in_shared_memory
         inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "bfloat16"), f"expand-smem-{t}")
         outs[t] = pallas_gpu_expand.forward_if_batched(*_args(inp), interpret=True)
     assert calls == [128] and outs[128] is not None and outs[256] is None
+
+
+def test_shape_tiles_knob_gives_each_group_its_tiles_and_the_same_logits(monkeypatch):
+    """``expand_tiles=1``: each Llama-3-8B group shape gets its table entry (all fitting shared memory at 64
+    bf16 tokens), and the tiny model's packed step gives the default tiles' logits."""
+    cfgs = {
+        name: pallas_gpu_expand.shape_config(d_in, widths)
+        for name, d_in, widths in [
+            ("qkv", 4096, (4096, 1024, 1024)),
+            ("o", 4096, (4096,)),
+            ("gate_up", 4096, (14336, 14336)),
+            ("down", 14336, (4096,)),
+        ]
+    }
+    assert (cfgs["gate_up"].block_n, cfgs["gate_up"].num_warps, cfgs["gate_up"].split_k) == (256, 8, 2)
+    assert (cfgs["down"].num_stages, cfgs["down"].split_k) == (4, 8)
+    assert (cfgs["qkv"].block_n, cfgs["o"].block_n) == (128, 64)
+    assert all(pallas_gpu_expand.shared_memory_bytes(64, 2, c) <= 227 * 1024 for c in cfgs.values())
+    model = tiny_decode_model(9, "float32", packed=True)
+    shapes = []
+    launch = pallas_gpu_expand._tiles
+    monkeypatch.setattr(
+        pallas_gpu_expand, "_tiles", lambda cfg, *a, **kw: shapes.append(cfg) or launch(cfg, *a, **kw)
+    )
+
+    def run():
+        ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3]])
+        return model.forward(
+            ids, attention_mask=jnp.ones((2, 4), jnp.int32), positions=jnp.arange(4)[None]
+        ).logits
+
+    default = run()
+    assert set(shapes) == {ExpandConfig.default()}
+    shapes.clear()
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_SHAPE_TILES", 1)
+    tiled = run()
+    assert len(set(shapes)) > 1 and ExpandConfig.default() not in shapes
+    assert rel_err(tiled, default) < 1e-5
