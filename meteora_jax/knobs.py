@@ -43,7 +43,6 @@ KNOBS: dict[str, tuple[str, str]] = {
     "expand_programs": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_TARGET_PROGRAMS"),
     "expand_stages": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_STAGES"),
     "expand_warps": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_WARPS"),
-    "expand_tiles": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SHAPE_TILES"),
     "pack_kernel": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_KERNEL_MAX_TOKENS"),
     "pack_bn": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_N"),
     "pack_bk": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_K"),

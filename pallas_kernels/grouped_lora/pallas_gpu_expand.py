@@ -99,38 +99,6 @@ class ExpandConfig:
 
 
 EXPAND_CONFIG_OVERRIDE: ExpandConfig | None = None
-# 1: each group takes the tiles of ``shape_config`` (by its shape) instead of the one default. Knob
-# ``expand_tiles``; off until a GPU A/B.
-EXPAND_SHAPE_TILES = 0
-
-
-_SHAPE_TILES = {
-    "wide": ExpandConfig(block_n=256, block_k=64, num_warps=8, num_stages=3, split_k=2),
-    "deep": ExpandConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, split_k=8),
-    "group": ExpandConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, split_k=4),
-    "single": ExpandConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=8),
-}
-
-
-def shape_config(d_in: int, d_outs: Sequence[int]) -> ExpandConfig:
-    """Tiles by a group's shape, after the ones XLA's autotuner chose for the base GEMMs of the same 64-token
-    shapes on an H100 (session 14, the compiled decode HLO of ``profile_decode.py --dump-hlo``): wide outputs
-    (gate/up: 2 x 14336 from 4096) take 64 x 256 tiles with 8 warps and 2 K splits; deep inputs (down: 14336 ->
-    4096) 64 x 128 with 4 stages and 8 splits; several narrower outputs (q/k/v) 64 x 128 with 4 splits; one
-    (o) 64 x 64 with 8 splits. ``block_k`` 64 where the tiles would not fit in shared memory with 128."""
-    width = sum(d_outs)
-    if width >= 4 * d_in:
-        return _SHAPE_TILES["wide"]
-    if d_in >= 2 * width:
-        return _SHAPE_TILES["deep"]
-    return _SHAPE_TILES["group" if len(d_outs) > 1 else "single"]
-
-
-def _config(config: ExpandConfig | None, d_in: int, d_outs: Sequence[int]) -> ExpandConfig:
-    if config is not None or EXPAND_CONFIG_OVERRIDE is not None:
-        return config or EXPAND_CONFIG_OVERRIDE
-    return shape_config(d_in, d_outs) if EXPAND_SHAPE_TILES else ExpandConfig.default()
-
 
 # Shared memory per block on sm_90 (227 KiB). The W loop's pipelined x tile holds every token's row, so it grows
 # with T; a call whose tiles would not fit goes to the caller's XLA path rather than failing at launch (the H100
@@ -149,13 +117,9 @@ def shared_memory_bytes(num_tokens: int, itemsize: int, config: ExpandConfig | N
 
 
 def fits(num_tokens: int, itemsize: int, config: ExpandConfig | None = None) -> bool:
-    """Whether a call of ``num_tokens`` rows of ``itemsize`` bytes may run through this kernel (with
-    ``EXPAND_SHAPE_TILES``: whichever shape's tiles it gets)."""
-    configs = [config]
-    if config is None and EXPAND_CONFIG_OVERRIDE is None and EXPAND_SHAPE_TILES:
-        configs = list(_SHAPE_TILES.values())
-    return 2 <= num_tokens <= FUSED_EXPAND_MAX_TOKENS and all(
-        shared_memory_bytes(num_tokens, itemsize, c) <= MAX_SHARED_MEMORY_BYTES for c in configs
+    """Whether a call of ``num_tokens`` rows of ``itemsize`` bytes may run through this kernel."""
+    return 2 <= num_tokens <= FUSED_EXPAND_MAX_TOKENS and (
+        shared_memory_bytes(num_tokens, itemsize, config) <= MAX_SHARED_MEMORY_BYTES
     )
 
 
@@ -360,7 +324,7 @@ def _launch(
 ) -> list[Array]:
     num_tokens, d_in = x_td.shape
     d_outs = tuple(w.shape[1] for w in ws_do)
-    cfg = _config(config, d_in, d_outs)
+    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
     tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows, routed is not None)
     segments, blocks, width = column_segments(d_outs, tiles.block_n)
     kernel = functools.partial(_group_kernel, tiles=tiles, segments=segments, routed=routed)
