@@ -6,8 +6,8 @@
 one GEMM. At batch-64 decode its N is narrow (840 columns for Llama-3-8B's q/k/v with 28 rank-8 experts, 280
 for o and down, 560 for gate/up), so it is bound by reading the pack (21.8 MB per layer, bf16), yet XLA's
 Triton GEMMs read it at ~1.1 TB/s on an H100: 0.69 ms of a 9.5 ms step, where the bytes alone take ~0.24 ms
-at the 2.87 TB/s the same run measured (session 13, benchmarks/RESULTS.md). Few column blocks is why: 14 of 64
-columns for q/k/v cannot keep 132 SMs reading.
+at the 2.87 TB/s the same run measured (session 13, benchmarks/RESULTS.md). This kernel was built on the guess
+that too few column blocks (14 of 64 columns for q/k/v) left SMs idle; the status below says what was found.
 
 Grid: one program per ``block_n`` columns and K split, as ``pallas_gpu_expand``'s W loop (the same tiles and
 pipelining, measured there at 7-8% over cuBLAS): ``split_k`` programs share a column block's ``d_in``; each
@@ -17,8 +17,10 @@ masked, so any shape works. Float32 operands use an IEEE float32 dot (``common.d
 tensor cores with float32 accumulation: the products XLA's ``precision=HIGHEST`` GEMM computes, summed in
 another order.
 
-Status (session 14): checked in interpret mode and lowered for CUDA on a CPU host; off by default (knob
-``pack_kernel``) until an A/B on the GPU.
+Status (session 14): checked in interpret mode, lowered for CUDA on a CPU host, and measured on an H200, where it
+ties XLA's autotuned GEMMs (661 vs 662 us of pack kernels per batch-64 step; every tile setting within ~1.5% of
+the step): those already split K 16-32 ways, and at ~5 us a launch the fixed cost of a kernel is most of the
+time (benchmarks/RESULTS.md, "Session 14"). So it stays off (knob ``pack_kernel``).
 """
 
 from __future__ import annotations
