@@ -172,7 +172,8 @@ def shared_gate_logits(
 # reads of x. The gate becomes the bf16 hi/lo split of ``split_gate_logits`` (prefill's gate already; logits
 # within ~1e-5 of float32). Measured on an H100 (session 11, benchmarks/RESULTS.md): batch-64 decode 5,444 ->
 # 6,063 tok/s, a 4096-token prefill 135.6 -> 132.1 ms; hence on from 2 tokens (one token keeps the decode
-# kernel). Knob ``packed`` (inf = no packs are made at all).
+# kernel). Knob ``packed`` (inf = no packs are made at all). On the GPU decode backend the GEMM itself may run
+# as ``pallas_gpu_pack`` (knob ``pack_kernel``; off: it ties XLA's, session 14).
 PACKED_MIN_TOKENS = 2
 # ... and up to this many tokens (knob ``packed_max``): no cap, since prefill gained too.
 PACKED_MAX_TOKENS = sys.maxsize
