@@ -60,6 +60,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
+import hlo_dump  # noqa: E402
 from variant_knobs import KNOBS, knobs_set, parse_variant  # noqa: E402, F401 (parse_variant: tests)
 
 from meteora_jax.io import write_text_atomic  # noqa: E402
@@ -217,7 +218,7 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
     hlo_text = compiled.as_text()
     row["hlo"] = hlo_step_summary(hlo_text)
     if args.dump_hlo:
-        _add_to_tar(args.dump_hlo, f"{re.sub(r'[^A-Za-z0-9_.=-]', '_', variant)}_b{batch}.hlo.txt", hlo_text)
+        hlo_dump.add_to_tar(args.dump_hlo, hlo_dump.member_name(variant, f"_b{batch}.hlo.txt"), hlo_text)
 
     def once() -> float:
         carry = fresh()
@@ -251,25 +252,6 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
                 1e3 * row["wall_ms_per_token"] - row["trace"]["busy_us_per_token"]
             )
     return row
-
-
-def _add_to_tar(path: str, member: str, text: str) -> None:
-    """Appends one text file to the gzipped tar at ``path`` (rewritten whole: gzip cannot be appended to)."""
-    import io
-    import tarfile
-
-    members = {}
-    if os.path.exists(path):
-        with tarfile.open(path, "r:gz") as tf:
-            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
-    members[member] = text.encode()
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def print_table(rows: list[dict], top: int) -> None:

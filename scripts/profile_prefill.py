@@ -30,6 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hlo_dump  # noqa: E402
 from variant_knobs import KNOBS, knobs_set, parse_variant  # noqa: E402
 
 from meteora_jax.io import write_text_atomic  # noqa: E402
@@ -110,6 +111,9 @@ def _profile_variant(model, variant: str, name: str, args: argparse.Namespace) -
     compiled = _prefill.lower(graphdef, state, *fixed, eos, **kw, packs=packs).compile()
     row: dict = {"variant": variant, "tokens": args.tokens, "compile_s": time.perf_counter() - t0}
     row["implementation"] = "none (experts off)" if base else model.kernel_implementation
+    if args.dump_hlo:
+        member = hlo_dump.member_name(variant, f"_t{args.tokens}.hlo.txt")
+        hlo_dump.add_to_tar(args.dump_hlo, member, compiled.as_text())
 
     def once() -> float:
         t = time.perf_counter()
@@ -171,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed prefills per variant (median)")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per variant")
     ap.add_argument("--no-trace", action="store_true", help="skip the profiler run")
+    ap.add_argument(
+        "--dump-hlo",
+        default=None,
+        help="tar.gz: each variant's compiled prefill HLO text (which fusion a kernel is, and its backend config)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/profile_prefill.json)")
     args = ap.parse_args(argv)
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "profile_prefill.json")

@@ -50,3 +50,30 @@ def test_cpu_smoke_run_writes_json(prof, tmp_path):
     assert [r["variant"] for r in res["rows"]] == ["base", "xla"]
     assert all("error" not in r and r["wall_ms"] > 0 for r in res["rows"])
     assert res["rows"][1]["implementation"] == "xla" and "note" in res["rows"][0]["trace"]
+
+
+def test_dump_hlo_keeps_each_variants_compiled_prefill(prof, tmp_path):
+    """``--dump-hlo``: one member per variant (names made safe), each the compiled program's text; a second
+    run into the same archive replaces its members and keeps the others."""
+    import tarfile
+
+    out, dump = tmp_path / "p.json", tmp_path / "hlo.tar.gz"
+    argv = [
+        "--tiny",
+        "--tokens",
+        "16",
+        "--reps",
+        "1",
+        "--no-trace",
+        "--out",
+        str(out),
+        "--dump-hlo",
+        str(dump),
+    ]
+    assert prof.main([*argv, "--variants", "base,xla+lowp=1"]) == 0
+    assert prof.main([*argv, "--variants", "base"]) == 0
+    with tarfile.open(dump, "r:gz") as tf:
+        members = {m.name: tf.extractfile(m).read().decode() for m in tf.getmembers()}
+    assert sorted(members) == ["base_t16.hlo.txt", "xla_lowp=1_t16.hlo.txt"]
+    assert all("ENTRY" in text and "HloModule" in text for text in members.values())
+    assert not list(tmp_path.glob("*.tmp"))
