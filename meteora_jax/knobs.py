@@ -43,6 +43,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "expand_programs": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_TARGET_PROGRAMS"),
     "expand_stages": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_STAGES"),
     "expand_warps": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_WARPS"),
+    "prefill_cublas": ("meteora_jax.generate.sampler", "PREFILL_CUBLAS_GEMMS"),
     "pack_kernel": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_KERNEL_MAX_TOKENS"),
     "pack_bn": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_N"),
     "pack_bk": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_K"),

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from meteora_jax import knobs  # noqa: E402
 from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from meteora_jax.errors import MeteoraInputError  # noqa: E402
-from meteora_jax.generate.sampler import DecodeState, _decode, _prefill, inference_packs  # noqa: E402
+from meteora_jax.generate.sampler import DecodeState, _decode, inference_packs, prefill_program  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from meteora_jax.knobs import KNOBS  # noqa: E402
@@ -148,7 +148,7 @@ def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:
     for label, routing in (("", model.routing_options()), ("base_", model.routing_options(no_experts=True))):
 
         def run() -> None:
-            carry, _ = _prefill(
+            carry, _ = prefill_program()(
                 graphdef,
                 state,
                 ids,

@@ -164,3 +164,21 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model):
     fresh = tiny_model(seed=2)
     with pytest.raises(mj.MeteoraInputError, match="tokenizer"):
         mj.generate(fresh, ["hello"], max_new_tokens=2)
+
+
+def test_prefill_cublas_knob_picks_its_program_and_changes_no_token(model, monkeypatch):
+    """``prefill_cublas=1``: the sampler runs the prefill compiled with XLA's Triton GEMMs off (a per-program
+    option, meaningful on GPU only); on any backend the tokens are the default program's."""
+    from meteora_jax.generate import sampler
+    from meteora_jax.knobs import knobs_set
+
+    prompts = [[1, 5, 6, 7], [3, 3]]
+    want = mj.generate(model, prompts, max_new_tokens=4).token_ids
+    calls = []
+    cublas = sampler._prefill_cublas
+    monkeypatch.setattr(sampler, "_prefill_cublas", lambda *a, **kw: calls.append(1) or cublas(*a, **kw))
+    assert sampler.prefill_program() is sampler._prefill
+    with knobs_set({"prefill_cublas": 1}):
+        got = mj.generate(model, prompts, max_new_tokens=4).token_ids
+    assert calls == [1] and got == want
+    assert sampler.PREFILL_CUBLAS_GEMMS == 0

@@ -84,8 +84,7 @@ def _attach(model: MeteoraLlama, packs: dict[str, jax.Array] | None) -> None:
         model.attach_packs(packs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "routing", "params", "return_routing", "new_bucket"))
-def _prefill(
+def _prefill_impl(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     ids_bp: Int[Array, "B P"],
@@ -132,6 +131,24 @@ def _prefill(
         routing_bnlpk=routing_bn,
     )
     return state_out, prompt_routing
+
+
+_PREFILL_STATICS = ("graphdef", "routing", "params", "return_routing", "new_bucket")
+# 1: the prefill program is compiled with every GEMM on cuBLAS (XLA's ``xla_gpu_enable_triton_gemm`` off for that
+# program alone; decode keeps XLA's default, with which its 64-row GEMMs were 14% faster on the H200). Why it may
+# help: with Triton GEMMs on, XLA runs each dense expand as its own GEMM and adds its [T, d_out] output inside a
+# consumer fusion rather than as the base GEMM's ``C`` input (session 14's prefill HLO). Knob ``prefill_cublas``;
+# off until a GPU A/B (benchmarks/RESULTS.md, "Session 14").
+PREFILL_CUBLAS_GEMMS = 0
+_prefill = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATICS)
+_prefill_cublas = jax.jit(
+    _prefill_impl, static_argnames=_PREFILL_STATICS, compiler_options={"xla_gpu_enable_triton_gemm": False}
+)
+
+
+def prefill_program() -> Callable[..., tuple[DecodeState, Array | None]]:
+    """The jitted prefill that ``PREFILL_CUBLAS_GEMMS`` picks (same arguments as ``_prefill_impl``)."""
+    return _prefill_cublas if PREFILL_CUBLAS_GEMMS else _prefill
 
 
 @functools.partial(
@@ -355,7 +372,7 @@ class Sampler:
         eos = jnp.asarray(self.eos_ids or [-1], jnp.int32)
         statics = dict(routing=routing, params=sampling, return_routing=return_routing, packs=self.packs())
         with _mesh_context(self.mesh):
-            carry, prompt_routing = _prefill(
+            carry, prompt_routing = prefill_program()(
                 self.graphdef,
                 self.state,
                 jnp.asarray(ids_bp),
