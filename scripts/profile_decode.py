@@ -284,12 +284,23 @@ def print_table(rows: list[dict], top: int) -> None:
             )
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value, given as ``option VALUE`` or ``option=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def run_flag_sets(args: argparse.Namespace, out: str) -> int:
     """Reruns this script once per ``name=FLAGS`` set (XLA_FLAGS is read at start-up) and merges the JSON."""
     merged = {}
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--flag-sets")
-    del argv[i : i + 2]
+    argv = without_option(sys.argv[1:], "--flag-sets")
     for item in [s for s in args.flag_sets.split(";") if s.strip()]:
         name, _, flags = item.partition("=")
         sub_out = f"{out}.{name.strip()}.json"

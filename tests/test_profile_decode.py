@@ -117,3 +117,11 @@ def test_variant_knobs_parse_set_and_restore(prof):
     for bad in ("auto+nope=1", "auto+lowp=x", "auto+lowp"):
         with pytest.raises(ValueError, match="group_route"):
             prof.parse_variant(bad)
+
+
+def test_flag_sets_rerun_drops_the_option_in_either_spelling(prof):
+    """``--flag-sets`` reruns the script without itself: as ``--flag-sets 'a=..'`` or ``--flag-sets='a=..'``."""
+    argv = ["--layers", "8", "--flag-sets", "default=;x=--flag", "--batches", "64"]
+    assert prof.without_option(argv, "--flag-sets") == ["--layers", "8", "--batches", "64"]
+    argv = ["--flag-sets=default=;x=--flag", "--batches", "64"]
+    assert prof.without_option(argv, "--flag-sets") == ["--batches", "64"]
