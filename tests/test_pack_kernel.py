@@ -59,10 +59,11 @@ def test_pack_kernel_refuses_mismatched_inputs():
 def test_pack_kernel_tiles_split_narrow_packs_to_fill_the_gpu():
     """Llama-3-8B's q/k/v pack at batch 64 (840 columns: 14 blocks of 64) splits d_in 16 ways for >= 132
     programs; each split keeps >= 2 steps; an explicit split is clamped to the steps there are."""
-    tiles = pallas_gpu_pack._tiles(PackConfig(), 64, 4096, 840)
+    tiles = pallas_gpu_expand._tiles(PackConfig(), 64, 4096, (840,), 0)
     assert (tiles.rows, tiles.block_n, tiles.split_k, tiles.split_steps) == (64, 64, 16, 2)
-    assert pallas_gpu_pack._tiles(PackConfig(split_k=99), 2, 256, 40).split_k == 2
-    assert pallas_gpu_pack._tiles(PackConfig(), 2, 4096, 4096 * 4).split_k == 1
+    assert tiles.lora_steps == 0  # the W loop alone
+    assert pallas_gpu_expand._tiles(PackConfig(split_k=99), 2, 256, (40,), 0).split_k == 2
+    assert pallas_gpu_expand._tiles(PackConfig(), 2, 4096, (4096 * 4,), 0).split_k == 1
 
 
 def test_pack_kernel_plan_and_shared_memory(monkeypatch):

@@ -565,12 +565,14 @@ def _launch(
     cfg: Any,
     tiles: Any,
     interpret: bool,
+    out_dtype: jnp.dtype | None = None,
 ) -> Float[Array, "T O"]:
     """One ``pallas_call`` of a decode kernel over ``blocks`` column blocks x ``split_k``, and (split-K) the sum
-    of its float32 partials [split_k * T, d_out]; ``y`` in x's dtype."""
+    of its float32 partials [split_k * T, d_out]; ``y`` in ``out_dtype`` (default x's dtype)."""
     num_tokens = x_td.shape[0]
+    out_dtype = out_dtype or x_td.dtype
     if tiles.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((num_tokens, d_out), x_td.dtype)
+        out_shape = jax.ShapeDtypeStruct((num_tokens, d_out), out_dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((tiles.split_k * num_tokens, d_out), jnp.float32)
     out = pl.pallas_call(
@@ -583,7 +585,7 @@ def _launch(
     )(*args)
     if tiles.split_k == 1:
         return out
-    return jnp.sum(out.reshape(tiles.split_k, num_tokens, d_out), axis=0).astype(x_td.dtype)
+    return jnp.sum(out.reshape(tiles.split_k, num_tokens, d_out), axis=0).astype(out_dtype)
 
 
 def decode_forward_group(
@@ -678,10 +680,11 @@ def launch_group(
     cfg: Any,
     tiles: Any,
     interpret: bool,
+    out_dtype: jnp.dtype | None = None,
 ) -> list[Array]:
     """``_launch`` of a group kernel (``column_segments``), its output split back into one per projection.
     ``cfg`` / ``tiles``: anything with ``num_warps``, ``num_stages`` / ``split_k`` (``pallas_gpu_expand``'s)."""
-    out = _launch(kernel, name, args, x_td, width, blocks, cfg, tiles, interpret)
+    out = _launch(kernel, name, args, x_td, width, blocks, cfg, tiles, interpret, out_dtype)
     return jnp.split(out, [c for _, _, c in segments[1:]], axis=1)
 
 

@@ -217,8 +217,8 @@ def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
 def _body(
     x_ref: Ref,
     w_ref: Ref,
-    lora_lhs: Any,
-    b_ref: Ref,
+    lora_lhs: Any | None,
+    b_ref: Ref | None,
     o_ref: Ref,
     *,
     tiles: _Tiles,
@@ -227,10 +227,11 @@ def _body(
     out_col0: int,
 ) -> None:
     """One program's columns ``col_block`` over its K split of d_in, plus (split 0) the B_flat block, whose
-    left operand ``lora_lhs`` gives (``_given_hc`` / ``_routed_hc``: ``prepare(rows, row_mask)``); written at
-    output column ``out_col0`` on (float32 partial rows ``split * T ..`` under split-K)."""
+    left operand ``lora_lhs`` gives (``_given_hc`` / ``_routed_hc``: ``prepare(rows, row_mask)``; no B_flat
+    block where ``b_ref`` is None: ``matmul``); written at output column ``out_col0`` on (float32 partial rows
+    ``split * T ..`` under split-K)."""
     n_tok, d_in = x_ref.shape
-    d_out, lora_rows = w_ref.shape[1], b_ref.shape[0]
+    d_out = w_ref.shape[1]
     bn, bk = tiles.block_n, tiles.block_k
     rows = jnp.arange(tiles.rows, dtype=jnp.int32)
     row_mask = None if tiles.rows == n_tok else rows < n_tok
@@ -262,16 +263,16 @@ def _body(
         return acc + dot_step(x_lhs, w_ref, k0, d_in, w_tail, None)
 
     acc = lax.fori_loop(0, tiles.split_steps, w_step, jnp.zeros((tiles.rows, bn), jnp.float32))
-    # The B_flat block: split 0 reads it; for the other splits every load is masked off (no traffic).
-    first = split == 0
+    if b_ref is not None:
+        # The B_flat block: split 0 reads it; for the other splits every load is masked off (no traffic).
+        first = split == 0
+        b_lhs = lora_lhs(rows, row_mask)
 
-    b_lhs = lora_lhs(rows, row_mask)
+        def b_step(kb, acc):  # noqa: ANN001, ANN202
+            lbk = tiles.lora_block_k
+            return acc + dot_step(b_lhs, b_ref, kb * lbk, b_ref.shape[0], True, first, bk=lbk)
 
-    def b_step(kb, acc):  # noqa: ANN001, ANN202
-        lbk = tiles.lora_block_k
-        return acc + dot_step(b_lhs, b_ref, kb * lbk, lora_rows, True, first, bk=lbk)
-
-    acc = lax.fori_loop(0, tiles.lora_steps, b_step, acc)
+        acc = lax.fori_loop(0, tiles.lora_steps, b_step, acc)
     out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
     plgpu.store(
         o_ref.at[out_rows[:, None], out_col0 + cols[None, :]],
@@ -286,10 +287,13 @@ def _group_kernel(
     *refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...], routed: Routed | None
 ) -> None:
     """refs: x, W_1..W_P, hc_1..hc_P, B_1..B_P (flat [E * R, O_p]), out; or with ``routed``: x, W_1..W_P, wide,
-    B_1..B_P, scaling_1..P, out. ``segments``: ``pallas_gpu_decode.column_segments``."""
+    B_1..B_P, scaling_1..P, out; or (``matmul``) x, W_1..W_P, out. ``segments``:
+    ``pallas_gpu_decode.column_segments``."""
     n = len(segments)
     x_ref, ws = refs[0], refs[1 : 1 + n]
-    if routed is None:
+    if len(refs) == n + 2:  # no B_flat blocks
+        lhs_fns, bs = [None] * n, [None] * n
+    elif routed is None:
         lhs_fns = [_given_hc(h) for h in refs[1 + n : 1 + 2 * n]]
         bs = refs[1 + 2 * n : 1 + 3 * n]
     else:
@@ -321,6 +325,8 @@ def _launch(
     routed: Routed | None,
     interpret: bool,
     config: ExpandConfig | None,
+    name: str | None = None,
+    out_dtype: jnp.dtype | None = None,
 ) -> list[Array]:
     num_tokens, d_in = x_td.shape
     d_outs = tuple(w.shape[1] for w in ws_do)
@@ -328,10 +334,23 @@ def _launch(
     tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows, routed is not None)
     segments, blocks, width = column_segments(d_outs, tiles.block_n)
     kernel = functools.partial(_group_kernel, tiles=tiles, segments=segments, routed=routed)
-    name = "lora_expand_fused" if routed is None else "lora_expand_fused_routed"
-    return launch_group(
-        kernel, name, (x_td, *ws_do, *lora_args), x_td, segments, blocks, width, cfg, tiles, interpret
-    )
+    name = name or ("lora_expand_fused" if routed is None else "lora_expand_fused_routed")
+    args = (x_td, *ws_do, *lora_args)
+    return launch_group(kernel, name, args, x_td, segments, blocks, width, cfg, tiles, interpret, out_dtype)
+
+
+def matmul(
+    x_td: Float[Array, "T D"],
+    w_dn: Float[Array, "D N"],
+    *,
+    out_dtype: jnp.dtype,
+    name: str,
+    interpret: bool = False,
+    config: ExpandConfig | None = None,
+) -> Float[Array, "T N"]:
+    """``x @ w`` in ``out_dtype`` through this kernel's W loop alone (no B_flat block): the same tiles, split-K
+    and launch. ``pallas_gpu_pack``'s packed GEMM."""
+    return _launch(x_td, [w_dn], (), 0, None, interpret, config, name=name, out_dtype=out_dtype)[0]
 
 
 def expand_forward_group_routed(
