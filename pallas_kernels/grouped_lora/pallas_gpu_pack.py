@@ -20,8 +20,9 @@ another order.
 
 Status (session 14): checked in interpret mode, lowered for CUDA on a CPU host, and measured on an H200, where it
 ties XLA's autotuned GEMMs (661 vs 662 us of pack kernels per batch-64 step; every tile setting within ~1.5% of
-the step): those already split K 16-32 ways, and at ~5 us a launch the fixed cost of a kernel is most of the
-time (benchmarks/RESULTS.md, "Session 14"). So it stays off (knob ``pack_kernel``).
+the step): those already split K 16-32 ways, and at ~5 us a kernel fixed costs (ramp-up, tail, the reduction)
+are likely most of the time, though how much was not measured (benchmarks/RESULTS.md, "Session 14"). So it stays
+off (knob ``pack_kernel``).
 """
 
 from __future__ import annotations
