@@ -35,6 +35,7 @@ from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from meteora_jax.errors import MeteoraInputError  # noqa: E402
 from meteora_jax.generate.sampler import DecodeState, _decode, inference_packs, prefill_program  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
+from meteora_jax.generate.static_graph import static_graph  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from meteora_jax.knobs import KNOBS  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
@@ -141,6 +142,7 @@ def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    graphdef = static_graph(graphdef)  # as the sampler: hashed once, not at every jit call
     packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, not timed
     ids = jax.random.randint(jax.random.key(t), (1, t), 0, model.config.vocab_size, jnp.int32)
     valid = jnp.ones((1, t), jnp.int32)
@@ -191,6 +193,7 @@ def bench_decode(model: MeteoraLlama, batch: int, prompt: int, steps: int, reps:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    graphdef = static_graph(graphdef)  # as the sampler: hashed once, not at every jit call
     packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, not timed
 
     def fresh() -> DecodeState:

@@ -5,6 +5,7 @@ program holds no [B*P, V] logits)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from test_generate_fixtures import tiny_model
 
@@ -87,7 +88,7 @@ def test_prefill_unembeds_only_the_last_position():
     b, p, v = 2, 64, model.config.vocab_size
     graphdef, state = nnx.split(model)
     args = (graphdef, state, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32), jax.random.key(0))
-    hlo = S._prefill.lower(
+    hlo = S.prefill_program().lower(
         *args,
         jnp.int32(0),
         jnp.asarray([1], jnp.int32),
@@ -99,3 +100,21 @@ def test_prefill_unembeds_only_the_last_position():
     assert f"tensor<{b}x1x{v}xf32>" in hlo  # the last position's logits ...
     for rows in (f"{p}x{v}x", f"{b * p}x{v}x"):  # ... and no [B, P, V] or [B*P, V] ones
         assert rows not in hlo, rows
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 5])
+def test_one_prompt_unembeds_its_last_rows_and_returns_the_last(rows):
+    """One sequence: ``last_logits_only`` unembeds up to ``LAST_LOGITS_ROWS`` final positions (a GEMM, not a
+    GEMV, for cuBLAS) and returns the last one's logits alone, equal to the full forward's; 0 counts as 1."""
+    from meteora_jax.knobs import knobs_set
+
+    model = tiny_model(0)
+    ids = jnp.asarray(np.random.default_rng(4).integers(3, model.config.vocab_size, (1, 4)), jnp.int32)
+    full = model.forward(ids).logits
+    with knobs_set({"logit_rows": rows}):
+        last = model.forward(ids, last_logits_only=True).logits
+        text = jax.jit(lambda i: model.forward(i, last_logits_only=True).logits).lower(ids).as_text()
+    assert last.shape == (1, 1, model.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-5)
+    unembedded = min(max(rows, 1), ids.shape[1])
+    assert f"tensor<1x{unembedded}x{model.config.vocab_size}xf32>" in text

@@ -11,7 +11,7 @@ from test_generate_fixtures import char_tokenizer, tiny_model
 
 import meteora_jax as mj
 from meteora_jax.generate import Sampler, SamplingParams
-from meteora_jax.generate.sampler import _prefill, bucket
+from meteora_jax.generate.sampler import bucket, prefill_program
 from meteora_jax.generate.sampling import filter_logits
 
 
@@ -84,10 +84,13 @@ def test_seeded_sampling_is_reproducible(model):
 
 
 def test_lengths_within_a_bucket_reuse_the_compiled_program(model):
+    program = prefill_program()  # the one the sampler runs (``prefill_cublas`` picks it)
     mj.generate(model, [[1, 2, 3], [1, 4]], max_new_tokens=3)
-    before = _prefill._cache_size()
+    before = program._cache_size()
     mj.generate(model, [[1, 2, 3, 4, 5, 6], [1, 7, 8, 9]], max_new_tokens=6)
-    assert _prefill._cache_size() == before
+    assert program._cache_size() == before
+    mj.generate(model, [[1, 2] * 10, [1, 4]], max_new_tokens=3)  # a 32-token prompt bucket: one more program
+    assert program._cache_size() == before + 1
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(3, 1) == 4
 
 
@@ -177,8 +180,55 @@ def test_prefill_cublas_knob_picks_its_program_and_changes_no_token(model, monke
     calls = []
     cublas = sampler._prefill_cublas
     monkeypatch.setattr(sampler, "_prefill_cublas", lambda *a, **kw: calls.append(1) or cublas(*a, **kw))
-    assert sampler.prefill_program() is sampler._prefill
+    with knobs_set({"prefill_cublas": 0}):
+        assert sampler.prefill_program() is sampler._prefill
+        assert mj.generate(model, prompts, max_new_tokens=4).token_ids == want
+    assert calls == []
     with knobs_set({"prefill_cublas": 1}):
         got = mj.generate(model, prompts, max_new_tokens=4).token_ids
     assert calls == [1] and got == want
-    assert sampler.PREFILL_CUBLAS_GEMMS == 0
+    assert sampler.PREFILL_CUBLAS_GEMMS == 1
+
+
+def test_attention_barrier_knob_changes_no_token(model):
+    """``attn_barrier``: up to that many tokens the o projection reads the attention output through an
+    optimization barrier (one materialised copy for the gate and the kernel); the tokens are unchanged, and
+    the barrier is in the decode program only where the knob reaches its token count."""
+    from meteora_jax.knobs import knobs_set
+    from meteora_jax.model import llama
+
+    prompts = [[1, 5, 6, 7], [3, 3]]
+    want = mj.generate(model, prompts, max_new_tokens=4).token_ids
+    ids = jnp.asarray([[1, 5, 6]], jnp.int32)
+    texts = {}
+    for limit in (0, 1, 3):
+        with knobs_set({"attn_barrier": limit}):
+            assert mj.generate(model, prompts, max_new_tokens=4).token_ids == want
+            texts[limit] = jax.jit(lambda i: model.forward(i).logits).lower(ids).as_text()
+    assert llama.ATTENTION_OUT_BARRIER_MAX_TOKENS == 1
+    assert "optimization_barrier" not in texts[0] and "optimization_barrier" not in texts[1]
+    assert texts[3].count("optimization_barrier") == model.config.num_hidden_layers
+
+
+def test_sampler_hashes_its_graph_once(model, monkeypatch):
+    """jit hashes static arguments at every call: the sampler hands it a ``StaticGraph`` whose hash was
+    computed once, so a warm generate walks the model's ``GraphDef`` zero times (it walked it at every prefill
+    and decode call before, ~3 ms for a 32-layer model on the CPU host)."""
+    from meteora_jax.generate.static_graph import StaticGraph, merge, static_graph
+
+    sampler = Sampler(model)
+    prompts = [[1, 5, 6, 7], [3, 3]]
+    want = sampler.generate(prompts, max_new_tokens=4).token_ids  # compiles
+    assert isinstance(sampler.graphdef, StaticGraph) and static_graph(sampler.graphdef) is sampler.graphdef
+    graph_type = type(sampler.graphdef.graphdef)
+    hashes = []
+    original = graph_type.__hash__
+    monkeypatch.setattr(graph_type, "__hash__", lambda self: hashes.append(1) or original(self))
+    assert sampler.generate(prompts, max_new_tokens=4).token_ids == want
+    assert hashes == []
+    monkeypatch.undo()
+    again = static_graph(nnx.split(model)[0])
+    assert (
+        again == sampler.graphdef and hash(again) == hash(sampler.graphdef) and again is not sampler.graphdef
+    )
+    assert merge(again, sampler.state).config == model.config

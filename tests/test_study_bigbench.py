@@ -169,14 +169,14 @@ def test_eval_compiles_once_per_model(tmp_path, min_bucket, programs):
     model = mj.load(make_tiny_meteora_dir(tmp_path / f"m{min_bucket}", max_positions=512), top_k=2)
     sampler = Sampler(model, make_tokenizer(), min_bucket=min_bucket)
     rng = random.Random(min_bucket)
-    before = gen._prefill._cache_size(), gen._decode._cache_size()
+    before = gen.prefill_program()._cache_size(), gen._decode._cache_size()
     for longest in (5, 30, 60, 120):  # four "tasks", each with its own prompt lengths and answer budget
         ids = [[rng.randint(3, 60) for _ in range(rng.randint(1, longest))] for _ in range(3)] + [
             [7] * longest
         ]
         texts = E.generate_texts(sampler, ids, None, batch_size=4, max_new_tokens=3 + longest % 7)
         assert len(texts) == 4
-    after = gen._prefill._cache_size(), gen._decode._cache_size()
+    after = gen.prefill_program()._cache_size(), gen._decode._cache_size()
     assert (after[0] - before[0], after[1] - before[1]) == (programs, programs)
 
 

@@ -17,15 +17,16 @@ import numpy as np
 from flax import nnx
 
 from meteora_jax.generate.sampler import bucket, moe_projections
+from meteora_jax.generate.static_graph import StaticGraph, merge, static_graph
 from meteora_jax.model.llama import MeteoraLlama
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _top1_routing(
-    graphdef: nnx.GraphDef, state: nnx.State, ids_bt: jax.Array, valid_bt: jax.Array
+    graphdef: nnx.GraphDef | StaticGraph, state: nnx.State, ids_bt: jax.Array, valid_bt: jax.Array
 ) -> jax.Array:
     """[B, T, L*P] top-1 expert of every token at every MoE projection (right-padded batch)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     out = model.forward(ids_bt, attention_mask=valid_bt, return_routing=True)
     b, t = ids_bt.shape
     top1_nbt = jnp.stack([e["expert_ids"][:, 0].reshape(b, t) for e in out.routing])
@@ -42,6 +43,7 @@ def teacher_forced_top1(
     """For each (prompt ids, response ids): the top-1 experts of the response tokens, [T_resp, L, P];
     with ``include_prompt``, of the prompt's tokens too, [T_prompt + T_resp, L, P] (same forward)."""
     graphdef, state = nnx.split(model)
+    graphdef = static_graph(graphdef)
     num_layers = model.config.num_hidden_layers
     out = []
     for start in range(0, len(pairs), batch_size):

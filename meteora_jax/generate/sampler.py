@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Int
 
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.generate.sampling import SamplingParams, sample_next
+from meteora_jax.generate.static_graph import StaticGraph, merge, static_graph
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.model.kv_cache import KVCache
 from meteora_jax.model.llama import MeteoraLlama
@@ -69,11 +70,11 @@ def _stack_routing(aux: list[dict] | None, num_layers: int, b: int, t: int) -> I
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def inference_packs(graphdef: nnx.GraphDef, state: nnx.State) -> dict[str, jax.Array]:
+def inference_packs(graphdef: nnx.GraphDef | StaticGraph, state: nnx.State) -> dict[str, jax.Array]:
     """``MeteoraLlama.inference_packs`` of a model state, made once and passed to ``_prefill`` / ``_decode``
     (their ``packs``). The pack knobs (``moe_lora``) are read when this traces: after changing one, clear
     jit's caches."""
-    return nnx.merge(graphdef, state).inference_packs()
+    return merge(graphdef, state).inference_packs()
 
 
 def _attach(model: MeteoraLlama, packs: dict[str, jax.Array] | None) -> None:
@@ -85,7 +86,7 @@ def _attach(model: MeteoraLlama, packs: dict[str, jax.Array] | None) -> None:
 
 
 def _prefill_impl(
-    graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef | StaticGraph,
     state: nnx.State,
     ids_bp: Int[Array, "B P"],
     valid_bp: Int[Array, "B P"],
@@ -99,7 +100,7 @@ def _prefill_impl(
     new_bucket: int,
     packs: dict[str, jax.Array] | None = None,
 ) -> tuple[DecodeState, Int[Array, "B P L Q K"] | None]:
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     _attach(model, packs)
     b, p = ids_bp.shape
     cache = model.init_cache(b, p + new_bucket)
@@ -135,11 +136,13 @@ def _prefill_impl(
 
 _PREFILL_STATICS = ("graphdef", "routing", "params", "return_routing", "new_bucket")
 # 1: the prefill program is compiled with every GEMM on cuBLAS (XLA's ``xla_gpu_enable_triton_gemm`` off for that
-# program alone; decode keeps XLA's default, with which its 64-row GEMMs were 14% faster on the H200). Why it may
-# help: with Triton GEMMs on, XLA runs each dense expand as its own GEMM and adds its [T, d_out] output inside a
-# consumer fusion rather than as the base GEMM's ``C`` input (session 14's prefill HLO). Knob ``prefill_cublas``;
-# off until a GPU A/B (benchmarks/RESULTS.md, "Session 14").
-PREFILL_CUBLAS_GEMMS = 0
+# program alone; decode keeps XLA's default, with which its 64-row GEMMs were 14% faster on the H200). Why: with
+# Triton GEMMs on, XLA runs each dense expand as its own GEMM and adds its [T, d_out] output inside a consumer
+# fusion (session 14's prefill HLO); with cuBLAS alone its GEMM rewriter folds that add into the base GEMM as
+# cuBLAS's ``C`` input (the residual adds of o / down too, experts or not). Measured on an H100 (session 15, 32
+# layers, 4096 tokens, with ``llama.LAST_LOGITS_ROWS`` = 2): experts on 129.5 -> 125.4 ms, experts off 112.5 ->
+# 109.5 ms. Knob ``prefill_cublas``.
+PREFILL_CUBLAS_GEMMS = 1
 _prefill = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATICS)
 _prefill_cublas = jax.jit(
     _prefill_impl, static_argnames=_PREFILL_STATICS, compiler_options={"xla_gpu_enable_triton_gemm": False}
@@ -155,7 +158,7 @@ def prefill_program() -> Callable[..., tuple[DecodeState, Array | None]]:
     jax.jit, static_argnames=("graphdef", "routing", "params", "return_routing"), donate_argnames=("carry",)
 )
 def _decode(
-    graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef | StaticGraph,
     state: nnx.State,
     carry: DecodeState,
     stop_step: Int[Array, ""],
@@ -167,7 +170,7 @@ def _decode(
     return_routing: bool,
     packs: dict[str, jax.Array] | None = None,
 ) -> DecodeState:
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     _attach(model, packs)  # here, outside the loop
     num_layers = model.config.num_hidden_layers
 
@@ -285,7 +288,8 @@ class Sampler:
 
     def refresh(self) -> None:
         """Re-reads the model's weights and static settings (e.g. after training or an attention switch)."""
-        self.graphdef, self.state = nnx.split(self.model)
+        graphdef, self.state = nnx.split(self.model)
+        self.graphdef = static_graph(graphdef)  # hashed once: jit hashes static arguments at every call
         self._packs = None  # made at the next generate, from this state
 
     def packs(self) -> dict[str, jax.Array] | None:

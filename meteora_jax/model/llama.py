@@ -28,6 +28,21 @@ from meteora_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from meteora_jax.params import InferencePack
 from pallas_kernels.grouped_lora.api import resolve_implementation
 
+# ``forward(last_logits_only=True)`` of ONE sequence unembeds its last this-many positions (the last alone is
+# returned). Why: with every GEMM on cuBLAS (the sampler's ``prefill_cublas``), XLA runs a [1, D] x [D, V] bf16
+# product with a float32 output as a matrix-vector product and upcasts the whole unembedding to float32 first
+# (Llama-3-8B: a 3.1 GB convert and a float32 GEMV, 1.2 ms in the H200's 2-layer trace, session 15); two rows
+# make it a bf16 GEMM. H100, 32 layers, 4096 tokens, cuBLAS prefill: 128.0 -> 125.4 ms; with XLA's Triton
+# GEMMs it made no difference (129.9 vs 129.5). Knob ``logit_rows``.
+LAST_LOGITS_ROWS = 2
+# Up to this many tokens, an o projection with experts reads the attention output through an optimization
+# barrier: materialised once as [B, T, D]. Why: in the batch-1 decode program XLA otherwise made TWO convert +
+# transpose kernels of it per layer (one for the gate's product, one for the Pallas decode kernel; two layouts of
+# the same element order, ~1.2 us each on the H200) and more small fusions around them: 813 -> 749 kernels per
+# step, the experts-off model's count. H100 (session 15), batch 1: 139.3 -> 141.8 tok/s (experts off 143.2).
+# Knob ``attn_barrier``.
+ATTENTION_OUT_BARRIER_MAX_TOKENS = 1
+
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
@@ -123,6 +138,12 @@ class Attention(nnx.Module):
             causal_from_zero=inputs.causal_from_zero,
         )
         out_btd = out_btnh.reshape(b, t, self.num_heads * self.head_dim)
+        if (
+            b * t <= ATTENTION_OUT_BARRIER_MAX_TOKENS
+            and self.o_proj.num_experts > 0
+            and not routing.no_experts
+        ):
+            out_btd = jax.lax.optimization_barrier(out_btd)
         (y_btd,) = project_group((self.o_proj,), out_btd, routing, aux, *_packs(self, "o"))
         return y_btd, cache
 
@@ -425,10 +446,13 @@ class MeteoraLlama(nnx.Module):
             if aux is not None:
                 aux.extend({"layer": i, **entry} for entry in layer_aux)
         if last_logits_only:
-            x_btd = x_btd[:, -1:]
+            # A lone row (one prompt) would make the unembedding a matrix-vector product (see LAST_LOGITS_ROWS)
+            x_btd = x_btd[:, -(max(1, min(t, LAST_LOGITS_ROWS)) if b == 1 else 1) :]
         x_btd = self.final_norm(x_btd)
         unembed_vd = self.embed_vd[...] if self.unembed_vd is None else self.unembed_vd[...]
         logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd, preferred_element_type=jnp.float32)
+        if last_logits_only:
+            logits = logits[:, -1:]
         new_cache = None
         if cache is not None:
             new_cache = KVCache(layers=tuple(new_layers), index=cache.index + t)
