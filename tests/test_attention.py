@@ -88,7 +88,8 @@ def test_prefill_unembeds_only_the_last_position():
     b, p, v = 2, 64, model.config.vocab_size
     graphdef, state = nnx.split(model)
     args = (graphdef, state, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32), jax.random.key(0))
-    hlo = S.prefill_program().lower(
+    program = S.prefill_program()  # the one the sampler runs
+    hlo = program.lower(
         *args,
         jnp.int32(0),
         jnp.asarray([1], jnp.int32),

@@ -170,13 +170,16 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model):
 
 
 def test_prefill_cublas_knob_picks_its_program_and_changes_no_token(model, monkeypatch):
-    """``prefill_cublas=1``: the sampler runs the prefill compiled with XLA's Triton GEMMs off (a per-program
-    option, meaningful on GPU only); on any backend the tokens are the default program's."""
+    """``prefill_cublas=1``: on a GPU the sampler runs the prefill compiled with XLA's Triton GEMMs off (a
+    per-program option; elsewhere the plain program runs). The tokens are the default program's (here the GPU
+    test is faked: the cuBLAS program compiled for this CPU)."""
     from meteora_jax.generate import sampler
     from meteora_jax.knobs import knobs_set
 
     prompts = [[1, 5, 6, 7], [3, 3]]
+    assert sampler.prefill_program() is (sampler._prefill_cublas if sampler._on_gpu() else sampler._prefill)
     want = mj.generate(model, prompts, max_new_tokens=4).token_ids
+    monkeypatch.setattr(sampler, "_on_gpu", lambda: True)
     calls = []
     cublas = sampler._prefill_cublas
     monkeypatch.setattr(sampler, "_prefill_cublas", lambda *a, **kw: calls.append(1) or cublas(*a, **kw))

@@ -135,8 +135,8 @@ def _prefill_impl(
 
 
 _PREFILL_STATICS = ("graphdef", "routing", "params", "return_routing", "new_bucket")
-# 1: the prefill program is compiled with every GEMM on cuBLAS (XLA's ``xla_gpu_enable_triton_gemm`` off for that
-# program alone; decode keeps XLA's default, with which its 64-row GEMMs were 14% faster on the H200). Why: with
+# 1: on a GPU, the prefill program is compiled with every GEMM on cuBLAS (``xla_gpu_enable_triton_gemm`` off for
+# that program alone; decode keeps XLA's default, with which its 64-row GEMMs were 14% faster on the H200). Why: with
 # Triton GEMMs on, XLA runs each dense expand as its own GEMM and adds its [T, d_out] output inside a consumer
 # fusion (session 14's prefill HLO); with cuBLAS alone its GEMM rewriter folds that add into the base GEMM as
 # cuBLAS's ``C`` input (the residual adds of o / down too, experts or not). Measured on an H100 (session 15, 32
@@ -149,9 +149,14 @@ _prefill_cublas = jax.jit(
 )
 
 
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
 def prefill_program() -> Callable[..., tuple[DecodeState, Array | None]]:
-    """The jitted prefill that ``PREFILL_CUBLAS_GEMMS`` picks (same arguments as ``_prefill_impl``)."""
-    return _prefill_cublas if PREFILL_CUBLAS_GEMMS else _prefill
+    """The jitted prefill that ``PREFILL_CUBLAS_GEMMS`` picks on a GPU (same arguments as ``_prefill_impl``);
+    elsewhere the option means nothing, so the plain program runs."""
+    return _prefill_cublas if PREFILL_CUBLAS_GEMMS and _on_gpu() else _prefill
 
 
 @functools.partial(
