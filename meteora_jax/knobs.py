@@ -44,6 +44,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "expand_stages": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_STAGES"),
     "expand_warps": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_WARPS"),
     "prefill_cublas": ("meteora_jax.generate.sampler", "PREFILL_CUBLAS_GEMMS"),
+    "prefill_dot_merger": ("meteora_jax.generate.sampler", "PREFILL_DOT_MERGER"),
     "logit_rows": ("meteora_jax.model.llama", "LAST_LOGITS_ROWS"),
     "attn_barrier": ("meteora_jax.model.llama", "ATTENTION_OUT_BARRIER_MAX_TOKENS"),
     "pack_kernel": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_KERNEL_MAX_TOKENS"),

@@ -169,28 +169,38 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model):
         mj.generate(fresh, ["hello"], max_new_tokens=2)
 
 
-def test_prefill_cublas_knob_picks_its_program_and_changes_no_token(model, monkeypatch):
-    """``prefill_cublas=1``: on a GPU the sampler runs the prefill compiled with XLA's Triton GEMMs off (a
-    per-program option; elsewhere the plain program runs). The tokens are the default program's (here the GPU
-    test is faked: the cuBLAS program compiled for this CPU)."""
+def test_prefill_knobs_pick_the_compiler_options_and_change_no_token(model, monkeypatch):
+    """On a GPU, ``prefill_cublas`` / ``prefill_dot_merger`` compile the prefill with XLA's Triton GEMMs / its
+    dot_merger pass off (per-program options, one jit per option set); elsewhere the plain program runs. The
+    tokens are the plain program's (the GPU is faked here: the option programs compile for this CPU)."""
     from meteora_jax.generate import sampler
     from meteora_jax.knobs import knobs_set
 
     prompts = [[1, 5, 6, 7], [3, 3]]
-    assert sampler.prefill_program() is (sampler._prefill_cublas if sampler._on_gpu() else sampler._prefill)
+    assert sampler._on_gpu() or (sampler.prefill_program() is sampler._prefill)
     want = mj.generate(model, prompts, max_new_tokens=4).token_ids
     monkeypatch.setattr(sampler, "_on_gpu", lambda: True)
-    calls = []
-    cublas = sampler._prefill_cublas
-    monkeypatch.setattr(sampler, "_prefill_cublas", lambda *a, **kw: calls.append(1) or cublas(*a, **kw))
-    with knobs_set({"prefill_cublas": 0}):
-        assert sampler.prefill_program() is sampler._prefill
-        assert mj.generate(model, prompts, max_new_tokens=4).token_ids == want
-    assert calls == []
-    with knobs_set({"prefill_cublas": 1}):
-        got = mj.generate(model, prompts, max_new_tokens=4).token_ids
-    assert calls == [1] and got == want
-    assert sampler.PREFILL_CUBLAS_GEMMS == 1
+    cases = [
+        ({"prefill_cublas": 0, "prefill_dot_merger": 1}, {}),
+        ({"prefill_cublas": 1, "prefill_dot_merger": 1}, {"xla_gpu_enable_triton_gemm": False}),
+        (
+            {"prefill_cublas": 1, "prefill_dot_merger": 0},
+            {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot_merger"},
+        ),
+    ]
+    programs = []
+    for values, options in cases:
+        with knobs_set(values):
+            assert sampler.prefill_compiler_options() == options
+            program = sampler.prefill_program()
+            assert (program is sampler._prefill) == (not options)
+            before = program._cache_size()
+            assert mj.generate(model, prompts, max_new_tokens=4).token_ids == want
+            assert program._cache_size() == before + 1  # this program ran (and compiled once)
+            assert sampler.prefill_program() is program
+            programs.append(program)
+    assert len({id(p) for p in programs}) == 3
+    assert sampler.PREFILL_CUBLAS_GEMMS == 1 and sampler.PREFILL_DOT_MERGER == 1
 
 
 def test_attention_barrier_knob_changes_no_token(model):

@@ -143,20 +143,46 @@ _PREFILL_STATICS = ("graphdef", "routing", "params", "return_routing", "new_buck
 # layers, 4096 tokens, with ``llama.LAST_LOGITS_ROWS`` = 2): experts on 129.5 -> 125.4 ms, experts off 112.5 ->
 # 109.5 ms. Knob ``prefill_cublas``.
 PREFILL_CUBLAS_GEMMS = 1
+# 0: on a GPU, the prefill program is compiled without XLA's ``dot_merger`` pass. Why it may help: that pass merges
+# the q / k / v GEMMs (they read the same x) into one, which concatenates their weights at every prefill
+# (``wrapped_concatenate``, ~27 us a layer on the H200) and, with cuBLAS GEMMs, makes XLA copy the merged output's
+# three slices out to fold each expand into them (``wrapped_slice*``, ~33 us a layer; session 15's 2-layer HLO).
+# Without it each of q / k / v is its own GEMM with its expand as ``C``; the narrow k / v GEMMs may run less
+# efficiently. Knob ``prefill_dot_merger``; 1 (XLA's default) until a GPU A/B: NOT measured.
+PREFILL_DOT_MERGER = 1
 _prefill = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATICS)
-_prefill_cublas = jax.jit(
-    _prefill_impl, static_argnames=_PREFILL_STATICS, compiler_options={"xla_gpu_enable_triton_gemm": False}
-)
+# compiler options (sorted items) -> the prefill jitted with them; made on first use
+_prefill_programs: dict[tuple[tuple[str, object], ...], Callable[..., tuple[DecodeState, Array | None]]] = {}
 
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def prefill_compiler_options() -> dict[str, object]:
+    """The XLA options the prefill knobs ask for on a GPU; none elsewhere, where they mean nothing."""
+    if not _on_gpu():
+        return {}
+    options: dict[str, object] = {}
+    if PREFILL_CUBLAS_GEMMS:
+        options["xla_gpu_enable_triton_gemm"] = False
+    if not PREFILL_DOT_MERGER:
+        options["xla_disable_hlo_passes"] = "dot_merger"
+    return options
+
+
 def prefill_program() -> Callable[..., tuple[DecodeState, Array | None]]:
-    """The jitted prefill that ``PREFILL_CUBLAS_GEMMS`` picks on a GPU (same arguments as ``_prefill_impl``);
-    elsewhere the option means nothing, so the plain program runs."""
-    return _prefill_cublas if PREFILL_CUBLAS_GEMMS and _on_gpu() else _prefill
+    """The jitted prefill for ``prefill_compiler_options()`` (same arguments as ``_prefill_impl``): the plain
+    program without options, else one jit per option set, kept for the process."""
+    options = prefill_compiler_options()
+    if not options:
+        return _prefill
+    key = tuple(sorted(options.items()))
+    if key not in _prefill_programs:
+        _prefill_programs[key] = jax.jit(
+            _prefill_impl, static_argnames=_PREFILL_STATICS, compiler_options=options
+        )
+    return _prefill_programs[key]
 
 
 @functools.partial(
