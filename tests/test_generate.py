@@ -206,7 +206,7 @@ def test_prefill_knobs_pick_the_compiler_options_and_change_no_token(model, monk
 def test_attention_barrier_knob_changes_no_token(model):
     """``attn_barrier``: up to that many tokens the o projection reads the attention output through an
     optimization barrier (one materialised copy for the gate and the kernel); the tokens are unchanged, and
-    the barrier is in the decode program only where the knob reaches its token count."""
+    the barrier is in a forward's program only where the knob reaches its token count."""
     from meteora_jax.knobs import knobs_set
     from meteora_jax.model import llama
 

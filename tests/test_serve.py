@@ -367,14 +367,25 @@ def test_serve_command_bad_input(tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
 
 
-def test_serve_command_end_to_end(tmp_path):
-    """The real command in its own process: it prints its URL, answers, and stops cleanly on Ctrl-C."""
+# The CLI as `python -m meteora_jax.cli` runs it, with SIGINT handled (and unblocked) as at a terminal first: a
+# shell starts a background command (`make test &`) with SIGINT ignored, and the server would inherit that.
+_CLI_WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM]); "
+    "from meteora_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_command_end_to_end(tmp_path, stop):
+    """The real command in its own process: it prints its URL, answers, and stops cleanly on Ctrl-C or SIGTERM
+    (exit 0, "stopping")."""
     d = tiny_model_dir(tmp_path / "model", seed=3)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [
         sys.executable,
-        "-m",
-        "meteora_jax.cli",
+        "-c",
+        _CLI_WITH_CTRL_C,
         "serve",
         "--model",
         d,
@@ -385,7 +396,8 @@ def test_serve_command_end_to_end(tmp_path):
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True)
+    reader.start()
     try:
         url = None
         deadline = time.monotonic() + 120
@@ -395,8 +407,11 @@ def test_serve_command_end_to_end(tmp_path):
                 url = line.split(" at ")[1].split("/v1")[0]
         status, body = _post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 3, "model": "model"})
         assert status == 200 and isinstance(body["choices"][0]["text"], str)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=60) == 0
+        reader.join(timeout=10)  # stderr is closed: the reader has queued every line
+        rest = [lines.get_nowait() for _ in range(lines.qsize())]
+        assert any(line.strip() == "stopping" for line in rest), rest
     finally:
         if proc.poll() is None:
             proc.kill()

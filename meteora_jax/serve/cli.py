@@ -1,8 +1,9 @@
-"""``meteora-jax serve``: answer OpenAI-style HTTP requests with a converted model until Ctrl-C."""
+"""``meteora-jax serve``: answer OpenAI-style HTTP requests with a converted model until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from meteora_jax.generate.options import add_model_options, apply_model_options
@@ -101,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
         print("compiling the smallest bucket ...", file=sys.stderr)
         app.warmup()
     server = make_server(app, args.host, args.port, quiet=args.quiet)
+    # SIGTERM (kill, process managers, `docker stop`) stops as cleanly as Ctrl-C: queued jobs finish, exit 0.
+    signal.signal(signal.SIGTERM, _interrupt)
     print(
         f"serving {app.ctx.model_name!r} ({len(model.expert_names)} experts) at {server.url}/v1 "
-        "(completions, chat/completions); Ctrl-C stops",
+        "(completions, chat/completions); Ctrl-C or SIGTERM stops",
         file=sys.stderr,
     )
     try:
@@ -113,3 +116,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
