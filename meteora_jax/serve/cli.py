@@ -20,7 +20,8 @@ model), "return_routing" (each token's top-1 expert per layer). Concurrent greed
 settings are answered in one batch (--max-batch, --batch-wait-ms); sampled ones run alone, so an answer never
 depends on what else the server is doing. Each new (batch, prompt length, answer length) bucket compiles once;
 --warmup compiles the smallest before the server starts listening. Listens on 127.0.0.1 unless --host says
-otherwise: there is no authentication, so do not expose it to a network you do not trust.
+otherwise: there is no authentication, so do not expose it to a network you do not trust. Ctrl-C or SIGTERM
+stops it.
 """
 
 
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print("compiling the smallest bucket ...", file=sys.stderr)
         app.warmup()
     server = make_server(app, args.host, args.port, quiet=args.quiet)
-    # SIGTERM (kill, process managers, `docker stop`) stops as cleanly as Ctrl-C: queued jobs finish, exit 0.
+    # SIGTERM (kill, process managers, `docker stop`) stops the server the way Ctrl-C does, with exit status 0.
     signal.signal(signal.SIGTERM, _interrupt)
     print(
         f"serving {app.ctx.model_name!r} ({len(model.expert_names)} experts) at {server.url}/v1 "
