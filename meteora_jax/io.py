@@ -70,15 +70,24 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a temp file beside ``path``, then renames it: readers never see half a file, and a
-    failed write leaves only what was there before."""
+    """Writes ``text`` (UTF-8) to a temp file beside ``path``, then renames it: readers never see half a file,
+    and a failed write leaves only what was there before."""
+    _write_atomic(path, text, "w", "utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``write_text_atomic`` for bytes."""
+    _write_atomic(path, data, "wb", None)
+
+
+def _write_atomic(path: str | os.PathLike, data: str | bytes, mode: str, encoding: str | None) -> None:
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(
         prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or "."
     )
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

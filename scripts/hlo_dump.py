@@ -9,6 +9,8 @@ import os
 import re
 import tarfile
 
+from meteora_jax.io import write_bytes_atomic
+
 
 def member_name(variant: str, suffix: str) -> str:
     """``variant`` with anything but letters, digits and ``_.=-`` replaced, plus ``suffix``."""
@@ -17,16 +19,16 @@ def member_name(variant: str, suffix: str) -> str:
 
 def add_to_tar(path: str, member: str, text: str) -> None:
     """Adds (or replaces) one text member of the gzipped tar at ``path``. The archive is rewritten whole, since
-    gzip cannot be appended to, through a temp file renamed at the end."""
+    gzip cannot be appended to, and replaces the old one only once complete (``write_bytes_atomic``)."""
     members = {}
     if os.path.exists(path):
         with tarfile.open(path, "r:gz") as tf:
             members = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
     members[member] = text.encode()
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w:gz") as tf:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue())
