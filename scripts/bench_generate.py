@@ -35,7 +35,7 @@ from meteora_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from meteora_jax.errors import MeteoraInputError  # noqa: E402
 from meteora_jax.generate.sampler import DecodeState, _decode, inference_packs, prefill_program  # noqa: E402
 from meteora_jax.generate.sampling import SamplingParams  # noqa: E402
-from meteora_jax.generate.static_graph import static_graph  # noqa: E402
+from meteora_jax.generate.static_graph import split as split_static  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from meteora_jax.knobs import KNOBS  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
@@ -139,10 +139,8 @@ def prefill_flops(cfg: ModelConfig, t: int) -> float:
 
 
 def bench_prefill(model: MeteoraLlama, t: int, reps: int) -> dict:
-    from flax import nnx
 
-    graphdef, state = nnx.split(model)
-    graphdef = static_graph(graphdef)  # as the sampler: hashed once, not at every jit call
+    graphdef, state = split_static(model)  # as the sampler: the graph hashed once, not at every jit call
     packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, not timed
     ids = jax.random.randint(jax.random.key(t), (1, t), 0, model.config.vocab_size, jnp.int32)
     valid = jnp.ones((1, t), jnp.int32)
@@ -190,10 +188,8 @@ def fresh_decode_state(model: MeteoraLlama, batch: int, prompt: int, steps: int)
 def bench_decode(model: MeteoraLlama, batch: int, prompt: int, steps: int, reps: int) -> dict:
     """Tokens/s of the jitted decode loop, from a cache already holding ``prompt`` tokens (contents do not
     change the work, so the cache is zeros and no prefill program is compiled)."""
-    from flax import nnx
 
-    graphdef, state = nnx.split(model)
-    graphdef = static_graph(graphdef)  # as the sampler: hashed once, not at every jit call
+    graphdef, state = split_static(model)  # as the sampler: the graph hashed once, not at every jit call
     packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, not timed
 
     def fresh() -> DecodeState:

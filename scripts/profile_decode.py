@@ -188,18 +188,16 @@ def _profile_variant(model, variant: str, name: str, batch: int, args: argparse.
     import jax
     import jax.numpy as jnp
     from bench_generate import fresh_decode_state
-    from flax import nnx
 
     from meteora_jax.generate.sampler import _decode, inference_packs
     from meteora_jax.generate.sampling import SamplingParams
-    from meteora_jax.generate.static_graph import static_graph
+    from meteora_jax.generate.static_graph import split as split_static
 
     base = name == "base"
     model.set_lora_implementation(None if base or name == "auto" else name)
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
     routing = model.routing_options(no_experts=base)
-    graphdef, state = nnx.split(model)
-    graphdef = static_graph(graphdef)  # as the sampler: hashed once, not at every jit call
+    graphdef, state = split_static(model)  # as the sampler: the graph hashed once, not at every jit call
     packs = inference_packs(graphdef, state)  # as the sampler does: once per model state, outside the timing
     stop, pad, eos = jnp.int32(args.steps + 1), jnp.int32(0), jnp.asarray([-1], jnp.int32)
     fresh = lambda: jax.block_until_ready(fresh_decode_state(model, batch, args.prompt, args.steps))

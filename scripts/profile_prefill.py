@@ -92,16 +92,14 @@ def profile_variant(model, variant: str, args: argparse.Namespace) -> dict:  # n
 def _profile_variant(model, variant: str, name: str, args: argparse.Namespace) -> dict:  # noqa: ANN001
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from meteora_jax.generate.sampler import GREEDY, inference_packs, prefill_program
-    from meteora_jax.generate.static_graph import static_graph
+    from meteora_jax.generate.static_graph import split as split_static
 
     base = name == "base"
     model.set_lora_implementation(None if base or name == "auto" else name)
     jax.clear_caches()  # the backend choice is model state that jit's cache keys do not see: trace afresh
-    graphdef, state = nnx.split(model)
-    graphdef = static_graph(graphdef)  # as the sampler: hashed once, not at every jit call
+    graphdef, state = split_static(model)  # as the sampler: the graph hashed once, not at every jit call
     ids = jax.random.randint(jax.random.key(args.tokens), (1, args.tokens), 0, model.config.vocab_size)
     fixed = (ids.astype(jnp.int32), jnp.ones((1, args.tokens), jnp.int32), jax.random.key(0), jnp.int32(0))
     eos = jnp.asarray([-1], jnp.int32)

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from meteora_jax.generate.sampler import bucket, moe_projections
-from meteora_jax.generate.static_graph import StaticGraph, merge, static_graph
+from meteora_jax.generate.static_graph import StaticGraph, merge
+from meteora_jax.generate.static_graph import split as split_static
 from meteora_jax.model.llama import MeteoraLlama
 
 
@@ -42,8 +43,7 @@ def teacher_forced_top1(
 ) -> list[np.ndarray]:
     """For each (prompt ids, response ids): the top-1 experts of the response tokens, [T_resp, L, P];
     with ``include_prompt``, of the prompt's tokens too, [T_prompt + T_resp, L, P] (same forward)."""
-    graphdef, state = nnx.split(model)
-    graphdef = static_graph(graphdef)
+    graphdef, state = split_static(model)
     num_layers = model.config.num_hidden_layers
     out = []
     for start in range(0, len(pairs), batch_size):

@@ -30,7 +30,8 @@ from jaxtyping import Array, Bool, Int
 
 from meteora_jax.errors import MeteoraInputError
 from meteora_jax.generate.sampling import SamplingParams, sample_next
-from meteora_jax.generate.static_graph import StaticGraph, merge, static_graph
+from meteora_jax.generate.static_graph import StaticGraph, merge
+from meteora_jax.generate.static_graph import split as split_static
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.model.kv_cache import KVCache
 from meteora_jax.model.llama import MeteoraLlama
@@ -319,8 +320,7 @@ class Sampler:
 
     def refresh(self) -> None:
         """Re-reads the model's weights and static settings (e.g. after training or an attention switch)."""
-        graphdef, self.state = nnx.split(self.model)
-        self.graphdef = static_graph(graphdef)  # hashed once: jit hashes static arguments at every call
+        self.graphdef, self.state = split_static(self.model)  # hashed once: jit hashes static args per call
         self._packs = None  # made at the next generate, from this state
 
     def packs(self) -> dict[str, jax.Array] | None:

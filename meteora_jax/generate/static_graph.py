@@ -35,8 +35,10 @@ class StaticGraph:
         return f"StaticGraph(hash={self._hash})"
 
 
-def static_graph(graphdef: nnx.GraphDef | StaticGraph) -> StaticGraph:
-    return graphdef if isinstance(graphdef, StaticGraph) else StaticGraph(graphdef)
+def split(module: nnx.Module) -> tuple[StaticGraph, nnx.State]:
+    """``nnx.split`` with the graph wrapped for jit's static arguments."""
+    graphdef, state = nnx.split(module)
+    return StaticGraph(graphdef), state
 
 
 def merge(graphdef: nnx.GraphDef | StaticGraph, state: nnx.State) -> nnx.Module:
