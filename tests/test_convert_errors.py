@@ -218,3 +218,31 @@ def test_console_process(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_base_name_warning(tmp_path):
+    """The adapter's declared base is compared with --base: a GGUF file inside the declared directory is the
+    same base (transformers loads a GGUF as (directory, gguf_file=...), and PEFT records the directory)."""
+    import warnings
+
+    from meteora_jax.convert.peft_lora import _check_base_name
+
+    base_dir = tmp_path / "smollm2"
+    base_dir.mkdir()
+    gguf = base_dir / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.Q4_1.gguf").write_bytes(b"GGUF")
+
+    def warned(declared, base) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _check_base_name({"base_model_name_or_path": str(declared)}, "adapter_config.json", str(base))
+        return bool(caught)
+
+    assert not warned(base_dir, base_dir)
+    assert not warned(base_dir, gguf)
+    assert not warned("org/smollm2", base_dir)  # a hub name with the same last part
+    assert warned(base_dir, other / "model.Q4_1.gguf")
+    assert warned("org/llama-3-8b", gguf)

@@ -123,3 +123,25 @@ def test_knobs_at_run_time(model_dir, tmp_path, capsys, monkeypatch, restore_kno
     monkeypatch.setenv("METEORA_JAX_KNOBS", "packed=two")
     assert main([*base]) == 2
     assert "$METEORA_JAX_KNOBS: knob packed='two'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "template", "chat_template", "hinted"),
+    [
+        (0, None, "{{ x }}", True),
+        (3, None, "{{ x }}", False),
+        (0, "chat", "{{ x }}", False),
+        (0, None, None, False),
+    ],
+)
+def test_hint_when_a_raw_prompt_ends_at_once(num_tokens, template, chat_template, hinted, capsys):
+    """An empty answer from a chat model given a raw prompt names the fix; nothing is said otherwise."""
+    from types import SimpleNamespace
+
+    from meteora_jax.generate.cli import _hint_if_ended_at_once
+
+    rows = [{"num_tokens": num_tokens, "finish_reason": "eos"}, {"num_tokens": 4, "finish_reason": "length"}]
+    _hint_if_ended_at_once(rows, SimpleNamespace(chat_template=chat_template), template)
+    err = capsys.readouterr().err
+    assert ("1 of 2 prompts ended at once" in err and "--prompt-template chat" in err) == hinted
+    assert bool(err) == hinted

@@ -89,6 +89,9 @@ def test_force_expert_matches_peft(setup, expert):
     assert np.abs(ref - base).max() / np.abs(ref).max() > 100 * TOL
     # and by name or index alike
     np.testing.assert_array_equal(got, np.asarray(model(ids, force_expert=list(ADAPTERS).index(expert))))
+    # no_experts is the base model, as PEFT's disabled adapter
+    got_base = np.asarray(model(ids, no_experts=True))
+    assert np.abs(got_base - base).max() / np.abs(base).max() <= TOL
 
 
 def test_scaling_ranks_and_targets_match_peft_layers(setup):

@@ -331,7 +331,11 @@ def _check_base_name(conf: dict[str, Any], path: str, base_source: str | None) -
     declared = conf.get("base_model_name_or_path")
     if not declared or not base_source:
         return
-    same = os.path.exists(declared) and os.path.realpath(declared) == os.path.realpath(base_source)
+    same = os.path.exists(declared) and os.path.realpath(declared) in (
+        os.path.realpath(base_source),
+        # a GGUF base: transformers loads it as (directory, gguf_file=...), and PEFT records the directory
+        os.path.dirname(os.path.realpath(base_source)) if os.path.isfile(base_source) else None,
+    )
     if not same and os.path.basename(os.path.normpath(declared)) != os.path.basename(
         os.path.normpath(base_source)
     ):

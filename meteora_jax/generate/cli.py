@@ -71,6 +71,18 @@ def _routing_rows(result, i: int) -> list[list[int]]:  # noqa: ANN001
     return result.routing.top1_layer_token(i).T.tolist()
 
 
+def _hint_if_ended_at_once(rows: list[dict], tokenizer, template: str | None) -> None:  # noqa: ANN001
+    """An instruct model given a raw prompt often answers with EOS at once: say why the text is empty."""
+    ended = sum(row["num_tokens"] == 0 and row["finish_reason"] == "eos" for row in rows)
+    if ended and template is None and getattr(tokenizer, "chat_template", None):
+        print(
+            f"meteora-jax generate: {ended} of {len(rows)} prompts ended at once (end-of-sequence as the first "
+            "token). The prompts went in as given, and this model has a chat template: try "
+            "--prompt-template chat.",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import meteora_jax as mj
     from meteora_jax.tokenizer import load_tokenizer
@@ -119,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 print()
             elif args.out is None:
                 print(json.dumps(row) if args.return_routing or len(prompts) > 1 else row["text"])
+    _hint_if_ended_at_once(rows, tokenizer, template)
     if args.out:
         from meteora_jax.io import write_text_atomic
 

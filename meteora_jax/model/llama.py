@@ -374,9 +374,12 @@ class MeteoraLlama(nnx.Module):
         force_expert: str | int | None = None,
         top_k: int | None = None,
         temperature: float | None = None,
+        no_experts: bool = False,
         attention_mask: Int[Array, "B T"] | None = None,
     ) -> Float[Array, "B T V"]:
-        routing = self.routing_options(force_expert=force_expert, top_k=top_k, temperature=temperature)
+        routing = self.routing_options(
+            force_expert=force_expert, top_k=top_k, temperature=temperature, no_experts=no_experts
+        )
         return self.forward(input_ids, routing=routing, attention_mask=attention_mask).logits
 
     def forward(
