@@ -30,10 +30,18 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The triton package (CPU wheel, ~190 MB, not a dependency) lives in .triton/ for the tests that run a Triton
+# kernel in Triton's interpreter or compile it for sm_90 (tests/test_jax_triton.py, test_kernel_report.py).
+TRITON_STAMP := .triton/.meteora-installed
+
+$(TRITON_STAMP): | venv
+	$(PY) -m pip install -q --no-deps --target .triton triton==3.6.0
+	@touch $@
+
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: lint
+test: lint $(TRITON_STAMP)
 	@$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .triton demo_out .pytest_cache .ruff_cache

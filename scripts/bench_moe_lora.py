@@ -2,7 +2,7 @@
 
 Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--impls pallas_gpu,xla]
        [--filter REGEX] [--timer both|profile|fori] [--calls 50] [--reps 50] [--l2 cold|warm] [--tiny]
-       [--decode-max-tokens N]
+       [--decode-max-tokens N] [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]]
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
 (``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f]``
@@ -13,7 +13,10 @@ chosen from the shape; a trailing ``f`` = ``base_dot="fma"``, the base GEMV on C
 ``+KNOB=N`` sets a trace-time knob (``meteora_jax.knobs``) for that impl's rows only:
 ``pallas_gpu_decode+fused_expand=64`` runs 2..64-token calls through ``pallas_gpu_expand``.
 ``pallas_gpu_decode`` is the
-automatic GPU choice for few experts: that kernel at T=1, ``xla`` otherwise.
+automatic GPU choice for few experts: that kernel at T=1, ``xla`` otherwise. ``jax_triton`` is the same decode
+product written in plain Triton and called through jax-triton (T <= 16; ``jax_triton@...`` takes the same
+tiles); carry the jax-triton 0.3.1 wheel to the GPU image. ``--peers`` adds MeteoRA's own torch paths
+(``scripts/meteora_peers.py``) to every case, timed beside torch's base ``F.linear`` in the same run.
 
 Timing (``pallas_kernels/timing.py`` has the details and the validity rules):
 - ``profile``: GPU kernel time per call from a profiler trace of ``calls`` dispatches; valid at any T.
@@ -46,11 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))  # meteora_peers
 
 from meteora_jax import knobs as run_knobs  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
-from pallas_kernels.grouped_lora import api, pallas_gpu_decode, shapes  # noqa: E402
+from pallas_kernels.grouped_lora import api, jax_triton_decode, pallas_gpu_decode, shapes  # noqa: E402
 
 TIMERS = ("profile", "fori")
 TINY_CASES = (
@@ -94,13 +98,22 @@ def split_knobs(spec: str) -> tuple[str, dict[str, int]]:
 @contextlib.contextmanager
 def decode_config(config: pallas_gpu_decode.DecodeConfig | None):  # noqa: ANN201
     """Sets the decode kernel's tile override while a row is traced and timed (None: leave it alone)."""
-    saved = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE
+    saved = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE, jax_triton_decode.TILES_OVERRIDE
     if config is not None:
         pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = config
+        # the same tiles for the plain-Triton twin (``jax_triton@...``)
+        jax_triton_decode.TILES_OVERRIDE = jax_triton_decode.Tiles(
+            config.block_n,
+            config.block_k,
+            config.num_warps,
+            config.num_stages,
+            config.split_k,
+            config.base_dot,
+        )
     try:
         yield
     finally:
-        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = saved
+        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE, jax_triton_decode.TILES_OVERRIDE = saved
 
 
 def _num(x: float, digits: int = 2) -> float | None:
@@ -128,6 +141,19 @@ def _pick(impl_t: dict[str, timing.Timing], base_t: dict[str, timing.Timing]) ->
     return next(name for name in TIMERS if name in impl_t)
 
 
+def _case_fields(case: shapes.Case) -> dict:
+    """The issue's row keys that name the problem."""
+    return {
+        "d_in": case.d_in,
+        "d_out": case.d_out,
+        "T": case.num_tokens,
+        "E": case.num_experts,
+        "r": case.rank,
+        "k": case.top_k,
+        "routing": case.routing,
+    }
+
+
 def _bound(case: shapes.Case, expert_ids: jax.Array) -> float:
     touched = len(np.unique(np.asarray(expert_ids)))
     itemsize = 2
@@ -137,8 +163,105 @@ def _bound(case: shapes.Case, expert_ids: jax.Array) -> float:
     return (w + experts + xy) / (w + xy)
 
 
+def _torch_copies(case: shapes.Case, l2: str) -> int:
+    """How many input sets the peers cycle through: enough that each call's W is L2-cold (as ``cold_copies``)."""
+    if l2 != "cold":
+        return 1
+    set_bytes = 2 * (case.d_in * case.d_out + case.num_experts * case.rank * (case.d_in + case.d_out))
+    return min(16, max(1, -(-2 * timing.L2_BYTES // set_bytes) + 1))
+
+
+def _run_peer(mp, peer: str, inp: dict, sets: list, device: str, calls: int, peers_dir, label: str):  # noqa: ANN001, ANN202
+    """(output, timing, dtype) of one peer, or None (printed why). MeteoRA's Triton path was written for fp16:
+    if it rejects bf16 it runs on fp16 copies of the inputs, and the row says so."""
+    import torch
+
+    for dtype in ("bfloat16", "float16") if peer == "meteora_triton_v4" else ("bfloat16",):
+        try:
+            run_sets = sets if dtype == "bfloat16" else [mp.to_torch(inp, device, dtype) for _ in sets]
+            fns = [mp.peer_call(peer, p, peers_dir) for p in run_sets]
+            with torch.no_grad():
+                y = fns[0]().float().cpu().numpy()
+            return y, mp.time_peer(fns, calls), dtype
+        except Exception as e:  # noqa: BLE001 (a peer that fails is reported, not fatal)
+            print(f"{label} {peer} ({dtype}): not run: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            if isinstance(e, mp.PeerUnavailable):
+                return None
+    return None
+
+
+def peer_rows(
+    case: shapes.Case,
+    inp: dict,
+    peers: list[str],
+    ref: np.ndarray | None,
+    bound: float,
+    *,
+    calls: int = 50,
+    l2: str = "cold",
+    peers_dir: str | None = None,
+) -> list[dict]:
+    """One row per MeteoRA peer (``meteora_peers.py``) that can run here, timed beside torch's own base
+    ``F.linear`` in the same way; a peer that cannot run prints why and is left out."""
+    import meteora_peers as mp
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sets = [mp.to_torch(inp, device) for _ in range(_torch_copies(case, l2))]
+    base_t = mp.time_peer([mp.base_call(p) for p in sets], calls)
+    rows = []
+    for peer in peers:
+        ran = _run_peer(mp, peer, inp, sets, device, calls, peers_dir, case.name)
+        if ran is None:
+            continue
+        y, peer_t, dtype = ran
+        chosen = next(t for t in ("kernels", "events", "wall") if t in peer_t.us and peer_t.valid[t])
+        us, t_base = peer_t.us[chosen], base_t.us[chosen]
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if ref is not None else float("nan")
+        row = {
+            **_case_fields(case),
+            "impl": peer,
+            "us": _num(us),
+            "base_us": _num(t_base),
+            "base": "torch F.linear (bf16)",
+            "dtype": dtype,
+            "x_vs_base": _num(us / t_base, 3),
+            "bound": round(bound, 4),
+            "peak_mb": None if peer_t.peak_mb is None else round(peer_t.peak_mb, 2),
+            "rel_err_vs_first_impl": _num(err, 5),
+            "timer": chosen,
+            "timer_valid": peer_t.valid[chosen] and base_t.valid[chosen],
+            "l2": l2,
+        }
+        for name, t_us in peer_t.us.items():
+            row[f"us_{name}"] = _num(t_us)
+            row[f"base_us_{name}"] = _num(base_t.us[name])
+            row[f"valid_{name}"] = peer_t.valid[name] and base_t.valid[name]
+            row[f"note_{name}"] = f"row: {peer_t.notes[name]}; base: {base_t.notes[name]}"
+        if peer_t.kernels_per_call is not None:
+            row["kernels_per_call_kernels"] = peer_t.kernels_per_call
+        rows.append(row)
+        print(
+            f"{case.d_in:>5}->{case.d_out:<5} T={case.num_tokens:<5} E={case.num_experts:<4} r={case.rank:<2} "
+            f"k={case.top_k} {case.routing:<7} {peer:<10} {us:9.1f}us base {t_base:8.1f}us "
+            f"x{us / t_base:6.3f} [{chosen}] bound {bound:.3f} peak {row['peak_mb']}MB err {err:.1e}",
+            flush=True,
+        )
+    return rows
+
+
 def bench(
-    cases, impls, out_path: str | None, *, timers=TIMERS, calls=50, reps=50, l2="cold", fori_min_t=0
+    cases,
+    impls,
+    out_path: str | None,
+    *,
+    timers=TIMERS,
+    calls=50,
+    reps=50,
+    l2="cold",
+    fori_min_t=0,
+    peers: list[str] | None = None,
+    peers_dir: str | None = None,
 ) -> list[dict]:
     rows = []
     all_timers = timers
@@ -176,13 +299,7 @@ def bench(
             chosen = _pick(impl_t, base_t)
             us, t_base = impl_t[chosen].us, base_t[chosen].us
             row = {
-                "d_in": case.d_in,
-                "d_out": case.d_out,
-                "T": case.num_tokens,
-                "E": case.num_experts,
-                "r": case.rank,
-                "k": case.top_k,
-                "routing": case.routing,
+                **_case_fields(case),
                 "impl": impl,
                 "us": _num(us),
                 "base_us": _num(t_base),
@@ -221,6 +338,8 @@ def bench(
                 f"peak {peak_mb:8.1f}MB err {err:.1e} | {side}",
                 flush=True,
             )
+        if peers:
+            rows += peer_rows(case, inp, peers, ref, bound, calls=calls, l2=l2, peers_dir=peers_dir)
         if out_path:
             _write(rows, out_path)
     return rows
@@ -282,6 +401,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: two tiny shapes, xla only")
     parser.add_argument("--jax-triton-check", action="store_true")
     parser.add_argument(
+        "--peers",
+        default="",
+        help="comma-separated MeteoRA torch peers timed in the same run: meteora_bmm_torch_v1, meteora_triton_v4 "
+        "(needs a clone of github.com/NJUDeepEngine/meteora in peers/meteora; see scripts/meteora_peers.py)",
+    )
+    parser.add_argument("--peers-dir", default=None, help="the MeteoRA clone (default: peers/meteora)")
+    parser.add_argument(
         "--decode-max-tokens",
         type=int,
         default=None,
@@ -308,6 +434,8 @@ def main() -> None:
         reps=opts.reps,
         l2=opts.l2,
         fori_min_t=opts.fori_min_t,
+        peers=[p for p in opts.peers.split(",") if p],
+        peers_dir=opts.peers_dir,
     )
 
 

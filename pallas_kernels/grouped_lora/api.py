@@ -28,6 +28,7 @@ IMPLEMENTATIONS = (
     "pallas_gpu",
     "pallas_gpu_decode",
     "pallas_tpu",
+    "jax_triton",
     "xla",
     "xla_ragged",
     "xla_dense",
@@ -55,7 +56,8 @@ def resolve_implementation(name_or_none: str | None = None, expert_columns: int 
             return _candidates(None, expert_columns)[0]
         return _AUTO.get(jax.default_backend(), ("xla",))[0]
     base = name_or_none.removesuffix("_interpret")
-    if base not in IMPLEMENTATIONS or (name_or_none != base and not base.startswith("pallas")):
+    interpretable = base.startswith("pallas") or base == "jax_triton"
+    if base not in IMPLEMENTATIONS or (name_or_none != base and not interpretable):
         raise ValueError(
             f"unknown grouped_lora implementation {name_or_none!r}; expected one of {IMPLEMENTATIONS}"
         )
@@ -98,6 +100,10 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
         from pallas_kernels.grouped_lora import pallas_gpu_decode
 
         return pallas_gpu_decode.make_decode_ops(_ops("xla", num_experts, rank), interpret=interpret)
+    if base == "jax_triton":  # plain Triton through jax-triton, decode sizes only; ``xla`` otherwise
+        from pallas_kernels.grouped_lora import jax_triton_decode
+
+        return jax_triton_decode.make_ops(_ops("xla", num_experts, rank), interpret=interpret)
     if base == "pallas_gpu":
         from pallas_kernels.grouped_lora import pallas_gpu
 

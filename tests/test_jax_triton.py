@@ -1,0 +1,182 @@
+"""The ``jax_triton`` backend: its decode kernel, written in plain Triton, equals ``reference``.
+
+jax-triton itself needs a GPU jaxlib, so on the CPU the kernel runs through Triton's own interpreter
+(``jax_triton_interpret``, in a child process with ``TRITON_INTERPRET=1``) and is compiled for sm_90 by
+Triton's compiler; both need the ``triton`` package in ``.triton/`` (``make test`` installs it). The
+``gpu``-marked test runs the real ``triton_call`` path.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_lora import api, jax_triton_decode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRITON_DIR = os.path.join(ROOT, ".triton")
+needs_triton = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(TRITON_DIR, "triton")),
+    reason="triton not in .triton/ (make test installs it)",
+)
+
+# Every case differs from a plain one in one way: masked d_in / d_out tails, a rank that is not a power of two,
+# k = 1 and 3 (padded slots), several K splits, one expert on every slot, a zero routing weight, both base
+# products at T = 1, the dot path at T = 3 and 16; float32 and bfloat16.
+SMALL = {"block_n": 32, "block_k": 64}
+CASES = [
+    {"T": 1, "D": 200, "O": 72, "E": 6, "r": 3, "k": 2, "dtype": "float32", "tiles": SMALL},
+    {
+        "T": 1,
+        "D": 200,
+        "O": 72,
+        "E": 6,
+        "r": 3,
+        "k": 2,
+        "dtype": "bfloat16",
+        "tiles": {**SMALL, "base_dot": "fma"},
+    },
+    {
+        "T": 1,
+        "D": 256,
+        "O": 64,
+        "E": 8,
+        "r": 16,
+        "k": 4,
+        "dtype": "float32",
+        "routing": "repeat",
+        "zero_weight": 1,
+    },
+    {
+        "T": 1,
+        "D": 96,
+        "O": 48,
+        "E": 28,
+        "r": 8,
+        "k": 2,
+        "dtype": "bfloat16",
+        "tiles": {"block_n": 16, "block_k": 32, "split_k": 3},
+    },
+    {"T": 3, "D": 200, "O": 72, "E": 6, "r": 3, "k": 2, "dtype": "float32", "tiles": SMALL},
+    {
+        "T": 5,
+        "D": 128,
+        "O": 64,
+        "E": 4,
+        "r": 4,
+        "k": 3,
+        "dtype": "bfloat16",
+        "tiles": {"block_n": 32, "block_k": 32},
+    },
+    {"T": 16, "D": 130, "O": 40, "E": 5, "r": 8, "k": 1, "dtype": "float32", "tiles": SMALL},
+]
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _child(mode: str, cases: list[dict], interpret: bool) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TRITON_DIR, ROOT]), "JAX_PLATFORMS": "cpu"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "jax_triton_child.py"), mode, json.dumps(cases)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_launch_params_cover_d_in_with_no_empty_split():
+    for d_in in (96, 200, 4096, 14336):
+        for split_k in (0, 3, 64):
+            p = jax_triton_decode.launch_params(1, d_in, 4096, 8, 2, jax_triton_decode.Tiles(split_k=split_k))
+            c = p["constexprs"]
+            assert p["grid"] == (64, p["splits"])
+            assert c["K_PER_SPLIT"] % c["BLOCK_K"] == 0
+            assert (p["splits"] - 1) * c["K_PER_SPLIT"] < d_in <= p["splits"] * c["K_PER_SPLIT"]
+    one = jax_triton_decode.launch_params(1, 4096, 4096, 8, 2)["constexprs"]
+    assert (one["BLOCK_T"], one["BLOCK_TL"], one["USE_DOT"], one["BLOCK_KS"]) == (16, 1, True, 2)
+    fma = jax_triton_decode.launch_params(1, 4096, 4096, 8, 2, jax_triton_decode.Tiles(base_dot="fma"))
+    assert (fma["constexprs"]["BLOCK_T"], fma["constexprs"]["USE_DOT"]) == (1, False)
+    three = jax_triton_decode.launch_params(3, 4096, 4096, 3, 3)["constexprs"]
+    assert (three["BLOCK_T"], three["BLOCK_TL"], three["BLOCK_KS"], three["BLOCK_R"]) == (16, 16, 4, 4)
+    with pytest.raises(ValueError, match="base_dot"):
+        jax_triton_decode.launch_params(1, 64, 64, 8, 2, jax_triton_decode.Tiles(base_dot="wgmma"))
+
+
+def test_names_and_refusal_on_cpu():
+    assert api.resolve_implementation("jax_triton_interpret") == "jax_triton_interpret"
+    with pytest.raises(ValueError, match="unknown grouped_lora implementation"):
+        api.resolve_implementation("xla_interpret")
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the backend may run")
+    x = jnp.ones((1, 8))
+    with pytest.raises(NotImplementedError, match="jax_triton needs a GPU"):
+        api.grouped_lora_fused(
+            x,
+            jnp.ones((8, 4)),
+            jnp.ones((3, 8, 2)),
+            jnp.ones((3, 2, 4)),
+            jnp.zeros((1, 2), jnp.int32),
+            jnp.ones((1, 2)),
+            scaling=jnp.ones(3),
+            implementation="jax_triton",
+        )
+
+
+def test_shape_mismatch_is_refused_before_launch():
+    with pytest.raises(ValueError, match="do not agree"):
+        jax_triton_decode.decode_forward(
+            jnp.ones((1, 8)),
+            jnp.ones((8, 4)),
+            jnp.ones((3, 9, 2)),
+            jnp.ones((3, 2, 4)),
+            jnp.zeros((1, 2), jnp.int32),
+            jnp.ones((1, 2)),
+            jnp.ones(3),
+            call=lambda *a, **k: pytest.fail("launched"),
+        )
+
+
+@needs_triton
+def test_interpreted_kernel_matches_reference():
+    cases = [{**c, "seed": i} for i, c in enumerate(CASES)]
+    for got in _child("interpret", cases, interpret=True):
+        case = got["case"]
+        assert got["rel_err"] <= TOL[case["dtype"]], got
+        assert got["lora_scale"] > 0.1, got  # the LoRA term is 10x either tolerance: dropping it would fail
+    assert {r["splits"] for r in _child("interpret", cases[3:4], interpret=True)} == {3}
+
+
+@needs_triton
+def test_compiles_for_sm90_at_llama_shapes():
+    """Triton's own front end and ptxas accept the kernel at the shapes a Llama-3-8B decode gives it."""
+    cases = [
+        {"T": 1, "D": 4096, "O": 4096, "r": 8, "k": 2, "dtype": "bfloat16"},
+        {"T": 1, "D": 14336, "O": 4096, "r": 8, "k": 2, "dtype": "bfloat16"},
+        {"T": 16, "D": 4096, "O": 14336, "r": 8, "k": 2, "dtype": "bfloat16"},
+    ]
+    out = _child("compile", cases, interpret=False)
+    assert [r["case"] for r in out] == cases
+    assert all(r["ptx_lines"] > 100 and r["shared"] <= 227 * 1024 for r in out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_matches_reference(num_tokens, dtype):
+    rng = np.random.default_rng(num_tokens)
+    t, d, o, e, r, k = num_tokens, 4096, 1024, 28, 8, 2
+    x = jnp.asarray(rng.standard_normal((t, d)), dtype)
+    w = jnp.asarray(rng.standard_normal((d, o)) / np.sqrt(d), dtype)
+    a = jnp.asarray(rng.standard_normal((e, d, r)) / np.sqrt(d), dtype)
+    b = jnp.asarray(rng.standard_normal((e, r, o)), dtype)
+    ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(t)]), jnp.int32)
+    weights = jnp.asarray(rng.dirichlet(np.ones(k), t), dtype)
+    scaling = jnp.full((e,), 2.0)
+    got = api.grouped_lora_fused(x, w, a, b, ids, weights, scaling=scaling, implementation="jax_triton")
+    ref = api.grouped_lora_fused(x, w, a, b, ids, weights, scaling=scaling, implementation="reference")
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= TOL[dtype]
