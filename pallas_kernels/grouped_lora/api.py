@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_lora import gating, vjp, xla
+from pallas_kernels.grouped_lora import common, gating, vjp, xla
 from pallas_kernels.grouped_lora.gating import RouteSpec
 from pallas_kernels.grouped_lora.reference import grouped_lora_reference
 from pallas_kernels.grouped_lora.vjp import grouped_lora_vjp
@@ -29,6 +29,7 @@ IMPLEMENTATIONS = (
     "pallas_gpu_decode",
     "pallas_tpu",
     "jax_triton",
+    "tokamax",
     "xla",
     "xla_ragged",
     "xla_dense",
@@ -100,6 +101,8 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
         from pallas_kernels.grouped_lora import pallas_gpu_decode
 
         return pallas_gpu_decode.make_decode_ops(_ops("xla", num_experts, rank), interpret=interpret)
+    if base == "tokamax":  # sorted rows through tokamax.ragged_dot_general (a peer; its wheel is optional)
+        return _tokamax_ops()
     if base == "jax_triton":  # plain Triton through jax-triton, decode sizes only; ``xla`` otherwise
         from pallas_kernels.grouped_lora import jax_triton_decode
 
@@ -113,6 +116,23 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
 
         return pallas_tpu.make_ops(interpret=interpret)
     raise NotImplementedError(name)
+
+
+def _tokamax_ops() -> xla.RaggedOps:
+    """``xla_ragged`` with tokamax's ragged dot (its Mosaic GPU / Triton kernels on a GPU, XLA elsewhere), at
+    the default precision below float32 (its GPU kernels need not take HIGHEST for bf16, where it changes
+    nothing) and HIGHEST for float32 operands."""
+    try:
+        import tokamax
+    except ImportError as e:
+        raise NotImplementedError(f"tokamax is not installed ({e}); pip install tokamax") from e
+    from absl import flags  # tokamax's dependency
+
+    if not flags.FLAGS.is_parsed():  # else tokamax parses sys.argv as absl flags and rejects our options
+        flags.FLAGS.mark_as_parsed()
+    return xla.RaggedOps(
+        "tokamax", ragged_dot_general=tokamax.ragged_dot_general, precision=common.dot_precision
+    )
 
 
 def _dispatch(x, w, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation):  # noqa: ANN001, ANN202

@@ -258,6 +258,9 @@ def _slot_rows(v: Array, plan: RoutingPlan) -> Array:
 class RaggedOps:
     name: str = "xla_ragged"
     forward: Callable | None = None  # an inference-only forward (module doc); None: shrink + expand
+    # ``lax.ragged_dot_general`` or a drop-in with its signature (the ``tokamax`` backend passes tokamax's)
+    ragged_dot_general: Callable = lax.ragged_dot_general
+    precision: Callable[[jnp.dtype], lax.Precision | None] = lambda dtype: _HIGHEST
 
     def shrink(
         self, x_td: Float[Array, "T K"], w_ekn: Array, plan: RoutingPlan, *, transpose_w: bool = False
@@ -269,8 +272,13 @@ class RaggedOps:
             lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[0],
         )
-        h_mn = lax.ragged_dot_general(
-            x_mk, w_ekn, plan.group_sizes, dn, precision=_HIGHEST, preferred_element_type=jnp.float32
+        h_mn = self.ragged_dot_general(
+            x_mk,
+            w_ekn,
+            plan.group_sizes,
+            dn,
+            precision=self.precision(x_mk.dtype),
+            preferred_element_type=jnp.float32,
         )
         return h_mn[plan.row_of_slot].reshape(plan.num_tokens, plan.top_k, -1)
 
@@ -294,12 +302,12 @@ class RaggedOps:
             lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[],
         )
-        g_ekn = lax.ragged_dot_general(
+        g_ekn = self.ragged_dot_general(
             _slot_rows(lhs, plan),
             _slot_rows(rhs, plan),
             plan.group_sizes,
             dn,
-            precision=_HIGHEST,
+            precision=self.precision(lhs.dtype),
             preferred_element_type=jnp.float32,
         )
         return g_ekn.astype(out_dtype)
