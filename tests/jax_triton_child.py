@@ -2,15 +2,19 @@
 
 ``interpret`` (TRITON_INTERPRET=1 set by the parent): the ``jax_triton_interpret`` backend on each case of a
 JSON list, against ``reference`` on the same fresh random inputs; prints one JSON line of results.
-``compile``: ``lora_decode_kernel`` through Triton's own compiler for sm_90 (no GPU needed), at the
-constexprs ``launch_params`` gives for each case; prints registers-free facts (shared memory, PTX size).
+``compile``: ``lora_decode_kernel`` through Triton's own compiler and ptxas for sm_90 (no GPU needed), at the
+constexprs ``launch_params`` gives for each case, with jax-triton's alignment hints; prints shared memory,
+registers, spills (stack / local bytes) and the PTX's asynchronous copies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -83,14 +87,35 @@ def compile_sm90(cases: list[dict]) -> list[dict]:
         signature = {name: f"*{ty}" for name, ty in ptrs.items()}
         signature["out_ptr"] = "*fp32"
         signature.update({name: "constexpr" for name in p["constexprs"]})
-        src = ASTSource(lora_decode_kernel, signature, constexprs=p["constexprs"])
+        # jax-triton tells Triton that every buffer is 16-byte aligned (XLA's are); without it no load is
+        # vectorised or pipelined (cp.async needs >= 4-byte copies)
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(signature) - len(p["constexprs"]))}
+        src = ASTSource(lora_decode_kernel, signature, constexprs=p["constexprs"], attrs=aligned)
         kernel = triton.compile(
             src,
             target=GPUTarget("cuda", 90, 32),
             options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]},
         )
+        with tempfile.TemporaryDirectory() as d:
+            cubin = os.path.join(d, "k.cubin")
+            with open(cubin, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            usage = subprocess.run(
+                [tool, "--dump-resource-usage", cubin], capture_output=True, text=True
+            ).stdout
+        found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+        ptx = kernel.asm["ptx"]
         out.append(
-            {"case": case, "shared": int(kernel.metadata.shared), "ptx_lines": kernel.asm["ptx"].count("\n")}
+            {
+                "case": case,
+                "shared": int(kernel.metadata.shared),
+                "registers": int(found["REG"]),
+                "stack": int(found["STACK"]),
+                "local": int(found["LOCAL"]),
+                "async_copies": ptx.count("cp.async."),
+                "ptx_lines": ptx.count("\n"),
+            }
         )
     return out
 
