@@ -101,6 +101,7 @@ def build_model(
 
     from flax import nnx
 
+    from meteora_jax.model.params_io import abstract_model
     from meteora_jax.model.rope import inv_frequencies
 
     moe = MoEConfig(
@@ -109,7 +110,7 @@ def build_model(
         top_k=2,
         implementation=implementation,
     )
-    abstract = nnx.eval_shape(lambda: MeteoraLlama(cfg, moe, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg, moe, jnp.bfloat16)
     graphdef, state = nnx.split(abstract)
 
     @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -76,3 +76,24 @@ def test_bad_hf_configs(cfg, match):
 def test_bad_moe_configs(kwargs, match):
     with pytest.raises(MeteoraInputError, match=match):
         MoEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_abstract_model_has_the_real_models_parameters(tie):
+    """``abstract_model`` (shapes only, built with ``ShapeOnlyRngs``) lists exactly the parameters, shapes and
+    dtypes of a model built with real random keys, so loading fills the same structure."""
+    import jax
+    from flax import nnx
+
+    from meteora_jax.config import ModelConfig, MoEConfig
+    from meteora_jax.model.llama import MeteoraLlama
+    from meteora_jax.model.params_io import abstract_model, flat_params
+
+    cfg = ModelConfig.tiny(tie_word_embeddings=tie)
+    moe = MoEConfig(expert_names=("a", "b", "c"), rank=4, top_k=2)
+    abstract = flat_params(abstract_model(cfg, moe, "bfloat16"))
+    real = flat_params(MeteoraLlama(cfg, moe, dtype="bfloat16", rngs=nnx.Rngs(1)))
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in abstract.values())
+    assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {
+        k: (v.shape, v.dtype) for k, v in real.items()
+    }
