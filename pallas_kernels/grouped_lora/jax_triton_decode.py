@@ -3,12 +3,13 @@
 Issue 3 names jax-triton in the design. This backend is the one-launch decode product of
 ``pallas_gpu_decode.py`` (x @ W plus each token's top-k LoRA, for a few tokens) with the kernel in Triton
 itself (``jax_triton_kernel.py``) rather than lowered from Pallas, so the two can be timed against each other
-on one GPU: what Pallas's lowering costs or gains over hand-written Triton (explicit pointer arithmetic,
-the deferred shrink reduction). Everything else, all of training included, is the ``xla`` backend's.
+on one GPU: what Pallas's lowering costs or gains over hand-written Triton (explicit pointer arithmetic
+and the one reduction of the shrink after the K loop). Everything else, training included, is ``xla``'s.
 
-Needs, on a GPU, the ``jax-triton`` and ``triton`` packages (the image's triton 3.6.0 takes jax-triton 0.3.1;
-``scripts/`` carry the wheels). ``jax_triton_interpret`` runs the same kernel through Triton's own interpreter
-on the CPU (``TRITON_INTERPRET=1`` must be set before triton is imported), the check the tests make.
+Needs, on a GPU, the ``jax-triton`` and ``triton`` packages. The GPU image has triton 3.6.0, which takes
+jax-triton 0.3.1: install its wheel there (benchmarks/RESULTS.md, "Session 16", has the commands).
+``jax_triton_interpret`` runs the same kernel through Triton's own interpreter on the CPU
+(``TRITON_INTERPRET=1`` must be set before triton is imported), the check the tests make.
 
 Shape checks happen here, before any launch: d_in / d_out / rank must match between x, W, A and B.
 """
@@ -27,8 +28,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.grouped_lora import common
+from pallas_kernels.grouped_lora.pallas_gpu_decode import split_k_for
 
-MAX_TOKENS = 16  # the tokens a call may have to take this kernel (``forward_if_few_tokens``); not yet timed
+MAX_TOKENS = 16  # the most tokens a call may have to take this kernel (``make_ops``); not yet timed on a GPU
 TARGET_PROGRAMS = 256  # as pallas_gpu_decode: ~2 programs per SM of an H100 / H200
 DEFER_SHRINK_MAX_ELEMS = 8192  # [rows, block_k, block_r] float32 accumulators kept across the K loop
 
@@ -59,11 +61,7 @@ def launch_params(
     tiles = tiles or TILES_OVERRIDE or Tiles()
     blocks = -(-d_out // tiles.block_n)
     steps = -(-d_in // tiles.block_k)
-    split = tiles.split_k
-    if split <= 0:
-        split = 1
-        while blocks * split < TARGET_PROGRAMS and steps // (2 * split) >= 2:
-            split *= 2
+    split = tiles.split_k if tiles.split_k > 0 else split_k_for(blocks, steps, TARGET_PROGRAMS)
     k_per_split = -(-steps // split) * tiles.block_k
     split = -(-d_in // k_per_split)  # no empty split
     if tiles.base_dot not in ("mma", "fma"):
