@@ -35,6 +35,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "MeteoRA in JAX: embed many task LoRA adapters as experts of one model, train per-token gates, "
             "and generate / evaluate with no task label at inference."
         ),
+        epilog=(
+            "Compiled programs are kept in JAX's persistent cache (~/.cache/meteora-jax/xla, or "
+            "$XDG_CACHE_HOME/meteora-jax/xla), so a second run starts faster; METEORA_JAX_COMPILE_CACHE=DIR moves "
+            "it, METEORA_JAX_COMPILE_CACHE=0 turns it off."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or "-h" in argv or "--help" in argv else 2
     try:
         knobs.set_from_env()
+        if args.command != "data":  # every other command compiles a model's programs
+            from meteora_jax import compile_cache
+
+            compile_cache.enable()
         return int(args.func(args) or 0)
     except MeteoraInputError as e:
         print(f"meteora-jax {args.command}: error: {e}", file=sys.stderr)

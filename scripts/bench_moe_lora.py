@@ -414,7 +414,9 @@ def main() -> None:
         help=f"pallas_gpu: largest T for the decode kernel (default {pallas_gpu_decode.DECODE_MAX_TOKENS})",
     )
     opts = parser.parse_args()
-    if opts.peers:  # torch shares the GPU: JAX must not take 75% of its memory up front (before its first use)
+    if (
+        opts.peers
+    ):  # torch shares the GPU: JAX must not take 75% of its memory up front (before its first use)
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if opts.decode_max_tokens is not None:
         pallas_gpu_decode.DECODE_MAX_TOKENS = opts.decode_max_tokens

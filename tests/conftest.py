@@ -1,10 +1,15 @@
 """Shared test set-up: GPU-marked tests are skipped without a GPU; seeds come from the test's name."""
 
 import hashlib
+import os
 
-import jax
-import numpy as np
-import pytest
+# The command line turns on JAX's persistent compilation cache in ~/.cache (meteora_jax/compile_cache.py); the
+# suite calls it in-process and must neither write there nor load programs a previous run compiled.
+os.environ["METEORA_JAX_COMPILE_CACHE"] = "0"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _has_gpu() -> bool:
