@@ -20,10 +20,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def interpret(cases: list[dict]) -> list[dict]:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels.grouped_lora import api, jax_triton_decode
+    from pallas_kernels.grouped_lora import api, jax_triton_decode, shapes
 
     out = []
     for case in cases:
@@ -36,10 +37,11 @@ def interpret(cases: list[dict]) -> list[dict]:
         w = jnp.asarray(rng.standard_normal((d, o)) / np.sqrt(d), dtype)
         a = jnp.asarray(rng.standard_normal((e, d, r)) / np.sqrt(d), dtype)
         b = jnp.asarray(rng.standard_normal((e, r, o)), dtype)
-        if case.get("routing") == "repeat":  # every slot of every token on one expert
+        routing = case.get("routing", "uniform")
+        if routing == "repeat":  # every slot of every token on one expert
             ids = np.full((t, k), e - 1)
-        else:
-            ids = np.stack([rng.permutation(e)[:k] for _ in range(t)])
+        else:  # the suite's named routings: uniform, skewed, empty_experts, one_expert
+            ids = np.asarray(shapes.routing_ids(jax.random.key(case["seed"]), t, e, k, routing))
         weights = rng.dirichlet(np.ones(k), t)
         if case.get("zero_weight"):
             weights[:, 0] = 0.0

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grouped_lora_cases import GRAD_ARGS, inputs_for, reference_result, rel_err, run
 
-from pallas_kernels.grouped_lora import api, jax_triton_decode
+from pallas_kernels.grouped_lora import api, jax_triton_decode, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_DIR = os.path.join(ROOT, ".triton")
@@ -25,9 +26,10 @@ needs_triton = pytest.mark.skipif(
     reason="triton not in .triton/ (make test installs it)",
 )
 
-# Every case differs from a plain one in one way: masked d_in / d_out tails, a rank that is not a power of two,
-# k = 1 and 3 (padded slots), several K splits, one expert on every slot, a zero routing weight, both base
-# products at T = 1, the dot path at T = 3 and 16; float32 and bfloat16.
+# Every case differs from a plain one in one way or two: masked d_in / d_out tails, ranks 1, 3, 4, 8, 16 and 64,
+# k = 1, 3 and 4 (padded slots), several K splits, E up to 1024, skewed routing, empty experts, all tokens on one
+# expert pair, one expert on every slot, a zero routing weight, both base products at T = 1, the dot path at
+# T = 2 to 16; float32 and bfloat16.
 SMALL = {"block_n": 32, "block_k": 64}
 CASES = [
     {"T": 1, "D": 200, "O": 72, "E": 6, "r": 3, "k": 2, "dtype": "float32", "tiles": SMALL},
@@ -74,6 +76,10 @@ CASES = [
         "tiles": {"block_n": 32, "block_k": 32},
     },
     {"T": 16, "D": 130, "O": 40, "E": 5, "r": 8, "k": 1, "dtype": "float32", "tiles": SMALL},
+    {"T": 2, "D": 64, "O": 40, "E": 1024, "r": 1, "k": 2, "dtype": "float32", "routing": "skewed"},
+    {"T": 1, "D": 128, "O": 96, "E": 8, "r": 64, "k": 2, "dtype": "bfloat16", "tiles": SMALL},
+    {"T": 7, "D": 96, "O": 64, "E": 12, "r": 16, "k": 2, "dtype": "bfloat16", "routing": "empty_experts"},
+    {"T": 4, "D": 64, "O": 32, "E": 6, "r": 4, "k": 2, "dtype": "float32", "routing": "one_expert"},
 ]
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -138,6 +144,19 @@ def test_shape_mismatch_is_refused_before_launch():
             jnp.ones(3),
             call=lambda *a, **k: pytest.fail("launched"),
         )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradients_are_the_xla_paths(dtype):
+    """Under differentiation the backend is ``xla``'s shrink / expand (the kernel is inference only): its output
+    and every gradient equal ``reference``, and no Triton is needed for that."""
+    case = shapes.Case(f"jt_grad_{dtype}", 5, 24, 20, 6, 4, 2, "skewed", dtype, ("jax_triton",))
+    inp = inputs_for(case, case.name)
+    want_y, want_g = reference_result(case, case.name, True)
+    got_y, got_g = run(inp, "jax_triton_interpret", fused=True)
+    assert rel_err(got_y, want_y) <= TOL[dtype]
+    for name in GRAD_ARGS:
+        assert rel_err(got_g[name], want_g[name]) <= TOL[dtype], name
 
 
 @needs_triton
