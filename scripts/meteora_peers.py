@@ -260,7 +260,11 @@ def _events_us(calls: Sequence[Callable[[], Any]], n: int) -> float:
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in pairs)
 
 
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # all device work, as XLA's stream lines count it
+
+
 def _kernel_events(trace_path: str) -> list[tuple[float, float, str]]:
+    """(start, duration, name) of the device events in a torch profiler's Chrome trace, in time order."""
     opener = gzip.open if trace_path.endswith(".gz") else open
     with opener(trace_path, "rt") as f:
         trace = json.load(f)
@@ -268,7 +272,7 @@ def _kernel_events(trace_path: str) -> list[tuple[float, float, str]]:
     kernels = [
         (float(e["ts"]), float(e["dur"]), e.get("name", ""))
         for e in events
-        if e.get("ph") == "X" and e.get("cat") == "kernel"
+        if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES
     ]
     return sorted(kernels)
 

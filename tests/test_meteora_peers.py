@@ -144,3 +144,24 @@ def test_real_clone_v1_matches_float64(mp):
     with torch.no_grad():
         got = mp.peer_call("meteora_bmm_torch_v1", mp.to_torch(inp, "cpu", "float32"))().numpy()
     np.testing.assert_allclose(got, _reference(inp), rtol=1e-4, atol=1e-4)
+
+
+def test_device_events_from_a_torch_trace(mp, tmp_path):
+    """Kernels, copies and memsets count (as XLA's stream lines do); host-side ops and CUDA runtime calls do not."""
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "ts": 30.0, "dur": 2.0, "name": "gemm"},
+            {"ph": "X", "cat": "gpu_memset", "ts": 10.0, "dur": 1.0, "name": "Memset (Device)"},
+            {"ph": "X", "cat": "gpu_memcpy", "ts": 20.0, "dur": 1.5, "name": "Memcpy DtoD"},
+            {"ph": "X", "cat": "cuda_runtime", "ts": 5.0, "dur": 9.0, "name": "cudaLaunchKernel"},
+            {"ph": "X", "cat": "cpu_op", "ts": 4.0, "dur": 40.0, "name": "aten::linear"},
+            {"ph": "i", "cat": "kernel", "ts": 50.0, "name": "marker"},
+        ]
+    }
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    assert mp._kernel_events(str(path)) == [
+        (10.0, 1.0, "Memset (Device)"),
+        (20.0, 1.5, "Memcpy DtoD"),
+        (30.0, 2.0, "gemm"),
+    ]
