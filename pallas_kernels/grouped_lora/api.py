@@ -3,7 +3,8 @@
 ``implementation`` is ``None`` (the fastest that works here), one name from ``IMPLEMENTATIONS``, or a
 sequence of names tried in order; a backend that cannot serve a call (wrong platform, unsupported
 shape) raises ``NotImplementedError`` and the next one is tried. A name with the suffix
-``_interpret`` runs a Pallas backend in interpret mode (CPU tests).
+``_interpret`` runs a Pallas backend in interpret mode, or ``jax_triton``'s kernel in Triton's own
+interpreter (CPU tests). ``tokamax`` and ``jax_triton`` need their optional packages (else NotImplementedError).
 
 Every backend except ``reference`` goes through the same ``custom_vjp`` (``vjp.py``); ``reference`` is
 plain JAX and differentiated by JAX itself, which makes it an independent check of that VJP.
