@@ -32,15 +32,23 @@ def _check(case: shapes.Case) -> None:
             assert rel_err(got_g[name], want_g[name]) <= tol, name
 
 
-@pytest.fixture
-def stand_in(monkeypatch):
+@pytest.fixture(params=["top_level", "api_module"])
+def stand_in(request, monkeypatch):
+    """tokamax <= 0.0.12 exports ``ragged_dot_general``; 0.0.17 keeps it in ``tokamax._src.ops.ragged_dot.api``."""
     calls = []
 
     def ragged_dot_general(lhs, rhs, group_sizes, dims, **kwargs):  # noqa: ANN001, ANN202
         calls.append(dims)
         return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, **kwargs)
 
-    monkeypatch.setitem(sys.modules, "tokamax", types.SimpleNamespace(ragged_dot_general=ragged_dot_general))
+    if request.param == "top_level":
+        monkeypatch.setitem(
+            sys.modules, "tokamax", types.SimpleNamespace(ragged_dot_general=ragged_dot_general)
+        )
+    else:
+        monkeypatch.setitem(sys.modules, "tokamax", types.SimpleNamespace(ragged_dot=None))
+        api_module = types.SimpleNamespace(ragged_dot_general=ragged_dot_general)
+        monkeypatch.setitem(sys.modules, "tokamax._src.ops.ragged_dot.api", api_module)
     return calls
 
 

@@ -123,17 +123,24 @@ def _tokamax_ops() -> xla.RaggedOps:
     """``xla_ragged`` with tokamax's ragged dot (its Mosaic GPU / Triton kernels on a GPU, XLA elsewhere), at
     the default precision below float32 (its GPU kernels need not take HIGHEST for bf16, where it changes
     nothing) and HIGHEST for float32 operands."""
+    import importlib
+
     try:
-        import tokamax
+        tokamax = importlib.import_module("tokamax")
     except ImportError as e:
         raise NotImplementedError(f"tokamax is not installed ({e}); pip install tokamax") from e
+    ragged_dot_general = getattr(tokamax, "ragged_dot_general", None)
+    if ragged_dot_general is None:  # 0.0.17 exports only ragged_dot; the general form is in its api module
+        try:
+            api_module = importlib.import_module("tokamax._src.ops.ragged_dot.api")
+            ragged_dot_general = api_module.ragged_dot_general
+        except (ImportError, AttributeError) as e:
+            raise NotImplementedError(f"this tokamax has no ragged_dot_general ({e})") from e
     from absl import flags  # tokamax's dependency
 
-    if not flags.FLAGS.is_parsed():  # else tokamax parses sys.argv as absl flags and rejects our options
+    if not flags.FLAGS.is_parsed():  # tokamax <= 0.0.12 parses sys.argv as absl flags and rejects our options
         flags.FLAGS.mark_as_parsed()
-    return xla.RaggedOps(
-        "tokamax", ragged_dot_general=tokamax.ragged_dot_general, precision=common.dot_precision
-    )
+    return xla.RaggedOps("tokamax", ragged_dot_general=ragged_dot_general, precision=common.dot_precision)
 
 
 def _dispatch(x, w, lora_a, lora_b, expert_ids, expert_weights, scaling, implementation):  # noqa: ANN001, ANN202
