@@ -246,3 +246,15 @@ def test_base_name_warning(tmp_path):
     assert not warned("org/smollm2", base_dir)  # a hub name with the same last part
     assert warned(base_dir, other / "model.Q4_1.gguf")
     assert warned("org/llama-3-8b", gguf)
+
+
+def test_adapter_for_another_model_errors_without_the_shapes_fit_warning(good, tmp_path, capsys):
+    """An adapter whose declared base differs and whose shapes do not fit: the error alone, not first a warning
+    that says the shapes fit."""
+    root, base, adapter = good
+    other = make_tiny_hf_checkpoint(tmp_path / "other_base", "llama3", seed=2)
+    assert (
+        main(["convert", "--base", other, "--adapter", f"x={adapter}", "--out", str(tmp_path / "out")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "error:" in err and "the shapes fit" not in err

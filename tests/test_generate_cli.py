@@ -35,6 +35,10 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
         (["--prompt", "hi", "--top-k", "4"], "top_k=4"),
         (["--prompt", "hi", "--force-expert", "delta"], "not an expert"),
         (["--prompt", "   "], "empty"),
+        (
+            ["--prompt", "", "--prompt-template", "plain"],
+            "--prompt is empty",
+        ),  # a template adds text of its own
         (["--prompt", "x" * 400], "context"),
         (["--prompt", "hi", "--lora-impl", "cuda_magic"], "unknown grouped_lora implementation"),
     ],
@@ -145,3 +149,19 @@ def test_hint_when_a_raw_prompt_ends_at_once(num_tokens, template, chat_template
     err = capsys.readouterr().err
     assert ("1 of 2 prompts ended at once" in err and "--prompt-template chat" in err) == hinted
     assert bool(err) == hinted
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (['{"prompt": "hi"}', '{"prompt": "  "}'], ":2: the prompt is empty"),
+        (['{"prompt": "hi"}', "not json"], ":2: not a JSON line"),
+        (['{"text": "hi"}'], ':1: each line must be an object with a string "prompt"'),
+        (["", "  "], "no prompts in the file"),
+    ],
+)
+def test_bad_prompts_file_names_the_line(model_dir, tmp_path, lines, match, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["generate", "--model", model_dir, "--prompts", str(path), "--prompt-template", "plain"]) == 2
+    assert match in capsys.readouterr().err

@@ -354,7 +354,6 @@ def load_peft_adapter(
     conf = read_adapter_config(directory)
     conf_path = os.path.join(directory, CONFIG_FILE)
     _check_config(conf, conf_path)
-    _check_base_name(conf, conf_path, base_source)
     targets = _targets(conf, cfg, conf_path)
     weights_path, shapes, read_values = _read_shapes(directory)
     keys = _parse_keys(shapes, cfg, weights_path)
@@ -387,6 +386,7 @@ def load_peft_adapter(
                     f"{cfg.intermediate_size}, q/kv dims={cfg.q_dim}/{cfg.kv_dim}; r from 'r'/'rank_pattern'). "
                     "The adapter was trained for another base model; use one trained on --base."
                 )
+    _check_base_name(conf, conf_path, base_source)  # after the shape checks: its warning says they passed
 
     values = read_values()
     modules: dict[tuple[int, str], LoraModule] = {}

@@ -60,6 +60,8 @@ def read_prompts(path: str) -> list[str]:
                 raise MeteoraInputError(
                     f'{path}:{lineno}: each line must be an object with a string "prompt".'
                 )
+            if not obj["prompt"].strip():
+                raise MeteoraInputError(f"{path}:{lineno}: the prompt is empty; give every prompt some text.")
             prompts.append(obj["prompt"])
     if not prompts:
         raise MeteoraInputError(f"{path}: no prompts in the file.")
@@ -88,12 +90,14 @@ def run(args: argparse.Namespace) -> int:
     from meteora_jax.tokenizer import load_tokenizer
     from meteora_jax.train.data import PromptFormatter, prompt_format_for
 
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if not prompts[0].strip():  # checked before a template wraps it in text of its own
+        raise MeteoraInputError("--prompt is empty; give it some text.")
     tokenizer = load_tokenizer(args.model)  # before the weights: a missing tokenizer fails fast
     template, add_bos = prompt_format_for(args.model, args.prompt_template)
     fmt = PromptFormatter(tokenizer, template) if template is not None else None
     model = mj.load(args.model, dtype=args.dtype)
     apply_model_options(model, args)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     streaming = args.prompt is not None and args.out is None and sys.stdout.isatty()
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
