@@ -16,7 +16,7 @@ import pytest
 from pallas_kernels.grouped_lora import api, pallas_gpu_expand
 from pallas_kernels.grouped_lora.pallas_gpu_expand import ExpandConfig
 from tests.grouped_lora_cases import rel_err
-from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model
+from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model, traced_logits
 
 SMALL = ExpandConfig(block_n=16, block_k=32)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
@@ -243,7 +243,7 @@ def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
     def run(**kw):
         ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3]])
         mask = jnp.ones((2, 4), jnp.int32)
-        return model.forward(ids, attention_mask=mask, positions=jnp.arange(4)[None], **kw).logits
+        return traced_logits(model, ids, mask, jnp.arange(4)[None], **kw)
 
     monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 0)
     off = run()

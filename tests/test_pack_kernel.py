@@ -14,7 +14,7 @@ import pytest
 from pallas_kernels.grouped_lora import api, pallas_gpu_expand, pallas_gpu_pack
 from pallas_kernels.grouped_lora.pallas_gpu_pack import PackConfig
 from tests.grouped_lora_cases import rel_err
-from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model
+from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model, traced_logits
 
 # name -> (T, d_in, N, dtype, tiles); d_in and N off the blocks' multiples where it tests a masked tail
 CASES = {
@@ -98,7 +98,7 @@ def test_model_packed_step_with_pack_kernel_matches(monkeypatch, dtype):
     def run():
         ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
         mask = jnp.ones((3, 4), jnp.int32)
-        return model.forward(ids, attention_mask=mask, positions=jnp.arange(4)[None]).logits
+        return traced_logits(model, ids, mask, jnp.arange(4)[None])
 
     assert pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS >= 12 and pallas_gpu_expand.EXPAND_ROUTE == 1
     off = run()

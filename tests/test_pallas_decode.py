@@ -11,12 +11,14 @@ check at Llama-3-8B shapes with the default tiles are marked ``gpu`` (skipped wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax._src.lib import triton
 from jax._src.lib.mlir import ir
 
@@ -469,21 +471,30 @@ def tiny_decode_model(seed: int, dtype: str = "float32", *, packed: bool = False
     return model
 
 
+def traced_logits(model, ids, mask, positions, **forward_kw) -> jax.Array:  # noqa: ANN001
+    """``model.forward(...).logits`` jitted as the sampler runs it (eager, the interpreted kernels take about
+    twice as long), traced afresh at every call so that thresholds a test patches between calls apply;
+    ``forward_kw`` are static options."""
+    fn = nnx.jit(lambda m, i, a, p: m.forward(i, attention_mask=a, positions=p, **forward_kw).logits)
+    return fn(model, ids, mask, positions)
+
+
 def one_token_step(model, **forward_kw) -> jax.Array:  # noqa: ANN001
-    """A 4-token prefill into a fresh cache, then the logits of one decoded token (a decode step)."""
-    cache = model.init_cache(1, 8)
+    """A 4-token prefill into a fresh cache, then the logits of one decoded token (a decode step).
+
+    Jitted as the sampler runs it (eager, the interpreted kernels took about twice as long), and traced afresh at
+    every call: a new function each time, so thresholds a test patches between calls apply."""
+
+    def forward(model, ids, mask, positions, cache, kw):  # noqa: ANN001, ANN202
+        out = model.forward(ids, attention_mask=mask, positions=positions, cache=cache, **kw)
+        return out.logits, out.cache
+
+    prefill = nnx.jit(functools.partial(forward, kw={}))
+    step = nnx.jit(functools.partial(forward, kw=forward_kw))  # the options are static, as the sampler's
     mask = jnp.zeros((1, 8), jnp.int32).at[:, :4].set(1)
-    pre = model.forward(
-        jnp.asarray([[1, 5, 6, 7]]), attention_mask=mask, positions=jnp.arange(4)[None], cache=cache
-    )
-    out = model.forward(
-        jnp.asarray([[9]]),
-        attention_mask=mask.at[:, 4].set(1),
-        positions=jnp.full((1, 1), 4),
-        cache=pre.cache,
-        **forward_kw,
-    )
-    return out.logits
+    _, cache = prefill(model, jnp.asarray([[1, 5, 6, 7]]), mask, jnp.arange(4)[None], model.init_cache(1, 8))
+    logits, _ = step(model, jnp.asarray([[9]]), mask.at[:, 4].set(1), jnp.full((1, 1), 4), cache)
+    return logits
 
 
 @pytest.mark.gpu
