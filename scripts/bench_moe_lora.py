@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # meteora_peers
 from meteora_jax import knobs as run_knobs  # noqa: E402
 from meteora_jax.io import write_text_atomic  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
-from pallas_kernels.grouped_lora import api, jax_triton_decode, pallas_gpu_decode, shapes  # noqa: E402
+from pallas_kernels.grouped_lora import api, pallas_gpu_decode, shapes  # noqa: E402
 
 TIMERS = ("profile", "fori")
 TINY_CASES = (
@@ -98,22 +98,13 @@ def split_knobs(spec: str) -> tuple[str, dict[str, int]]:
 @contextlib.contextmanager
 def decode_config(config: pallas_gpu_decode.DecodeConfig | None):  # noqa: ANN201
     """Sets the decode kernel's tile override while a row is traced and timed (None: leave it alone)."""
-    saved = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE, jax_triton_decode.TILES_OVERRIDE
+    saved = pallas_gpu_decode.DECODE_CONFIG_OVERRIDE  # also the tiles of ``jax_triton`` (``launch_params``)
     if config is not None:
         pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = config
-        # the same tiles for the plain-Triton twin (``jax_triton@...``)
-        jax_triton_decode.TILES_OVERRIDE = jax_triton_decode.Tiles(
-            config.block_n,
-            config.block_k,
-            config.num_warps,
-            config.num_stages,
-            config.split_k,
-            config.base_dot,
-        )
     try:
         yield
     finally:
-        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE, jax_triton_decode.TILES_OVERRIDE = saved
+        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = saved
 
 
 def _num(x: float, digits: int = 2) -> float | None:
@@ -164,11 +155,12 @@ def _bound(case: shapes.Case, expert_ids: jax.Array) -> float:
 
 
 def _torch_copies(case: shapes.Case, l2: str) -> int:
-    """How many input sets the peers cycle through: enough that each call's W is L2-cold (as ``cold_copies``)."""
+    """How many input sets the peers cycle through: enough that each call's W is L2-cold (``cold_copies``'s
+    rule, at most 16 sets: torch shares the GPU's memory with JAX)."""
     if l2 != "cold":
         return 1
     set_bytes = 2 * (case.d_in * case.d_out + case.num_experts * case.rank * (case.d_in + case.d_out))
-    return min(16, max(1, -(-2 * timing.L2_BYTES // set_bytes) + 1))
+    return timing.cold_copy_count(set_bytes, max_sets=16)
 
 
 def _run_peer(mp, peer: str, inp: dict, sets: list, device: str, calls: int, peers_dir, label: str):  # noqa: ANN001, ANN202

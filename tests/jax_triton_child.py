@@ -24,12 +24,15 @@ def interpret(cases: list[dict]) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels.grouped_lora import api, jax_triton_decode, shapes
+    from pallas_kernels.grouped_lora import api, jax_triton_decode, pallas_gpu_decode, shapes
 
     out = []
     for case in cases:
-        if case.get("tiles"):
-            jax_triton_decode.TILES_OVERRIDE = jax_triton_decode.Tiles(**case["tiles"])
+        if case.get("tiles"):  # the default tiles, but for what the case names
+            base = {"block_n": 64, "block_k": 256, "num_stages": 3, "split_k": 0}
+            pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = pallas_gpu_decode.DecodeConfig(
+                **{**base, **case["tiles"]}
+            )
         t, d, o, e, r, k = (case[n] for n in ("T", "D", "O", "E", "r", "k"))
         dtype = jnp.dtype(case["dtype"])
         rng = np.random.default_rng(case["seed"])
@@ -62,7 +65,7 @@ def interpret(cases: list[dict]) -> list[dict]:
                 "splits": jax_triton_decode.launch_params(t, d, o, r, k)["splits"],
             }
         )
-        jax_triton_decode.TILES_OVERRIDE = None
+        pallas_gpu_decode.DECODE_CONFIG_OVERRIDE = None
     return out
 
 

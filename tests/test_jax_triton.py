@@ -6,6 +6,7 @@ Triton's compiler; both need the ``triton`` package in ``.triton/`` (``make test
 ``gpu``-marked test runs the real ``triton_call`` path.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from grouped_lora_cases import GRAD_ARGS, inputs_for, reference_result, rel_err, run
 
-from pallas_kernels.grouped_lora import api, jax_triton_decode, shapes
+from pallas_kernels.grouped_lora import api, jax_triton_decode, pallas_gpu_decode, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_DIR = os.path.join(ROOT, ".triton")
@@ -94,22 +95,27 @@ def _child(mode: str, cases: list[dict], interpret: bool) -> list[dict]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def _tiles(**changes) -> pallas_gpu_decode.DecodeConfig:
+    """The default tiles (``DecodeConfig.for_shape``) with ``changes``."""
+    return dataclasses.replace(pallas_gpu_decode.DecodeConfig.for_shape(1, 4096, 4096), **changes)
+
+
 def test_launch_params_cover_d_in_with_no_empty_split():
     for d_in in (96, 200, 4096, 14336):
         for split_k in (0, 3, 64):
-            p = jax_triton_decode.launch_params(1, d_in, 4096, 8, 2, jax_triton_decode.Tiles(split_k=split_k))
+            p = jax_triton_decode.launch_params(1, d_in, 4096, 8, 2, _tiles(split_k=split_k))
             c = p["constexprs"]
             assert p["grid"] == (64, p["splits"])
             assert c["K_PER_SPLIT"] % c["BLOCK_K"] == 0
             assert (p["splits"] - 1) * c["K_PER_SPLIT"] < d_in <= p["splits"] * c["K_PER_SPLIT"]
     one = jax_triton_decode.launch_params(1, 4096, 4096, 8, 2)["constexprs"]
     assert (one["BLOCK_T"], one["BLOCK_TL"], one["USE_DOT"], one["BLOCK_KS"]) == (16, 1, True, 2)
-    fma = jax_triton_decode.launch_params(1, 4096, 4096, 8, 2, jax_triton_decode.Tiles(base_dot="fma"))
+    fma = jax_triton_decode.launch_params(1, 4096, 4096, 8, 2, _tiles(base_dot="fma"))
     assert (fma["constexprs"]["BLOCK_T"], fma["constexprs"]["USE_DOT"]) == (1, False)
     three = jax_triton_decode.launch_params(3, 4096, 4096, 3, 3)["constexprs"]
     assert (three["BLOCK_T"], three["BLOCK_TL"], three["BLOCK_KS"], three["BLOCK_R"]) == (16, 16, 4, 4)
     with pytest.raises(ValueError, match="base_dot"):
-        jax_triton_decode.launch_params(1, 64, 64, 8, 2, jax_triton_decode.Tiles(base_dot="wgmma"))
+        jax_triton_decode.launch_params(1, 64, 64, 8, 2, _tiles(base_dot="wgmma"))
 
 
 def test_names_and_refusal_on_cpu():

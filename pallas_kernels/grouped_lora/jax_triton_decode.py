@@ -27,53 +27,34 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_lora import common
-from pallas_kernels.grouped_lora.pallas_gpu_decode import split_k_for
+from pallas_kernels.grouped_lora import common, pallas_gpu_decode
+from pallas_kernels.grouped_lora.pallas_gpu_decode import DecodeConfig
 
 MAX_TOKENS = 16  # the most tokens a call may have to take this kernel (``make_ops``); not yet timed on a GPU
-TARGET_PROGRAMS = 256  # as pallas_gpu_decode: ~2 programs per SM of an H100 / H200
 DEFER_SHRINK_MAX_ELEMS = 8192  # [rows, block_k, block_r] float32 accumulators kept across the K loop
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    """Launch geometry. ``split_k`` 0: the fewest power-of-two splits giving ``TARGET_PROGRAMS`` programs."""
-
-    block_n: int = 64
-    block_k: int = 256
-    num_warps: int = 4
-    num_stages: int = 3
-    split_k: int = 0
-    base_dot: str = "mma"  # "fma": CUDA-core products for one token (see the kernel's module doc)
-
-
-TILES_OVERRIDE: Tiles | None = None  # benchmark sweeps
-
-
 def launch_params(
-    num_tokens: int, d_in: int, d_out: int, rank: int, top_k: int, tiles: Tiles | None = None
+    num_tokens: int, d_in: int, d_out: int, rank: int, top_k: int, tiles: DecodeConfig | None = None
 ) -> dict[str, Any]:
-    """The grid, warps, stages and every constexpr of ``lora_decode_kernel`` for this call."""
-    tiles = tiles or TILES_OVERRIDE or Tiles()
-    blocks = -(-d_out // tiles.block_n)
-    steps = -(-d_in // tiles.block_k)
-    split = tiles.split_k if tiles.split_k > 0 else split_k_for(blocks, steps, TARGET_PROGRAMS)
-    k_per_split = -(-steps // split) * tiles.block_k
-    split = -(-d_in // k_per_split)  # no empty split
-    if tiles.base_dot not in ("mma", "fma"):
-        raise ValueError(f"base_dot={tiles.base_dot!r}: expected mma or fma")
-    use_dot = num_tokens > 1 or tiles.base_dot == "mma"
-    block_t = max(16, _next_pow2(num_tokens)) if use_dot else 1
+    """The grid, warps, stages and every constexpr of ``lora_decode_kernel`` for this call.
+
+    ``tiles`` are the Pallas decode kernel's (``DecodeConfig``: block_n, block_k, warps, stages, split_k,
+    base_dot; ``lora_elems`` has no use here), by default its ``DECODE_CONFIG_OVERRIDE`` else ``for_shape``: one
+    geometry for both kernels, so that they are timed side by side."""
+    cfg = tiles or pallas_gpu_decode.DECODE_CONFIG_OVERRIDE or DecodeConfig.for_shape(num_tokens, d_in, d_out)
+    blocks = common.cdiv(d_out, cfg.block_n)
+    steps = common.cdiv(d_in, cfg.block_k)
+    k_per_split = common.cdiv(steps, cfg.split_for(blocks, steps)) * cfg.block_k
+    split = common.cdiv(d_in, k_per_split)  # no empty split
+    use_dot = num_tokens > 1 or cfg.base_dot == "mma"
+    block_t = max(16, common.pow2(num_tokens)) if use_dot else 1
     block_tl = 1 if num_tokens == 1 else block_t
-    block_ks, block_r = _next_pow2(top_k), max(2, _next_pow2(rank))
+    block_ks, block_r = common.pow2(top_k), max(2, common.pow2(rank))
     return {
         "grid": (blocks, split),
-        "num_warps": tiles.num_warps,
-        "num_stages": tiles.num_stages,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
         "splits": split,
         "constexprs": {
             "T": num_tokens,
@@ -86,10 +67,10 @@ def launch_params(
             "BLOCK_TL": block_tl,
             "BLOCK_KS": block_ks,
             "BLOCK_R": block_r,
-            "BLOCK_K": tiles.block_k,
-            "BLOCK_N": tiles.block_n,
+            "BLOCK_K": cfg.block_k,
+            "BLOCK_N": cfg.block_n,
             "USE_DOT": use_dot,
-            "DEFER_SHRINK": block_tl * block_ks * tiles.block_k * block_r <= DEFER_SHRINK_MAX_ELEMS,
+            "DEFER_SHRINK": block_tl * block_ks * cfg.block_k * block_r <= DEFER_SHRINK_MAX_ELEMS,
         },
     }
 
@@ -149,7 +130,7 @@ def decode_forward(
     scaling_e: Float[Array, " E"],
     *,
     call: Caller | None = None,
-    tiles: Tiles | None = None,
+    tiles: DecodeConfig | None = None,
 ) -> Float[Array, "T O"]:
     """``x @ W`` plus the top-k LoRA term in one Triton launch (and one XLA sum of the K splits)."""
     num_tokens, d_in = x_td.shape
