@@ -56,11 +56,15 @@ class Timing:
     kernels_per_call: int | None = None
 
 
+def cold_copy_count(set_bytes: int, l2_bytes: int = L2_BYTES, max_sets: int = 64) -> int:
+    """How many input sets of ``set_bytes`` each ``cold_copies`` cycles through (at most ``max_sets``)."""
+    return min(max_sets, 1 + math.ceil(2 * l2_bytes / max(1, set_bytes)))
+
+
 def cold_copies(args: Sequence[jax.Array], l2_bytes: int = L2_BYTES, max_sets: int = 64) -> list[tuple]:
     """Enough separate copies of ``args`` that, used in turn, each call's inputs were last touched more
     than twice the L2 size ago (one set when a set alone is over that)."""
-    set_bytes = sum(a.size * a.dtype.itemsize for a in args)
-    n = min(max_sets, 1 + math.ceil(2 * l2_bytes / max(1, set_bytes)))
+    n = cold_copy_count(sum(a.size * a.dtype.itemsize for a in args), l2_bytes, max_sets)
     return [tuple(args)] + [tuple(jax.numpy.array(a, copy=True) for a in args) for _ in range(n - 1)]
 
 

@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from meteora_jax.tokenizer import load_tokenizer
     from meteora_jax.train.data import PromptFormatter, prompt_format_for
 
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    if not prompts[0].strip():  # checked before a template wraps it in text of its own
+    if args.prompt is not None and not args.prompt.strip():  # before a template wraps it in text of its own
         raise MeteoraInputError("--prompt is empty; give it some text.")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.model)  # before the weights: a missing tokenizer fails fast
     template, add_bos = prompt_format_for(args.model, args.prompt_template)
     fmt = PromptFormatter(tokenizer, template) if template is not None else None
