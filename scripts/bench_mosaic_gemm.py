@@ -16,7 +16,10 @@ cycled through copies larger than L2):
   at XLA's GEMM speed, i.e. the best a K-extended fused kernel could do;
 - ``mosaic@CFG``, ``mosaic_k+N@CFG``, ``mosaic+c@CFG``: the same three products through JAX's own Hopper
   Mosaic GPU matmul (``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu``, warp-specialized, TMA, wgmma)
-  with tile config CFG = ``tile_m x tile_n x tile_k x stages x grid_minor(M|N) x grid_width x wg_dim(M|N)``.
+  with tile config CFG = ``tile_m x tile_n x tile_k x stages x grid_minor(M|N) x grid_width x wg_dim(M|N)``;
+- ``fused@BMxBNxBKxS``: our kernel (``pallas_mosaic_gpu.fused_matmul``: one warpgroup, two pipelined K loops
+  into one accumulator) on ``x @ W + hc @ B`` with N = ``--extra-k`` expert columns: what the ``mosaic_gpu``
+  backend runs after XLA's shrink.
 A config the kernel rejects (e.g. shared memory) is recorded with its error, not fatal. GPU only (Hopper).
 """
 
@@ -39,6 +42,7 @@ from meteora_jax.io import write_text_atomic  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))  # Llama-3-8B q/o, k/v, gate/up, down
+DEFAULT_FUSED = ("128x128x64x4", "128x128x64x3", "128x64x64x4")
 DEFAULT_CONFIGS = ("128x128x64x4xNx8xN", "128x128x64x4xMx8xM", "128x256x64x3xNx8xN", "256x128x64x3xMx8xM")
 
 
@@ -93,8 +97,19 @@ def _time(fn, arg_sets, calls: int) -> tuple[float, bool, str]:  # noqa: ANN001
     return t.us, t.valid, t.note
 
 
-def bench_shape(d_in: int, d_out: int, tokens: int, extra_k: int, configs, calls: int) -> list[dict]:  # noqa: ANN001
-    """Rows for one shape: XLA's three products, then each Mosaic config's, all against XLA's ``x @ W``."""
+def _fused(spec: str):  # noqa: ANN202
+    from pallas_kernels.grouped_lora import pallas_mosaic_gpu
+
+    bm, bn, bk, stages = (int(v) for v in spec.split("x"))
+    cfg = pallas_mosaic_gpu.MosaicConfig(block_m=bm, block_n=bn, block_k=bk, stages=stages)
+    return jax.jit(lambda x, w, hc, b: pallas_mosaic_gpu.fused_matmul(x, w, hc, b, config=cfg))
+
+
+def bench_shape(
+    d_in: int, d_out: int, tokens: int, extra_k: int, configs: list[str], calls: int, fused: list[str]
+) -> list[dict]:
+    """Rows for one shape: XLA's three products, JAX's Mosaic matmul's per config, then our fused kernel's per
+    tile spec, all against XLA's ``x @ W``."""
     keys = jax.random.split(jax.random.key(d_in * 7 + d_out), 5)
     bf16 = jnp.bfloat16
     x = jax.random.normal(keys[0], (tokens, d_in), bf16)
@@ -106,12 +121,14 @@ def bench_shape(d_in: int, d_out: int, tokens: int, extra_k: int, configs, calls
         "": timing.cold_copies([x, w]),
         "+c": timing.cold_copies([x, w, c]),
         f"_k+{extra_k}": timing.cold_copies([xx, ww]),
+        "+hc@B": timing.cold_copies([x, w, xx[:, d_in:], ww[d_in:]]),
     }
     ref = {
         "": np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32)),
         "+c": np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32) + c.astype(jnp.float32)),
         f"_k+{extra_k}": np.asarray(jnp.dot(xx, ww, preferred_element_type=jnp.float32)),
     }
+    ref["+hc@B"] = ref[f"_k+{extra_k}"]  # the same sum, from two operand pairs
     xla_fns = {
         "": jax.jit(lambda x, w: x @ w),
         "+c": jax.jit(lambda x, w, c: x @ w + c),
@@ -142,8 +159,10 @@ def bench_shape(d_in: int, d_out: int, tokens: int, extra_k: int, configs, calls
         rows.append(row(f"xla{kind}", kind, fn))
     for cfg_spec in configs:
         cfg = MosaicConfig.parse(cfg_spec)
-        for kind in sets:
+        for kind in ("", "+c", f"_k+{extra_k}"):
             rows.append(row(f"mosaic{kind}@{cfg_spec}", kind, _mosaic(cfg, kind == "+c")))
+    for spec in fused:
+        rows.append(row(f"fused@{spec}", "+hc@B", _fused(spec)))
     return rows
 
 
@@ -175,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--extra-k", type=int, default=256, help="K added by the fused form (E*r padded)")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="Mosaic GPU tile configs")
+    parser.add_argument(
+        "--fused",
+        default=",".join(DEFAULT_FUSED),
+        help="our fused kernel's tiles, BMxBNxBKxSTAGES, comma-separated",
+    )
     parser.add_argument("--calls", type=int, default=30, help="profiled dispatches per row")
     parser.add_argument("--out", default="benchmarks/results/mosaic_gemm.json")
     args = parser.parse_args(argv)
@@ -187,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for d_in, d_out in shapes:
-        rows += bench_shape(d_in, d_out, args.tokens, args.extra_k, configs, args.calls)
+        fused = [f for f in args.fused.split(",") if f]
+        rows += bench_shape(d_in, d_out, args.tokens, args.extra_k, configs, args.calls, fused)
         print(format_table([r for r in rows if (r["d_in"], r["d_out"]) == (d_in, d_out)]), flush=True)
     result = {
         "device": jax.devices()[0].device_kind,

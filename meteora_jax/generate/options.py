@@ -33,8 +33,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--lora-impl",
         default=None,
         help="grouped-LoRA kernel backend: reference, xla, xla_ragged, pallas_gpu, pallas_gpu_decode, "
-        "pallas_tpu, jax_triton, tokamax, ... (pallas_kernels.grouped_lora.api.IMPLEMENTATIONS; default: the "
-        "model's, else the fastest for this platform)",
+        "pallas_tpu, mosaic_gpu, jax_triton, tokamax, ... (pallas_kernels.grouped_lora.api.IMPLEMENTATIONS; "
+        "default: the model's, else the fastest for this platform)",
     )
     p.add_argument(
         "--knob",

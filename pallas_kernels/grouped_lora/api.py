@@ -3,8 +3,10 @@
 ``implementation`` is ``None`` (the fastest that works here), one name from ``IMPLEMENTATIONS``, or a
 sequence of names tried in order; a backend that cannot serve a call (wrong platform, unsupported
 shape) raises ``NotImplementedError`` and the next one is tried. A name with the suffix
-``_interpret`` runs a Pallas backend in interpret mode, or ``jax_triton``'s kernel in Triton's own
-interpreter (CPU tests). ``tokamax`` and ``jax_triton`` need their optional packages (else NotImplementedError).
+``_interpret`` runs a Pallas backend in interpret mode (``mosaic_gpu``: Mosaic GPU's interpreter), or
+``jax_triton``'s kernel in Triton's own interpreter (CPU tests). ``tokamax`` and ``jax_triton`` need their
+optional packages (else NotImplementedError). ``mosaic_gpu`` (a Hopper GPU) is the Mosaic GPU fused prefill
+GEMM (``pallas_mosaic_gpu.py``) over ``pallas_gpu_decode``.
 
 Every backend except ``reference`` goes through the same ``custom_vjp`` (``vjp.py``); ``reference`` is
 plain JAX and differentiated by JAX itself, which makes it an independent check of that VJP.
@@ -29,6 +31,7 @@ IMPLEMENTATIONS = (
     "pallas_gpu",
     "pallas_gpu_decode",
     "pallas_tpu",
+    "mosaic_gpu",
     "jax_triton",
     "tokamax",
     "xla",
@@ -58,7 +61,7 @@ def resolve_implementation(name_or_none: str | None = None, expert_columns: int 
             return _candidates(None, expert_columns)[0]
         return _AUTO.get(jax.default_backend(), ("xla",))[0]
     base = name_or_none.removesuffix("_interpret")
-    interpretable = base.startswith("pallas") or base == "jax_triton"
+    interpretable = base.startswith("pallas") or base in ("jax_triton", "mosaic_gpu")
     if base not in IMPLEMENTATIONS or (name_or_none != base and not interpretable):
         raise ValueError(
             f"unknown grouped_lora implementation {name_or_none!r}; expected one of {IMPLEMENTATIONS}"
@@ -102,6 +105,15 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
         from pallas_kernels.grouped_lora import pallas_gpu_decode
 
         return pallas_gpu_decode.make_decode_ops(_ops("xla", num_experts, rank), interpret=interpret)
+    if base == "mosaic_gpu":  # the Mosaic GPU fused prefill GEMM; the GPU decode backend below its sizes
+        from pallas_kernels.grouped_lora import pallas_mosaic_gpu
+
+        if not interpret:
+            pallas_mosaic_gpu.require_hopper()  # before the decode backend's own refusal, which names itself
+        suffix = "_interpret" if interpret else ""
+        return pallas_mosaic_gpu.make_ops(
+            _ops("pallas_gpu_decode" + suffix, num_experts, rank), interpret=interpret
+        )
     if base == "tokamax":  # sorted rows through tokamax.ragged_dot_general (a peer; its wheel is optional)
         return _tokamax_ops()
     if base == "jax_triton":  # plain Triton through jax-triton, decode sizes only; ``xla`` otherwise
