@@ -74,3 +74,17 @@ def gate_only_jaxpr(inp: dict, implementation) -> str:
         return jnp.sum(y.astype(jnp.float32) * inp["dy"])
 
     return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(inp["expert_weights"], inp["x"]))
+
+
+def llama_projection_inputs(num_tokens: int, dtype, seed: int, d_in: int = 4096, d_out: int = 1024) -> tuple:
+    """(x, w, lora_a, lora_b, ids, weights, scaling) at a Llama-3-8B k/v projection's shape with 28 rank-8
+    experts, top-2 distinct experts per token, for the GPU-marked tests."""
+    rng = np.random.default_rng(seed)
+    e, r, k = 28, 8, 2
+    x = jnp.asarray(rng.standard_normal((num_tokens, d_in)), dtype)
+    w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), dtype)
+    a = jnp.asarray(rng.standard_normal((e, d_in, r)) / np.sqrt(d_in), dtype)
+    b = jnp.asarray(rng.standard_normal((e, r, d_out)), dtype)
+    ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(num_tokens)]), jnp.int32)
+    weights = jnp.asarray(rng.dirichlet(np.ones(k), num_tokens), dtype)
+    return x, w, a, b, ids, weights, jnp.full((e,), 2.0)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grouped_lora_cases import GRAD_ARGS, inputs_for, reference_result, rel_err, run
+from grouped_lora_cases import GRAD_ARGS, inputs_for, llama_projection_inputs, reference_result, rel_err, run
 
 from pallas_kernels.grouped_lora import api, jax_triton_decode, pallas_gpu_decode, shapes
 
@@ -198,15 +198,7 @@ def test_compiles_for_sm90_at_llama_shapes():
 @pytest.mark.parametrize("num_tokens", [1, 3, 16])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_matches_reference(num_tokens, dtype):
-    rng = np.random.default_rng(num_tokens)
-    t, d, o, e, r, k = num_tokens, 4096, 1024, 28, 8, 2
-    x = jnp.asarray(rng.standard_normal((t, d)), dtype)
-    w = jnp.asarray(rng.standard_normal((d, o)) / np.sqrt(d), dtype)
-    a = jnp.asarray(rng.standard_normal((e, d, r)) / np.sqrt(d), dtype)
-    b = jnp.asarray(rng.standard_normal((e, r, o)), dtype)
-    ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(t)]), jnp.int32)
-    weights = jnp.asarray(rng.dirichlet(np.ones(k), t), dtype)
-    scaling = jnp.full((e,), 2.0)
+    x, w, a, b, ids, weights, scaling = llama_projection_inputs(num_tokens, dtype, seed=num_tokens)
     got = api.grouped_lora_fused(x, w, a, b, ids, weights, scaling=scaling, implementation="jax_triton")
     ref = api.grouped_lora_fused(x, w, a, b, ids, weights, scaling=scaling, implementation="reference")
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)

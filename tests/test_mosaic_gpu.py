@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grouped_lora_cases import GRAD_ARGS, TOLERANCE, inputs_for, reference_result, rel_err, run
+from grouped_lora_cases import (
+    GRAD_ARGS,
+    TOLERANCE,
+    inputs_for,
+    llama_projection_inputs,
+    reference_result,
+    rel_err,
+    run,
+)
 
 from pallas_kernels.grouped_lora import api, pallas_mosaic_gpu, shapes
 
@@ -148,16 +156,7 @@ def test_lowers_for_cuda_at_llama_shapes(d_in, d_out):
 def test_gpu_matches_reference(num_tokens):
     if str(getattr(jax.devices()[0], "compute_capability", "")) != "9.0":
         pytest.skip("wgmma needs a Hopper GPU")
-    rng = np.random.default_rng(num_tokens)
-    t, d, o, e, r, k = num_tokens, 4096, 1024, 28, 8, 2
-    dtype = jnp.bfloat16
-    x = jnp.asarray(rng.standard_normal((t, d)), dtype)
-    w = jnp.asarray(rng.standard_normal((d, o)) / np.sqrt(d), dtype)
-    a = jnp.asarray(rng.standard_normal((e, d, r)) / np.sqrt(d), dtype)
-    b = jnp.asarray(rng.standard_normal((e, r, o)), dtype)
-    ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(t)]), jnp.int32)
-    weights = jnp.asarray(rng.dirichlet(np.ones(k), t), dtype)
-    scaling = jnp.full((e,), 2.0)
+    x, w, a, b, ids, weights, scaling = llama_projection_inputs(num_tokens, jnp.bfloat16, seed=num_tokens)
     got = api.grouped_lora_fused(x, w, a, b, ids, weights, scaling=scaling, implementation="mosaic_gpu")
     ref = api.grouped_lora_fused(x, w, a, b, ids, weights, scaling=scaling, implementation="reference")
     assert rel_err(got, ref) <= TOLERANCE["bfloat16"]

@@ -3,6 +3,10 @@ and the base term (``reference.py`` stays apart: it is the independent check).""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
@@ -52,3 +56,17 @@ def add_base_low_precision(x_td: Array, w_do: Array | None, y_to: Array) -> Arra
     if w_do is None:
         return y_to
     return jnp.dot(x_td, w_do, preferred_element_type=x_td.dtype) + y_to
+
+
+def kernel_first(fallback: Any, name: str, kernel: Callable[..., Array | None]) -> Any:
+    """``fallback`` (an ops object) renamed ``name``, whose inference forward is ``kernel(*args)`` where that
+    serves the call (it returns None where it does not) and ``fallback``'s forward otherwise (None: the generic
+    shrink / expand path)."""
+
+    def forward(*args: Any) -> Array | None:
+        y = kernel(*args)
+        if y is None and fallback.forward is not None:
+            y = fallback.forward(*args)
+        return y
+
+    return dataclasses.replace(fallback, name=name, forward=forward)

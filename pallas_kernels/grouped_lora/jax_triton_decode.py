@@ -16,7 +16,6 @@ Shape checks happen here, before any launch: d_in / d_out / rank must match betw
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -169,13 +168,9 @@ def make_ops(fallback: Any, *, interpret: bool = False) -> Any:
             raise NotImplementedError(f"jax_triton needs the jax-triton and triton packages: {e}") from e
         call = _jax_triton_call
 
-    def forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN202
-        if w_do is not None and 0 < x_td.shape[0] <= MAX_TOKENS:
-            return decode_forward(
-                x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, call=call
-            )
-        if fallback.forward is not None:
-            return fallback.forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e)
-        return None
+    def kernel(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN202
+        if w_do is None or not 0 < x_td.shape[0] <= MAX_TOKENS:
+            return None
+        return decode_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, call=call)
 
-    return dataclasses.replace(fallback, name="jax_triton", forward=forward)
+    return common.kernel_first(fallback, "jax_triton", kernel)

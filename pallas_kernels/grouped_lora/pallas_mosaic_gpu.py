@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from pallas_kernels.grouped_lora import xla
-from pallas_kernels.grouped_lora.common import cdiv
+from pallas_kernels.grouped_lora.common import cdiv, kernel_first
 
 Ref = Any
 # From this many tokens on, the ``mosaic_gpu`` backend's inference forward (with ``w``) is this kernel; below it,
@@ -222,13 +222,11 @@ def make_ops(fallback: Any, *, interpret: bool = False) -> Any:
     if not interpret:
         require_hopper()
 
-    def forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN202
-        if fits(x_td, w_do):
-            return fused_forward(
-                x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, interpret=interpret
-            )
-        if fallback.forward is not None:
-            return fallback.forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e)
-        return None
+    def kernel(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN202
+        if not fits(x_td, w_do):
+            return None
+        return fused_forward(
+            x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e, interpret=interpret
+        )
 
-    return dataclasses.replace(fallback, name="mosaic_gpu", forward=forward)
+    return kernel_first(fallback, "mosaic_gpu", kernel)
