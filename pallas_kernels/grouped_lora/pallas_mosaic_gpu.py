@@ -54,7 +54,9 @@ class MosaicConfig:
 
     def __post_init__(self) -> None:
         if self.block_m % 64 or self.block_n % 8 or self.block_k % 16 or self.stages < 2:
-            raise ValueError(f"{self}: wgmma needs block_m % 64 == 0, block_n % 8 == 0, block_k % 16 == 0")
+            raise ValueError(
+                f"{self}: wgmma needs block_m % 64 == 0, block_n % 8 == 0, block_k % 16 == 0; the pipeline stages >= 2"
+            )
 
 
 def _num_sms() -> int:
