@@ -91,14 +91,17 @@ def torch_v1_function(peers_dir: str | os.PathLike | None = None) -> Callable:
     return module._moelinear_fwd_inner_bmm_torch_v1
 
 
-def triton_interface(peers_dir: str | os.PathLike | None = None) -> Callable:
-    """MeteoRA's ``moelinear_fwd_inner_bmm_triton`` (the dispatcher its layer calls); needs triton."""
+def triton_v4_forward(peers_dir: str | os.PathLike | None = None) -> Callable:
+    """MeteoRA's ``_moelinear_fwd_inner_bmm_triton_v4``: what its v4 autograd Function's forward runs. Its layer
+    reaches it through ``moelinear_fwd_inner_bmm_triton``, which calls ``MoeLinear_Inner_Bmm_Triton_v4.apply(
+    **kwargs)``; torch 2.11 rejects that ("apply() takes no keyword arguments", seen on the GPU image, session
+    17), so the peer calls the forward's own function with the arguments the Function passes it. Needs triton."""
     ops = layer_ops_dir(peers_dir)
     try:
         import triton  # noqa: F401
     except ImportError as e:
         raise PeerUnavailable(f"triton is not installed ({e}); meteora_triton_v4 needs it and a GPU") from e
-    return _load_package("meteora_peer_layer_ops", ops).moelinear_fwd_inner_bmm_triton
+    return _load_package("meteora_peer_layer_ops", ops).layer_ops_triton._moelinear_fwd_inner_bmm_triton_v4
 
 
 @dataclasses.dataclass
@@ -200,12 +203,14 @@ def _v4_call(p: PeerInputs, peers_dir: str | os.PathLike | None) -> Callable[[],
 
     if p.x.device.type != "cuda":
         raise PeerUnavailable("meteora_triton_v4 needs a CUDA device")
-    v4, dropout = triton_interface(peers_dir), torch.nn.Identity()
+    v4, dropout = triton_v4_forward(peers_dir), torch.nn.Identity()
     layouts = triton_v4_layouts(p.lora_a, p.lora_b, p.scalings)
+    # as MoeLinear_Inner_Bmm_Triton_v4.forward calls it: A split (pre-scaled), B as stored, A's masks
+    kwargs = {**_layer_kwargs(p, dropout), "lora_A_weights": layouts["lora_A_weights_split"]}
 
     def call():  # noqa: ANN202
         result = F.linear(p.x, p.weight)
-        v4(result=result, version="v4", **_layer_kwargs(p, dropout), **layouts)
+        v4(result=result, lora_A_mask=layouts["lora_A_mask"], **kwargs)  # updates result in place
         return result
 
     return call
