@@ -58,6 +58,17 @@ def reference_result(case: shapes.Case, name: str, fused: bool):
     return run(inputs_for(case, name), "reference", fused=fused)
 
 
+def assert_matches_reference(case: shapes.Case, implementation, *, fused: bool) -> None:
+    """``implementation``'s output and every gradient in ``GRAD_ARGS`` are within ``TOLERANCE`` of ``reference``'s,
+    on the case's inputs seeded from its name."""
+    got_y, got_g = run(inputs_for(case, case.name), implementation, fused=fused)
+    want_y, want_g = reference_result(case, case.name, fused)
+    tol = TOLERANCE[case.dtype]
+    assert rel_err(got_y, want_y) <= tol, "output"
+    for name in GRAD_ARGS:
+        assert rel_err(got_g[name], want_g[name]) <= tol, name
+
+
 def gate_only_jaxpr(inp: dict, implementation) -> str:
     """The jaxpr of a gradient w.r.t. the routing weights alone (the gate-training step)."""
 

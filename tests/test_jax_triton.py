@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grouped_lora_cases import GRAD_ARGS, inputs_for, llama_projection_inputs, reference_result, rel_err, run
+from grouped_lora_cases import assert_matches_reference, llama_projection_inputs
 
 from pallas_kernels.grouped_lora import api, jax_triton_decode, pallas_gpu_decode, shapes
 
@@ -157,12 +157,7 @@ def test_gradients_are_the_xla_paths(dtype):
     """Under differentiation the backend is ``xla``'s shrink / expand (the kernel is inference only): its output
     and every gradient equal ``reference``, and no Triton is needed for that."""
     case = shapes.Case(f"jt_grad_{dtype}", 5, 24, 20, 6, 4, 2, "skewed", dtype, ("jax_triton",))
-    inp = inputs_for(case, case.name)
-    want_y, want_g = reference_result(case, case.name, True)
-    got_y, got_g = run(inp, "jax_triton_interpret", fused=True)
-    assert rel_err(got_y, want_y) <= TOL[dtype]
-    for name in GRAD_ARGS:
-        assert rel_err(got_g[name], want_g[name]) <= TOL[dtype], name
+    assert_matches_reference(case, "jax_triton_interpret", fused=True)
 
 
 @needs_triton

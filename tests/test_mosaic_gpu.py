@@ -11,13 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from grouped_lora_cases import (
-    GRAD_ARGS,
     TOLERANCE,
+    assert_matches_reference,
     inputs_for,
     llama_projection_inputs,
-    reference_result,
     rel_err,
-    run,
 )
 
 from pallas_kernels.grouped_lora import api, pallas_mosaic_gpu, shapes
@@ -100,12 +98,7 @@ def test_gradients_and_other_sizes_are_the_fallbacks(dtype, any_size):
     """Under differentiation the backend is the decode backend's XLA ops (the kernel is inference only); float32
     never reaches the 16-bit kernel: output and every gradient equal ``reference``."""
     case = shapes.Case(f"mosaic_grad_{dtype}", 6, 64, 128, 6, 4, 2, "skewed", dtype)
-    inp = inputs_for(case, case.name)
-    want_y, want_g = reference_result(case, case.name, True)
-    got_y, got_g = run(inp, "mosaic_gpu_interpret", fused=True)
-    assert rel_err(got_y, want_y) <= TOLERANCE[dtype]
-    for name in GRAD_ARGS:
-        assert rel_err(got_g[name], want_g[name]) <= TOLERANCE[dtype], name
+    assert_matches_reference(case, "mosaic_gpu_interpret", fused=True)
     assert not any_size
 
 

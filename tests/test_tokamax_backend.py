@@ -11,7 +11,7 @@ import types
 
 import jax
 import pytest
-from grouped_lora_cases import GRAD_ARGS, TOLERANCE, inputs_for, reference_result, rel_err, run
+from grouped_lora_cases import assert_matches_reference, inputs_for, run
 
 from pallas_kernels.grouped_lora import shapes
 
@@ -22,14 +22,8 @@ CASES = [
 
 
 def _check(case: shapes.Case) -> None:
-    inp = inputs_for(case, case.name)
     for fused in (False, True):
-        want_y, want_g = reference_result(case, case.name, fused)
-        got_y, got_g = run(inp, "tokamax", fused=fused)
-        tol = TOLERANCE[case.dtype]
-        assert rel_err(got_y, want_y) <= tol
-        for name in GRAD_ARGS:
-            assert rel_err(got_g[name], want_g[name]) <= tol, name
+        assert_matches_reference(case, "tokamax", fused=fused)
 
 
 @pytest.fixture(params=["top_level", "api_module"])
