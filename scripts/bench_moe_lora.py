@@ -384,23 +384,49 @@ def jax_triton_check() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--out", default=None, help="JSON path (default: moe_lora_h200.json; none with --tiny)"
+        "--out",
+        default=None,
+        help="JSON path, rewritten after every case (default: benchmarks/results/moe_lora_h200.json; none with --tiny)",
     )
     parser.add_argument(
         "--impls",
         default="pallas_gpu,xla",
-        help="comma-separated; pallas_gpu@BNxBKxWxS[xK][f] sets the decode tiles (f: base_dot=fma)",
+        help="comma-separated backends of pallas_kernels.grouped_lora.api.IMPLEMENTATIONS (default "
+        "pallas_gpu,xla); the first is the others' error reference; pallas_gpu@BNxBKxWxS[xK][f] sets the "
+        "decode tiles (f: base_dot=fma), +KNOB=N a knob (see above)",
     )
     parser.add_argument("--filter", default="", help="regex searched in the case name")
-    parser.add_argument("--timer", default="both", choices=("both", *TIMERS))
-    parser.add_argument("--calls", type=int, default=50, help="profile: dispatches traced per call")
-    parser.add_argument("--reps", type=int, default=50, help="fori: loop length (fewer at large T)")
-    parser.add_argument("--l2", default="cold", choices=("cold", "warm"))
-    parser.add_argument("--fori-min-t", type=int, default=0, help="run fori only for T >= this")
+    parser.add_argument(
+        "--timer",
+        default="both",
+        choices=("both", *TIMERS),
+        help="how rows are timed (see above; default both)",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=50, help="profile timer: dispatches traced per row (default 50)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=50, help="fori timer: calls per loop, fewer at large T (default 50)"
+    )
+    parser.add_argument(
+        "--l2",
+        default="cold",
+        choices=("cold", "warm"),
+        help="cold: cycle through input copies larger than L2 between calls (default); warm: reuse one set",
+    )
+    parser.add_argument(
+        "--fori-min-t", type=int, default=0, help="with --timer both: run fori only for T >= this (default 0)"
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: two tiny shapes, xla only")
-    parser.add_argument("--jax-triton-check", action="store_true")
+    parser.add_argument(
+        "--jax-triton-check",
+        action="store_true",
+        help="first run one Triton kernel through jax-triton's triton_call and print whether it ran",
+    )
     parser.add_argument(
         "--peers",
         default="",
