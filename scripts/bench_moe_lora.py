@@ -351,6 +351,7 @@ def _write(rows: list[dict], out_path: str) -> None:
         "device": str(jax.devices()[0].device_kind),
         "date": datetime.date.today().isoformat(),
         "jax": jax.__version__,
+        "command": " ".join(["python3", *sys.argv]),
         "timing": (
             "us/x_vs_base from `timer`: profile = median per-call GPU kernel time from a profiler trace, valid if "
             "(p75-p25)/median <= 0.10; fori = in-jit fori_loop minus an empty loop, valid if the empty loop is < 10% "

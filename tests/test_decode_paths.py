@@ -101,6 +101,31 @@ def test_gather_hands_over_above_its_row_limit():
     assert f"f32[{t},2,48,8]" not in big and "f32[33,28,8]" in big  # every expert's h: the masked path
 
 
+def test_gather_hands_many_experts_to_sorted_rows():
+    """Above its row limit with E * r > DENSE_MAX_EXPERT_COLUMNS, ``xla_gather`` leaves the call to the sorted-rows
+    shrink + expand (a ragged dot), never the dense path over every expert column; it still equals ``reference``."""
+    t, num_experts, rank = xla.GATHER_MAX_ROWS // 2 + 1, 160, 8
+    assert num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
+    key = jax.random.key(7)
+    kx, kw, ka, kb, ki, ke = jax.random.split(key, 6)
+    x = jax.random.normal(kx, (t, 48), jnp.float32)
+    w = jax.random.normal(kw, (48, 40), jnp.float32)
+    a = jax.random.normal(ka, (num_experts, 48, rank), jnp.float32)
+    b = jax.random.normal(kb, (num_experts, rank, 40), jnp.float32)
+    ids = jax.random.randint(ki, (t, 2), 0, num_experts)
+    ew = jax.nn.softmax(jax.random.normal(ke, (t, 2)), axis=-1)
+    scaling = jnp.full((num_experts,), 2.0)
+
+    def y(impl):  # noqa: ANN001, ANN202
+        return lambda x: api.grouped_lora_fused(x, w, a, b, ids, ew, scaling=scaling, implementation=impl)
+
+    jaxpr = str(jax.make_jaxpr(y("xla_gather"))(x))
+    assert "ragged_dot" in jaxpr and f"f32[{t},{num_experts * rank}]" not in jaxpr
+    np.testing.assert_allclose(
+        np.asarray(y("xla_gather")(x)), np.asarray(y("reference")(x)), rtol=1e-5, atol=1e-4
+    )
+
+
 def test_auto_is_masked_for_few_expert_columns_only():
     assert api._ops("xla", 28, 8).forward is xla.auto_masked_forward
     assert api._ops("xla", 1024, 4).forward is None  # sorted rows, as before

@@ -235,8 +235,12 @@ def masked_batched_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_t
 
 
 def gather_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
-    """Reads only each token's k experts; hands over to ``masked_forward`` above ``GATHER_MAX_ROWS``."""
+    """Reads only each token's k experts. Above ``GATHER_MAX_ROWS`` it hands over to ``masked_forward`` for few
+    expert columns, and returns None (sorted rows: shrink + expand) above ``DENSE_MAX_EXPERT_COLUMNS``, where
+    the dense path would compute every one of E * r columns for every token."""
     if ids_tk.size > GATHER_MAX_ROWS:
+        if lora_a_edr.shape[0] * lora_a_edr.shape[2] > DENSE_MAX_EXPERT_COLUMNS:
+            return None
         return masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e)
     coef_tk = common.coef_tk(ids_tk, weights_tk, scaling_e)
     a_tkdr = jnp.take(lora_a_edr, ids_tk, axis=0)
