@@ -11,7 +11,9 @@ chosen from the shape; a trailing ``f`` = ``base_dot="fma"``, the base GEMV on C
 ``DecodeConfig.for_shape``, so one run can sweep them:
 ``--impls pallas_gpu,pallas_gpu@64x256x4x4,pallas_gpu@32x512x4x3x1,pallas_gpu@64x128x4x3f,xla``. A suffix
 ``+KNOB=N`` sets a trace-time knob (``meteora_jax.knobs``) for that impl's rows only:
-``pallas_gpu_decode+fused_expand=64`` runs 2..64-token calls through ``pallas_gpu_expand``.
+``pallas_gpu_decode+fused_expand=64`` runs 2..64-token calls through ``pallas_gpu_expand``, and
+``xla+prefill_cublas=1`` compiles that impl's program as the model compiles its prefill (GEMMs on cuBLAS only,
+so XLA folds the expand into the base GEMM as its ``C`` input; the base row keeps XLA's default).
 ``pallas_gpu_decode`` is the
 automatic GPU choice for few experts: that kernel at T=1, ``xla`` otherwise. ``jax_triton`` is the same decode
 product written in plain Triton and called through jax-triton (T <= 16; ``jax_triton@...`` takes the same
@@ -94,6 +96,18 @@ def split_knobs(spec: str) -> tuple[str, dict[str, int]]:
     set while that impl's rows are traced and timed, e.g. ``pallas_gpu_decode+fused_expand=64``."""
     name, *opts = spec.split("+")
     return name, run_knobs.parse(opts, where=f"impl {spec!r}")
+
+
+def compiler_options(impl_knobs: dict[str, int]) -> dict[str, object]:
+    """XLA options for an impl's program. ``+prefill_cublas=1`` compiles it as the model compiles its prefill
+    (``sampler.prefill_compiler_options``: every GEMM on cuBLAS, so that XLA can fold the expand's output into the
+    base GEMM as cuBLAS's ``C`` input); the base GEMM keeps XLA's default. Nothing off a GPU."""
+    if not impl_knobs.get("prefill_cublas") or jax.default_backend() != "gpu":
+        return {}
+    from meteora_jax.generate import sampler
+
+    with run_knobs.knobs_set({"prefill_cublas": 1}):
+        return sampler.prefill_compiler_options()
 
 
 @contextlib.contextmanager
@@ -274,7 +288,8 @@ def bench(
             fn = jax.jit(
                 lambda x, w, a, b, ids, ew, impl_name=impl_name, s=inp["scaling"]: api.grouped_lora_fused(
                     x, w, a, b, ids, ew, scaling=s, implementation=impl_name
-                )
+                ),
+                compiler_options=compiler_options(impl_knobs) or None,
             )
             try:
                 # traced (and retraced by the timers) under these tiles and knobs

@@ -171,3 +171,19 @@ def test_bench_impl_knob_suffix_is_set_for_that_impl_only(tmp_path, monkeypatch)
     assert seen and pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["impl"] for r in rows] == impls and rows[1]["rel_err_vs_first_impl"] < 1e-2
+
+
+def test_prefill_cublas_impl_compiles_as_the_model_prefill(monkeypatch):
+    """``+prefill_cublas=1`` asks for the model's prefill compile options on a GPU (cuBLAS GEMMs only), and for
+    none on another backend or without the knob, where XLA would reject or ignore them."""
+    bench = _bench_module()
+    assert bench.compiler_options({}) == {}
+    assert bench.compiler_options({"prefill_cublas": 1}) == (
+        {} if jax.default_backend() != "gpu" else {"xla_gpu_enable_triton_gemm": False}
+    )
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    from meteora_jax.generate import sampler
+
+    monkeypatch.setattr(sampler, "_on_gpu", lambda: True)
+    assert bench.compiler_options({"prefill_cublas": 1})["xla_gpu_enable_triton_gemm"] is False
+    assert bench.compiler_options({"prefill_cublas": 0}) == {}
