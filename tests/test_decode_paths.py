@@ -101,6 +101,33 @@ def test_gather_hands_over_above_its_row_limit():
     assert f"f32[{t},2,48,8]" not in big and "f32[33,28,8]" in big  # every expert's h: the masked path
 
 
+@pytest.mark.parametrize("gather_rows", [0, 64])
+def test_pallas_gpu_gathers_few_rows_of_many_experts_when_asked(gather_rows):
+    """Knob ``pallas_gather``: ``pallas_gpu``'s inference forward takes ``xla.gather_forward`` for 2..N rows when
+    E * r > DENSE_MAX_EXPERT_COLUMNS (interpret mode here); off, the sorted grouped kernels. Equal to ``reference``."""
+    from meteora_jax.knobs import knobs_set
+
+    t, num_experts, rank = 8, 160, 8
+    kx, kw, ka, kb, ki, ke = jax.random.split(jax.random.key(11), 6)
+    x = jax.random.normal(kx, (t, 48), jnp.float32)
+    w = jax.random.normal(kw, (48, 40), jnp.float32)
+    a = jax.random.normal(ka, (num_experts, 48, rank), jnp.float32)
+    b = jax.random.normal(kb, (num_experts, rank, 40), jnp.float32)
+    ids = jax.random.randint(ki, (t, 2), 0, num_experts)
+    ew = jax.nn.softmax(jax.random.normal(ke, (t, 2)), axis=-1)
+    scaling = jnp.full((num_experts,), 0.5)
+
+    def y(impl):  # noqa: ANN001, ANN202
+        return lambda x: api.grouped_lora_fused(x, w, a, b, ids, ew, scaling=scaling, implementation=impl)
+
+    with knobs_set({"pallas_gather": gather_rows}):
+        jaxpr = str(jax.make_jaxpr(y("pallas_gpu_interpret"))(x))
+        out = y("pallas_gpu_interpret")(x)
+    gathered = f"f32[{t},2,48,{rank}]" in jaxpr  # each (token, slot)'s A
+    assert gathered == bool(gather_rows) and (" pallas_call" in jaxpr) != bool(gather_rows)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(y("reference")(x)), rtol=1e-5, atol=1e-4)
+
+
 def test_gather_hands_many_experts_to_sorted_rows():
     """Above its row limit with E * r > DENSE_MAX_EXPERT_COLUMNS, ``xla_gather`` leaves the call to the sorted-rows
     shrink + expand (a ragged dot), never the dense path over every expert column; it still equals ``reference``."""

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.grouped_lora import pallas_gpu_decode
+from pallas_kernels.grouped_lora import pallas_gpu_decode, xla
 from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 from pallas_kernels.grouped_lora.routing import RoutingPlan, num_work_items, work_items
 
@@ -416,17 +416,28 @@ class PallasGpuOps:
         expert_weights_tk: Float[Array, "T K"],
         scaling_e: Float[Array, " E"],
     ) -> Float[Array, "T O"] | None:
-        """Inference: the one-launch decode kernel for a few tokens; None leaves the call to shrink + expand."""
-        return pallas_gpu_decode.forward_if_few_tokens(
-            x_td,
-            w_do,
-            lora_a_edr,
-            lora_b_ero,
-            expert_ids_tk,
-            expert_weights_tk,
-            scaling_e,
-            interpret=self.interpret,
-        )
+        """Inference: the one-launch decode kernel for a few tokens; with many experts, up to
+        ``GATHER_FORWARD_MAX_ROWS`` rows, XLA's gathered forward; None leaves the call to shrink + expand."""
+        args = (x_td, w_do, lora_a_edr, lora_b_ero, expert_ids_tk, expert_weights_tk, scaling_e)
+        y = pallas_gpu_decode.forward_if_few_tokens(*args, interpret=self.interpret)
+        if y is None and w_do is not None and _gathers(lora_a_edr, expert_ids_tk):
+            return xla.gather_forward(*args)
+        return y
+
+
+# Up to this many rows (T * k), an inference call with more than ``xla.DENSE_MAX_EXPERT_COLUMNS`` expert columns
+# runs ``xla.gather_forward`` (each row's expert gathered, as MeteoRA's bmm-torch v1 does) instead of the sorted
+# grouped kernels. Why: at 64 tokens, k = 1, E = 128 / 1024 (H100, session 18) those kernels took 4.9-6.1x the base
+# GEMM, most of it routing and mostly empty groups, while MeteoRA's gathered bmm took 3.9x at r = 16. 0 = off, until
+# a GPU A/B (knob ``pallas_gather``); at most ``xla.GATHER_MAX_ROWS``, above which the gather hands back.
+GATHER_FORWARD_MAX_ROWS = 0
+
+
+def _gathers(lora_a_edr: Array, expert_ids_tk: Array) -> bool:
+    num_experts, _, rank = lora_a_edr.shape
+    rows = expert_ids_tk.size
+    many = num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
+    return many and 0 < rows <= min(GATHER_FORWARD_MAX_ROWS, xla.GATHER_MAX_ROWS)
 
 
 def make_ops(*, interpret: bool = False) -> PallasGpuOps:
