@@ -48,6 +48,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "logit_rows": ("meteora_jax.model.llama", "LAST_LOGITS_ROWS"),
     "attn_barrier": ("meteora_jax.model.llama", "ATTENTION_OUT_BARRIER_MAX_TOKENS"),
     "pallas_gather": ("pallas_kernels.grouped_lora.pallas_gpu", "GATHER_FORWARD_MAX_ROWS"),
+    "pallas_gather_rank": ("pallas_kernels.grouped_lora.pallas_gpu", "GATHER_FORWARD_MAX_RANK"),
     "pack_kernel": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_KERNEL_MAX_TOKENS"),
     "pack_bn": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_N"),
     "pack_bk": ("pallas_kernels.grouped_lora.pallas_gpu_pack", "PACK_BLOCK_K"),

@@ -177,13 +177,20 @@ def test_prefill_cublas_impl_compiles_as_the_model_prefill(monkeypatch):
     """``+prefill_cublas=1`` asks for the model's prefill compile options on a GPU (cuBLAS GEMMs only), and for
     none on another backend or without the knob, where XLA would reject or ignore them."""
     bench = _bench_module()
-    assert bench.compiler_options({}) == {}
-    assert bench.compiler_options({"prefill_cublas": 1}) == (
-        {} if jax.default_backend() != "gpu" else {"xla_gpu_enable_triton_gemm": False}
-    )
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     from meteora_jax.generate import sampler
+    from meteora_jax.knobs import knobs_set
 
+    assert bench.compiler_options({}) == {}
+    if jax.default_backend() != "gpu":
+        assert bench.compiler_options({"prefill_cublas": 1}) == {}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(sampler, "_on_gpu", lambda: True)
-    assert bench.compiler_options({"prefill_cublas": 1})["xla_gpu_enable_triton_gemm"] is False
+    options = bench.compiler_options({"prefill_cublas": 1})
+    assert options["xla_gpu_enable_triton_gemm"] is False
+    with knobs_set({"prefill_cublas": 1}):
+        assert (
+            options == sampler.prefill_compiler_options()
+        )  # the model's prefill options, dot_merger included
     assert bench.compiler_options({"prefill_cublas": 0}) == {}
+    merged = bench.compiler_options({"prefill_cublas": 1, "prefill_dot_merger": 1})  # session 18's measured rows
+    assert merged == {"xla_gpu_enable_triton_gemm": False}

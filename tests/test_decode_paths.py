@@ -101,13 +101,16 @@ def test_gather_hands_over_above_its_row_limit():
     assert f"f32[{t},2,48,8]" not in big and "f32[33,28,8]" in big  # every expert's h: the masked path
 
 
-@pytest.mark.parametrize("gather_rows", [0, 64])
-def test_pallas_gpu_gathers_few_rows_of_many_experts_when_asked(gather_rows):
-    """Knob ``pallas_gather``: ``pallas_gpu``'s inference forward takes ``xla.gather_forward`` for 2..N rows when
-    E * r > DENSE_MAX_EXPERT_COLUMNS (interpret mode here); off, the sorted grouped kernels. Equal to ``reference``."""
+@pytest.mark.parametrize(
+    "gather_rows,rank,gathered", [(64, 8, True), (0, 8, False), (64, 32, False), (8, 8, False)]
+)
+def test_pallas_gpu_gathers_few_rows_of_many_experts(gather_rows, rank, gathered):
+    """``pallas_gpu``'s inference forward takes ``xla.gather_forward`` for up to ``pallas_gather`` rows (T * k) when
+    E * r > DENSE_MAX_EXPERT_COLUMNS and r <= ``pallas_gather_rank`` (16) (interpret mode here); else the sorted
+    grouped kernels. Either way equal to ``reference``."""
     from meteora_jax.knobs import knobs_set
 
-    t, num_experts, rank = 8, 160, 8
+    t, num_experts = 8, 160
     kx, kw, ka, kb, ki, ke = jax.random.split(jax.random.key(11), 6)
     x = jax.random.normal(kx, (t, 48), jnp.float32)
     w = jax.random.normal(kw, (48, 40), jnp.float32)
@@ -123,8 +126,8 @@ def test_pallas_gpu_gathers_few_rows_of_many_experts_when_asked(gather_rows):
     with knobs_set({"pallas_gather": gather_rows}):
         jaxpr = str(jax.make_jaxpr(y("pallas_gpu_interpret"))(x))
         out = y("pallas_gpu_interpret")(x)
-    gathered = f"f32[{t},2,48,{rank}]" in jaxpr  # each (token, slot)'s A
-    assert gathered == bool(gather_rows) and (" pallas_call" in jaxpr) != bool(gather_rows)
+    assert (f"f32[{t},2,48,{rank}]" in jaxpr) == gathered  # each (token, slot)'s A
+    assert (" pallas_call" in jaxpr) != gathered
     np.testing.assert_allclose(np.asarray(out), np.asarray(y("reference")(x)), rtol=1e-5, atol=1e-4)
 
 

@@ -200,7 +200,7 @@ def test_prefill_knobs_pick_the_compiler_options_and_change_no_token(model, monk
             assert sampler.prefill_program() is program
             programs.append(program)
     assert len({id(p) for p in programs}) == 3
-    assert sampler.PREFILL_CUBLAS_GEMMS == 1 and sampler.PREFILL_DOT_MERGER == 1
+    assert sampler.PREFILL_CUBLAS_GEMMS == 1 and sampler.PREFILL_DOT_MERGER == 0
 
 
 def test_attention_barrier_knob_changes_no_token(model):

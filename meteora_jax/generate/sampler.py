@@ -149,8 +149,10 @@ PREFILL_CUBLAS_GEMMS = 1
 # (``wrapped_concatenate``, ~27 us a layer on the H200) and, with cuBLAS GEMMs, makes XLA copy the merged output's
 # three slices out to fold each expand into them (``wrapped_slice*``, ~33 us a layer; session 15's 2-layer HLO).
 # Without it each of q / k / v is its own GEMM with its expand as ``C``; the narrow k / v GEMMs may run less
-# efficiently. Knob ``prefill_dot_merger``; 1 (XLA's default) until a GPU A/B: NOT measured.
-PREFILL_DOT_MERGER = 1
+# efficiently. Measured on an H100 (session 18, 32 layers, 4096 tokens, AOT wall ms, three A/B pairs in two
+# processes; benchmarks/results/profile_prefill_h100_dot_merger*_s18.json): with experts 123.94 -> 122.31,
+# 125.01 -> 123.53, 124.49 -> 124.19; experts off 106.25 -> 106.62 (noise). So 0. Knob ``prefill_dot_merger``.
+PREFILL_DOT_MERGER = 0
 _prefill = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATICS)
 # compiler options (sorted items) -> the prefill jitted with them; made on first use
 _prefill_programs: dict[tuple[tuple[str, object], ...], Callable[..., tuple[DecodeState, Array | None]]] = {}

@@ -426,18 +426,25 @@ class PallasGpuOps:
 
 
 # Up to this many rows (T * k), an inference call with more than ``xla.DENSE_MAX_EXPERT_COLUMNS`` expert columns
-# runs ``xla.gather_forward`` (each row's expert gathered, as MeteoRA's bmm-torch v1 does) instead of the sorted
-# grouped kernels. Why: at 64 tokens, k = 1, E = 128 / 1024 (H100, session 18) those kernels took 4.9-6.1x the base
-# GEMM, most of it routing and mostly empty groups, while MeteoRA's gathered bmm took 3.9x at r = 16. 0 = off, until
-# a GPU A/B (knob ``pallas_gather``); at most ``xla.GATHER_MAX_ROWS``, above which the gather hands back.
-GATHER_FORWARD_MAX_ROWS = 0
+# and rank <= ``GATHER_FORWARD_MAX_RANK`` runs ``xla.gather_forward`` (each row's experts gathered, as MeteoRA's
+# bmm-torch v1 does) instead of the sorted grouped kernels, which at few rows pay mostly for routing and empty
+# groups. Measured on an H100 (session 18, 4096->4096, 64 tokens, k = 1, skewed; moe_lora_h100_s18_gather.json):
+# r = 16: 100.1 -> 42.1 us (E = 128), 117.7 -> 42.0 us (E = 1024); r = 64: 108.5 -> 185.6, 126.6 -> 185.3 us
+# (the gathered [T, k, d, r] copies grow with r), hence the rank limit. Knobs ``pallas_gather`` (0 = off) and
+# ``pallas_gather_rank``; rows are capped at ``xla.GATHER_MAX_ROWS``, above which the gather hands back anyway.
+GATHER_FORWARD_MAX_ROWS = 64
+GATHER_FORWARD_MAX_RANK = 16
 
 
 def _gathers(lora_a_edr: Array, expert_ids_tk: Array) -> bool:
     num_experts, _, rank = lora_a_edr.shape
     rows = expert_ids_tk.size
     many = num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
-    return many and 0 < rows <= min(GATHER_FORWARD_MAX_ROWS, xla.GATHER_MAX_ROWS)
+    return (
+        many
+        and rank <= GATHER_FORWARD_MAX_RANK
+        and 0 < rows <= min(GATHER_FORWARD_MAX_ROWS, xla.GATHER_MAX_ROWS)
+    )
 
 
 def make_ops(*, interpret: bool = False) -> PallasGpuOps:
