@@ -192,5 +192,7 @@ def test_prefill_cublas_impl_compiles_as_the_model_prefill(monkeypatch):
             options == sampler.prefill_compiler_options()
         )  # the model's prefill options, dot_merger included
     assert bench.compiler_options({"prefill_cublas": 0}) == {}
-    merged = bench.compiler_options({"prefill_cublas": 1, "prefill_dot_merger": 1})  # session 18's measured rows
+    merged = bench.compiler_options(
+        {"prefill_cublas": 1, "prefill_dot_merger": 1}
+    )  # session 18's measured rows
     assert merged == {"xla_gpu_enable_triton_gemm": False}
