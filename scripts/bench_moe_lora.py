@@ -277,8 +277,8 @@ def bench(
         timers = [t for t in all_timers if t != "fori" or case.num_tokens >= fori_min_t] or list(all_timers)
         inp = shapes.make_inputs(case, jax.random.key(0))
         # The plain ``x @ W`` in x's dtype (float32 accumulation inside the GEMM). Until session 18 the base asked
-        # for a float32 output and cast it, which XLA ran as 2-3 kernels at some shapes: up to 1.22x slower on an
-        # H100 (4096->14336), so every ratio above it was flattered there.
+        # for a float32 output and cast it, which XLA ran as 2-3 kernels at some shapes: up to 1.25x slower on an
+        # H100 (benchmarks/RESULTS.md, "Session 18"), so every ratio above it was flattered there.
         base = jax.jit(lambda x, w: jnp.dot(x, w))
         n_reps = max(5, min(reps, int(4e5 / max(1, case.num_tokens))))
         base_t = _time_all(base, (inp["x"], inp["w"]), timers, calls, n_reps, l2)

@@ -187,12 +187,9 @@ def test_prefill_cublas_impl_compiles_as_the_model_prefill(monkeypatch):
     monkeypatch.setattr(sampler, "_on_gpu", lambda: True)
     options = bench.compiler_options({"prefill_cublas": 1})
     assert options["xla_gpu_enable_triton_gemm"] is False
-    with knobs_set({"prefill_cublas": 1}):
-        assert (
-            options == sampler.prefill_compiler_options()
-        )  # the model's prefill options, dot_merger included
+    with knobs_set({"prefill_cublas": 1}):  # the model's prefill options, its dot_merger setting included
+        assert options == sampler.prefill_compiler_options()
     assert bench.compiler_options({"prefill_cublas": 0}) == {}
-    merged = bench.compiler_options(
-        {"prefill_cublas": 1, "prefill_dot_merger": 1}
-    )  # session 18's measured rows
+    # session 18's measured rows: the dot_merger pass still on
+    merged = bench.compiler_options({"prefill_cublas": 1, "prefill_dot_merger": 1})
     assert merged == {"xla_gpu_enable_triton_gemm": False}

@@ -101,6 +101,23 @@ def test_gather_hands_over_above_its_row_limit():
     assert f"f32[{t},2,48,8]" not in big and "f32[33,28,8]" in big  # every expert's h: the masked path
 
 
+def _many_experts_call(t: int, num_experts: int, rank: int, seed: int):  # noqa: ANN202
+    """Fresh float32 inputs (d_in 48, d_out 40, k = 2) and ``y(impl)``: x -> ``grouped_lora_fused`` with them."""
+    kx, kw, ka, kb, ki, ke = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(kx, (t, 48), jnp.float32)
+    w = jax.random.normal(kw, (48, 40), jnp.float32)
+    a = jax.random.normal(ka, (num_experts, 48, rank), jnp.float32)
+    b = jax.random.normal(kb, (num_experts, rank, 40), jnp.float32)
+    ids = jax.random.randint(ki, (t, 2), 0, num_experts)
+    ew = jax.nn.softmax(jax.random.normal(ke, (t, 2)), axis=-1)
+    scaling = jnp.linspace(0.5, 2.0, num_experts)
+
+    def y(impl):  # noqa: ANN001, ANN202
+        return lambda x: api.grouped_lora_fused(x, w, a, b, ids, ew, scaling=scaling, implementation=impl)
+
+    return x, y
+
+
 @pytest.mark.parametrize(
     "gather_rows,rank,gathered", [(64, 8, True), (0, 8, False), (64, 32, False), (8, 8, False)]
 )
@@ -110,19 +127,8 @@ def test_pallas_gpu_gathers_few_rows_of_many_experts(gather_rows, rank, gathered
     grouped kernels. Either way equal to ``reference``."""
     from meteora_jax.knobs import knobs_set
 
-    t, num_experts = 8, 160
-    kx, kw, ka, kb, ki, ke = jax.random.split(jax.random.key(11), 6)
-    x = jax.random.normal(kx, (t, 48), jnp.float32)
-    w = jax.random.normal(kw, (48, 40), jnp.float32)
-    a = jax.random.normal(ka, (num_experts, 48, rank), jnp.float32)
-    b = jax.random.normal(kb, (num_experts, rank, 40), jnp.float32)
-    ids = jax.random.randint(ki, (t, 2), 0, num_experts)
-    ew = jax.nn.softmax(jax.random.normal(ke, (t, 2)), axis=-1)
-    scaling = jnp.full((num_experts,), 0.5)
-
-    def y(impl):  # noqa: ANN001, ANN202
-        return lambda x: api.grouped_lora_fused(x, w, a, b, ids, ew, scaling=scaling, implementation=impl)
-
+    t = 8
+    x, y = _many_experts_call(t, 160, rank, seed=11)
     with knobs_set({"pallas_gather": gather_rows}):
         jaxpr = str(jax.make_jaxpr(y("pallas_gpu_interpret"))(x))
         out = y("pallas_gpu_interpret")(x)
@@ -136,19 +142,7 @@ def test_gather_hands_many_experts_to_sorted_rows():
     shrink + expand (a ragged dot), never the dense path over every expert column; it still equals ``reference``."""
     t, num_experts, rank = xla.GATHER_MAX_ROWS // 2 + 1, 160, 8
     assert num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
-    key = jax.random.key(7)
-    kx, kw, ka, kb, ki, ke = jax.random.split(key, 6)
-    x = jax.random.normal(kx, (t, 48), jnp.float32)
-    w = jax.random.normal(kw, (48, 40), jnp.float32)
-    a = jax.random.normal(ka, (num_experts, 48, rank), jnp.float32)
-    b = jax.random.normal(kb, (num_experts, rank, 40), jnp.float32)
-    ids = jax.random.randint(ki, (t, 2), 0, num_experts)
-    ew = jax.nn.softmax(jax.random.normal(ke, (t, 2)), axis=-1)
-    scaling = jnp.full((num_experts,), 2.0)
-
-    def y(impl):  # noqa: ANN001, ANN202
-        return lambda x: api.grouped_lora_fused(x, w, a, b, ids, ew, scaling=scaling, implementation=impl)
-
+    x, y = _many_experts_call(t, num_experts, rank, seed=7)
     jaxpr = str(jax.make_jaxpr(y("xla_gather"))(x))
     assert "ragged_dot" in jaxpr and f"f32[{t},{num_experts * rank}]" not in jaxpr
     np.testing.assert_allclose(

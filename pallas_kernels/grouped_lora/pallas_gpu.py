@@ -17,7 +17,8 @@ Kernels (all grids static, so ``interpret=True`` runs each one on CPU):
 
 In inference (nothing differentiated) with ``w`` given and at most ``DECODE_MAX_TOKENS`` tokens,
 ``PallasGpuOps.forward`` runs instead the one-launch decode kernel of ``pallas_gpu_decode.py`` (base GEMV,
-shrink and expand in one kernel, no routing sort). Training and larger T use the kernels above.
+shrink and expand in one kernel, no routing sort); with many expert columns (E * r > 1024) and rank <= 16, up to
+64 rows (T * k), XLA's gathered forward (``GATHER_FORWARD_MAX_ROWS``). Training and larger T use the kernels above.
 
 Index arithmetic: masked-off lanes get out-of-range indices, never clamped ones, so a masked store can
 never alias a live row (interpret mode writes masked lanes back, so an alias would lose data) and the
@@ -437,6 +438,7 @@ GATHER_FORWARD_MAX_RANK = 16
 
 
 def _gathers(lora_a_edr: Array, expert_ids_tk: Array) -> bool:
+    """Whether an inference call with these experts and routing takes ``xla.gather_forward``."""
     num_experts, _, rank = lora_a_edr.shape
     rows = expert_ids_tk.size
     many = num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
