@@ -28,8 +28,8 @@ FAST = ("xla_masked", "xla_gather", "xla", "xla_masked_lowp")
 SIZES = ((1, 1), (1, 2), (3, 1), (3, 2), (40, 2))
 
 
-def _inputs(t: int, k: int, dtype: str, name: str) -> dict:
-    case = shapes.Case("c", t, 48, 40, 28, 8, k, "uniform", dtype)
+def _inputs(t: int, k: int, dtype: str, name: str, num_experts: int = 28, rank: int = 8) -> dict:
+    case = shapes.Case("c", t, 48, 40, num_experts, rank, k, "uniform", dtype)
     return shapes.make_inputs(case, key_for(name))
 
 
@@ -101,23 +101,6 @@ def test_gather_hands_over_above_its_row_limit():
     assert f"f32[{t},2,48,8]" not in big and "f32[33,28,8]" in big  # every expert's h: the masked path
 
 
-def _many_experts_call(t: int, num_experts: int, rank: int, seed: int):  # noqa: ANN202
-    """Fresh float32 inputs (d_in 48, d_out 40, k = 2) and ``y(impl)``: x -> ``grouped_lora_fused`` with them."""
-    kx, kw, ka, kb, ki, ke = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(kx, (t, 48), jnp.float32)
-    w = jax.random.normal(kw, (48, 40), jnp.float32)
-    a = jax.random.normal(ka, (num_experts, 48, rank), jnp.float32)
-    b = jax.random.normal(kb, (num_experts, rank, 40), jnp.float32)
-    ids = jax.random.randint(ki, (t, 2), 0, num_experts)
-    ew = jax.nn.softmax(jax.random.normal(ke, (t, 2)), axis=-1)
-    scaling = jnp.linspace(0.5, 2.0, num_experts)
-
-    def y(impl):  # noqa: ANN001, ANN202
-        return lambda x: api.grouped_lora_fused(x, w, a, b, ids, ew, scaling=scaling, implementation=impl)
-
-    return x, y
-
-
 @pytest.mark.parametrize(
     "gather_rows,rank,gathered", [(64, 8, True), (0, 8, False), (64, 32, False), (8, 8, False)]
 )
@@ -128,13 +111,14 @@ def test_pallas_gpu_gathers_few_rows_of_many_experts(gather_rows, rank, gathered
     from meteora_jax.knobs import knobs_set
 
     t = 8
-    x, y = _many_experts_call(t, 160, rank, seed=11)
+    inp = _inputs(t, 2, "float32", f"pallas_gather[{gather_rows},{rank}]", num_experts=160, rank=rank)
     with knobs_set({"pallas_gather": gather_rows}):
-        jaxpr = str(jax.make_jaxpr(y("pallas_gpu_interpret"))(x))
-        out = y("pallas_gpu_interpret")(x)
+        jaxpr = str(jax.make_jaxpr(lambda i: _forward(i, "pallas_gpu_interpret", True))(inp))
+        out = _forward(inp, "pallas_gpu_interpret", True)
     assert (f"f32[{t},2,48,{rank}]" in jaxpr) == gathered  # each (token, slot)'s A
     assert (" pallas_call" in jaxpr) != gathered
-    np.testing.assert_allclose(np.asarray(out), np.asarray(y("reference")(x)), rtol=1e-5, atol=1e-4)
+    ref = _forward(inp, "reference", True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-4)
 
 
 def test_gather_hands_many_experts_to_sorted_rows():
@@ -142,12 +126,11 @@ def test_gather_hands_many_experts_to_sorted_rows():
     shrink + expand (a ragged dot), never the dense path over every expert column; it still equals ``reference``."""
     t, num_experts, rank = xla.GATHER_MAX_ROWS // 2 + 1, 160, 8
     assert num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
-    x, y = _many_experts_call(t, num_experts, rank, seed=7)
-    jaxpr = str(jax.make_jaxpr(y("xla_gather"))(x))
+    inp = _inputs(t, 2, "float32", "gather_many_experts", num_experts=num_experts, rank=rank)
+    jaxpr = str(jax.make_jaxpr(lambda i: _forward(i, "xla_gather", True))(inp))
     assert "ragged_dot" in jaxpr and f"f32[{t},{num_experts * rank}]" not in jaxpr
-    np.testing.assert_allclose(
-        np.asarray(y("xla_gather")(x)), np.asarray(y("reference")(x)), rtol=1e-5, atol=1e-4
-    )
+    got, ref = _forward(inp, "xla_gather", True), _forward(inp, "reference", True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)
 
 
 def test_auto_is_masked_for_few_expert_columns_only():
