@@ -72,7 +72,7 @@ def resolve_implementation(name_or_none: str | None = None, expert_columns: int 
 def _candidates(implementation: str | Sequence[str] | None, expert_columns: int) -> tuple[str, ...]:
     if implementation is None:
         platform = jax.default_backend()
-        if platform == "gpu" and expert_columns <= xla.DENSE_MAX_EXPERT_COLUMNS:
+        if platform == "gpu" and xla.dense_fits(expert_columns):
             return _AUTO_GPU_SMALL_EXPERTS
         return _AUTO.get(platform, ("xla",))
     if isinstance(implementation, str):
@@ -84,7 +84,7 @@ def _ops(name: str, num_experts: int, rank: int):  # noqa: ANN202
     """The backend's ops object, or NotImplementedError if it cannot run here."""
     interpret = name.endswith("_interpret")
     base = name.removesuffix("_interpret")
-    dense = num_experts * rank <= xla.DENSE_MAX_EXPERT_COLUMNS
+    dense = xla.dense_fits(num_experts * rank)
     # xla: the dense path (masked forward, bf16 sum at prefill sizes) for few expert columns, else sorted rows
     if base == "xla":
         return xla.DenseOps("xla_masked", xla.auto_masked_forward) if dense else xla.RaggedOps()
@@ -233,7 +233,7 @@ def masked_forward_plan(
     tokens and ``expert_columns`` (E * r) is the dense masked one (``xla.masked_forward``), else None. A
     caller that computes the shrink itself (``xla.masked_forward_from_shrink``) must ask this first, so that
     it only ever replaces that path, with the same bf16-sum rule."""
-    if num_tokens < 2 or expert_columns > xla.DENSE_MAX_EXPERT_COLUMNS:
+    if num_tokens < 2 or not xla.dense_fits(expert_columns):
         return None
     name = _candidates(implementation, expert_columns)[0]
     base = name.removesuffix("_interpret")

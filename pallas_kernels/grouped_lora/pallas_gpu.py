@@ -441,9 +441,12 @@ def _gathers(lora_a_edr: Array, expert_ids_tk: Array) -> bool:
     """Whether an inference call with these experts and routing takes ``xla.gather_forward``."""
     num_experts, _, rank = lora_a_edr.shape
     rows = expert_ids_tk.size
-    many = num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS
     # above ``xla.GATHER_MAX_ROWS`` the gather itself returns None (sorted rows), whatever this limit says
-    return many and rank <= GATHER_FORWARD_MAX_RANK and 0 < rows <= GATHER_FORWARD_MAX_ROWS
+    return (
+        not xla.dense_fits(num_experts * rank)
+        and rank <= GATHER_FORWARD_MAX_RANK
+        and 0 < rows <= GATHER_FORWARD_MAX_ROWS
+    )
 
 
 def make_ops(*, interpret: bool = False) -> PallasGpuOps:

@@ -424,7 +424,7 @@ def forward_if_batched(
     num_experts, _, rank = lora_a_edr.shape
     if w_do is None or not fits(x_td.shape[0], x_td.dtype.itemsize):
         return None
-    if num_experts * rank > xla.DENSE_MAX_EXPERT_COLUMNS:
+    if not xla.dense_fits(num_experts * rank):
         return None
     h_ter = xla.shrink_all(x_td, lora_a_edr)
     hc_tn = xla.masked_coefficients(h_ter, expert_ids_tk, expert_weights_tk, scaling_e, lora_b_ero.dtype)

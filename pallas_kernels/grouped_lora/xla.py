@@ -55,6 +55,14 @@ from pallas_kernels.grouped_lora.routing import RoutingPlan
 _HIGHEST = lax.Precision.HIGHEST
 # Above this many expert columns (E * r) the dense path does more work than the gathers it saves.
 DENSE_MAX_EXPERT_COLUMNS = 1024
+
+
+def dense_fits(expert_columns: int) -> bool:
+    """Whether ``expert_columns`` (E * r) are few enough for the dense paths (every token times every expert
+    column); above ``DENSE_MAX_EXPERT_COLUMNS`` the backends take sorted rows (or, at few rows, gathers)."""
+    return expert_columns <= DENSE_MAX_EXPERT_COLUMNS
+
+
 # Above this many rows (T * k) gathering per-row expert weights copies more than the dense path reads.
 GATHER_MAX_ROWS = 64
 # From this many rows on, ``auto_masked_forward`` sums base and LoRA in bf16 (no float32 [T, O] arrays).
@@ -239,7 +247,7 @@ def gather_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scali
     expert columns, and returns None (sorted rows: shrink + expand) above ``DENSE_MAX_EXPERT_COLUMNS``, where
     the dense path would compute every one of E * r columns for every token."""
     if ids_tk.size > GATHER_MAX_ROWS:
-        if lora_a_edr.shape[0] * lora_a_edr.shape[2] > DENSE_MAX_EXPERT_COLUMNS:
+        if not dense_fits(lora_a_edr.shape[0] * lora_a_edr.shape[2]):
             return None
         return masked_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e)
     coef_tk = common.coef_tk(ids_tk, weights_tk, scaling_e)
