@@ -54,6 +54,9 @@ class Timing:
     valid: bool
     note: str
     kernels_per_call: int | None = None
+    # profile: (kernel name, median us over calls) for each kernel position in a call, in launch order: where
+    # a multi-kernel call's time goes (names are the trace's, e.g. XLA fusion or Triton kernel names).
+    breakdown: tuple[tuple[str, float], ...] = ()
 
 
 def cold_copy_count(set_bytes: int, l2_bytes: int = L2_BYTES, max_sets: int = 64) -> int:
@@ -167,7 +170,10 @@ def per_call_kernel_us(kernels: Sequence[tuple[float, float, str]], calls: int) 
     spread = (q75 - q25) / med if med > 0 else float("inf")
     valid = med > 0 and spread <= MAX_SPREAD
     note = f"{k} kernels/call, spread (p75-p25)/median {spread:.3f} ({'<=' if valid else '>'} {MAX_SPREAD})"
-    return Timing("profile", float(med), bool(valid), note, kernels_per_call=k)
+    breakdown = tuple(
+        (kernels[j][2], float(np.median([kernels[i * k + j][1] for i in range(calls)]))) for j in range(k)
+    )
+    return Timing("profile", float(med), bool(valid), note, kernels_per_call=k, breakdown=breakdown)
 
 
 def time_profile(fn: Callable, arg_sets: Sequence[tuple], calls: int = 50) -> Timing:

@@ -269,6 +269,7 @@ def bench(
     fori_min_t=0,
     peers: list[str] | None = None,
     peers_dir: str | None = None,
+    breakdown: bool = False,
 ) -> list[dict]:
     rows = []
     all_timers = timers
@@ -338,6 +339,9 @@ def bench(
                 row[f"note_{name}"] = f"row: {t.note}; base: {base_t[name].note}"
                 if t.kernels_per_call is not None:
                     row[f"kernels_per_call_{name}"] = t.kernels_per_call
+                if t.breakdown:  # profile: each kernel of one call, median us, in launch order
+                    row[f"kernels_{name}"] = [[k, round(v, 2)] for k, v in t.breakdown]
+                    row[f"base_kernels_{name}"] = [[k, round(v, 2)] for k, v in base_t[name].breakdown]
             rows.append(row)
             side = " ".join(
                 f"{n} {t.us:.1f}/{base_t[n].us:.1f}{'' if row[f'valid_{n}'] else '?'}"
@@ -350,6 +354,9 @@ def bench(
                 f"peak {peak_mb:8.1f}MB err {err:.1e} | {side}",
                 flush=True,
             )
+            if breakdown and "profile" in impl_t:
+                for kname, kus in impl_t["profile"].breakdown:
+                    print(f"    {kus:9.2f}us  {kname[:110]}", flush=True)
         if peers:
             deferred_peers.append((case, ref, bound))
         if out_path:
@@ -459,6 +466,12 @@ def main() -> None:
         default=None,
         help=f"pallas_gpu: largest T for the decode kernel (default {pallas_gpu_decode.DECODE_MAX_TOKENS})",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="profile timer: also print each kernel of a row's call with its median us (the JSON always "
+        "has them, as kernels_profile and base_kernels_profile)",
+    )
     opts = parser.parse_args()
     if (
         opts.peers
@@ -486,6 +499,7 @@ def main() -> None:
         fori_min_t=opts.fori_min_t,
         peers=[p for p in opts.peers.split(",") if p],
         peers_dir=opts.peers_dir,
+        breakdown=opts.breakdown,
     )
 
 

@@ -58,6 +58,18 @@ def test_per_call_split_and_validity_rule():
     assert not none.valid and math.isnan(none.us) and "no GPU kernel events" in none.note
 
 
+def test_breakdown_is_each_kernel_position_median_in_launch_order():
+    # 5 calls of [shrink, expand]; the expand is 10 us in four calls and 30 us in one (the median ignores it)
+    durations = [(1.0, 10.0), (2.0, 10.0), (1.0, 30.0), (3.0, 10.0), (1.0, 10.0)]
+    kernels, t0 = [], 0.0
+    for shrink, expand in durations:
+        kernels += [(t0, shrink, "shrink"), (t0 + 1.0, expand, "expand")]
+        t0 += 100.0
+    t = timing.per_call_kernel_us(kernels, calls=5)
+    assert t.breakdown == (("shrink", 1.0), ("expand", 10.0))
+    assert timing.per_call_kernel_us(kernels[:-1], calls=5).breakdown == ()  # uneven: no positions to name
+
+
 def test_cold_copies_are_separate_buffers_of_the_same_values():
     x = jnp.arange(12.0).reshape(3, 4)
     sets = timing.cold_copies((x,), l2_bytes=100)  # 48 bytes a set: 1 + ceil(200 / 48) = 6 sets
