@@ -5,6 +5,7 @@ Llama-3-8B shapes on this CPU-only host (one Triton kernel per group). Compiled 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_lora import api, pallas_gpu_expand
+from pallas_kernels.grouped_lora import api, pallas_gpu_expand, xla
 from pallas_kernels.grouped_lora.pallas_gpu_expand import ExpandConfig
 from tests.grouped_lora_cases import rel_err
 from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model, traced_logits
@@ -223,6 +224,80 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
         pallas_gpu_expand.expand_forward_group_routed(
             x, ws, wide, bs[:2], scalings, routed=routed, interpret=True
         )
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "t,e,r,k,dtype,batched",
+    [
+        (2, 6, 4, 2, "float32", True),
+        (5, 28, 8, 2, "float32", False),  # 224 expert rows: not a multiple of the B_flat step
+        (7, 5, 3, 3, "bfloat16", True),  # rank 3, three slots
+        (16, 9, 8, 1, "bfloat16", False),
+    ],
+)  # fmt: skip
+def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, batched, interpret):
+    """``expand_given`` on: a single projection's call (``grouped_lora_fused`` with ids and weights) builds hc in
+    the kernel from the shrink ([E, T, R] batched, or [T, E, R] flat) and the given routing, and equals the
+    plain-JAX reference, including a token with every slot on one expert and a zero weight; without the
+    scaling's gather (all ones) it does not."""
+    from tests.test_pallas_decode import _args, _case, _want
+    from tests.test_pallas_decode import _inputs as decode_inputs
+
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_GIVEN", 1)
+    monkeypatch.setattr(xla, "BATCHED_SHRINK_MAX_TOKENS", 64 if batched else 0)
+    calls = []
+    kernel = pallas_gpu_expand.expand_forward_given
+    monkeypatch.setattr(
+        pallas_gpu_expand,
+        "expand_forward_given",
+        lambda *a, **kw: calls.append(kw["expert_major"]) or kernel(*a, **kw),
+    )
+    inp = decode_inputs(_case(t, 72, 40, e, r, k, dtype), f"expand-given-{t}-{e}-{r}-{k}")
+    impl = "pallas_gpu_decode" if not interpret else "pallas_gpu_decode_interpret"
+    fused = jax.jit(lambda *a: api.grouped_lora_fused(*a[:-1], scaling=a[-1], implementation=impl))
+    y = fused(*_args(inp))
+    assert calls == [batched]
+    want, lora = _want(inp)
+    base = want - lora
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: the LoRA term read back from a rounded sum
+    assert y.dtype == inp["x"].dtype
+    assert rel_err(y.astype(jnp.float32) - base, lora) < tol
+    unscaled = fused(*_args(inp)[:-1], jnp.ones_like(inp["scaling"]))
+    assert rel_err(unscaled.astype(jnp.float32) - base, lora) > 0.05
+
+
+def test_given_routing_expand_refuses_mismatched_shapes():
+    x = jnp.zeros((4, 16))
+    w, b, scaling = jnp.zeros((16, 8)), jnp.zeros((12, 8)), jnp.ones(3)
+    ids, weights = jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="do not match"):  # [T, E, R] given as expert-major
+        pallas_gpu_expand.expand_forward_given(
+            x, w, jnp.zeros((4, 3, 4)), ids, weights, b, scaling, expert_major=True, interpret=True
+        )
+
+
+def test_given_routing_expand_lowers_for_cuda_as_one_kernel():
+    """At Llama-3-8B's 4096 -> 4096 with 64 tokens (28 rank-8 experts) the given-routing expand is ONE Triton
+    kernel with its W and B_flat loops, and no sort or top-k around it."""
+    spec = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    args = (
+        spec((64, 4096), bf16),
+        spec((4096, 4096), bf16),
+        spec((28, 64, 8), jnp.float32),
+        spec((64, 2), jnp.int32),
+        spec((64, 2), bf16),
+        spec((224, 4096), bf16),
+        spec((28,), jnp.float32),
+    )
+    fn = functools.partial(pallas_gpu_expand.expand_forward_given, expert_major=True)
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    (kernel,) = _triton_kernels(lowered)
+    assert sum(op.name == "scf.for" for op in _walk(kernel)) == 2
+    assert "sort" not in text and "top_k" not in text.lower()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

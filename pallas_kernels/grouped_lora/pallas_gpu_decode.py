@@ -223,8 +223,8 @@ def all_masks(*masks: Array | None) -> Array | None:
 
 def masked_load(ref: Ref, mask: Array | None) -> Array:
     """A load with zeros where ``mask`` is false; Triton refuses ``other`` without a mask. Shared with
-    ``pallas_gpu_expand``, as are ``all_masks``, ``kernel_routing``, ``split_k_for``, ``column_segments``,
-    ``for_each_segment`` and ``launch_group``."""
+    ``pallas_gpu_expand``, as are ``all_masks``, ``given_routing``, ``kernel_routing``, ``split_k_for``,
+    ``column_segments``, ``for_each_segment`` and ``launch_group``."""
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
@@ -237,7 +237,7 @@ def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
     return jnp.sum(jnp.where(hit_ml[:, :, None], y_ln[None, :, :], 0.0), axis=1)
 
 
-def _given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> Any:
+def given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> Any:
     """Routing read as given: slots ``slot0 .. slot0 + k`` of ``ids`` / ``weights`` ([T, slots])."""
 
     def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
@@ -305,7 +305,7 @@ def _decode_kernel(*refs: Ref, tiles: _Tiles, top_k: int, spec: RouteSpec | None
     kernel) x, W, A, B, logits, scaling, out. ``_decode_body`` on every program."""
     x_ref, w_ref, a_ref, b_ref = refs[:4]
     if spec is None:
-        routing, (scaling_ref, o_ref) = _given_routing(refs[4], refs[5], 0, top_k), refs[6:]
+        routing, (scaling_ref, o_ref) = given_routing(refs[4], refs[5], 0, top_k), refs[6:]
     else:
         routing, (scaling_ref, o_ref) = kernel_routing(refs[4], 0, a_ref.shape[0], spec), refs[5:]
     _decode_body(
@@ -339,7 +339,7 @@ def _group_decode_kernel(
     x_ref, ws, as_, bs = refs[0], refs[1 : 1 + n], refs[1 + n : 1 + 2 * n], refs[1 + 2 * n : 1 + 3 * n]
     rest = refs[1 + 3 * n :]
     if spec is None:
-        routings = [_given_routing(rest[0], rest[1], p * top_k, top_k) for p in range(n)]
+        routings = [given_routing(rest[0], rest[1], p * top_k, top_k) for p in range(n)]
         rest = rest[2:]
     else:
         routings = [kernel_routing(rest[0], p * as_[p].shape[0], as_[p].shape[0], spec) for p in range(n)]
@@ -382,7 +382,7 @@ def _decode_body(
 ) -> None:
     """One program's columns ``col_block`` of ``x @ W + LoRA`` over its K split ``split`` (steps
     ``[split * split_steps, ...)`` of d_in); ``routing(toks, tmask)`` gives its tokens' expert ids and
-    weights (``_given_routing`` / ``kernel_routing``); written at output column ``out_col0`` on (a group's
+    weights (``given_routing`` / ``kernel_routing``); written at output column ``out_col0`` on (a group's
     slice of ``o_ref``)."""
     n_tok, d_in = x_ref.shape
     d_out = w_ref.shape[1]

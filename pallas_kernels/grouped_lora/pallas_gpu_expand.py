@@ -46,6 +46,7 @@ from pallas_kernels.grouped_lora.pallas_gpu_decode import (
     all_masks,
     column_segments,
     for_each_segment,
+    given_routing,
     kernel_routing,
     launch_group,
     masked_load,
@@ -61,6 +62,12 @@ FUSED_EXPAND_MAX_TOKENS = 64
 # 1: where the fused expand serves the model's packed path, it also routes itself (``expand_forward_group_routed``
 # from the packed GEMM's output: no top-k / softmax / coefficient kernels per group). Knob ``expand_route``.
 EXPAND_ROUTE = 1
+# 1: a single projection's call (``forward_if_batched``: the API with ids and weights given) builds ``hc`` in the
+# kernel from every expert's float32 shrink and the given routing (``expand_forward_given``), so that no
+# coefficient kernels run between the shrink GEMM and this launch; with the shrink batched over experts (up to
+# ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows) it reads A as stored, with no per-call relayout of A to [d, E * R].
+# 0: XLA's ``masked_coefficients`` and ``expand_forward_group``. Knob ``expand_given``.
+EXPAND_GIVEN = 0
 # The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``,
 # ``expand_stages``, ``expand_warps``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
@@ -188,30 +195,68 @@ class Routed:
     logit_col0s: tuple[tuple[int, ...], ...]
 
 
-def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
-    """The B_flat block's left operand computed in the kernel: ``h * coef`` in B's dtype, with ``coef`` from the
-    program's own top-k of the logits (``pallas_gpu_decode.kernel_routing``, run once by ``prepare``, before the
-    B_flat loop), as ``xla.masked_coefficients`` computes it (the same products, so the same values)."""
-    route = kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec)
-    h_col0, n_cols = routed.h_col0s[p], routed.num_experts * routed.rank
+def _weighted_hc(route: Any, load_h: Any, scaling_ref: Ref, num_experts: int, rank: int) -> Any:
+    """The B_flat block's left operand computed in the kernel: ``h * coef`` in B's dtype, ``coef`` = each
+    column's expert's routing weight (``route(rows, row_mask)`` -> ids, weights per slot, run once by
+    ``prepare``, before the B_flat loop) times its scaling, zero for experts a row did not pick: the same
+    products as ``xla.masked_coefficients``, so the same values. ``load_h(rows, kk, mask)``: float32 shrink
+    columns ``kk`` (expert-major, ``kk // rank`` = the expert)."""
+    n_cols = num_experts * rank
 
     def prepare(rows: Array, row_mask: Array | None) -> Any:
         ids, weights = route(rows, row_mask)
 
         def lhs(kk: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
-            e_of = kk // routed.rank
+            e_of = kk // rank
             hits = [
                 jnp.where(i[:, None] == e_of[None, :], w[:, None], 0.0)
                 for i, w in zip(ids, weights, strict=True)
             ]
             weight = functools.reduce(lambda a, b: a + b, hits)
             scale = masked_load(scaling_ref.at[e_of], kk < n_cols).astype(jnp.float32)
-            h = masked_load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask).astype(jnp.float32)
+            h = load_h(rows, kk, mask).astype(jnp.float32)
             return (h * (weight * scale[None, :])).astype(dtype)
 
         return lhs
 
     return prepare
+
+
+def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
+    """``_weighted_hc`` for projection p of a packed group: its shrink and gate logits in the packed GEMM's
+    output, routed by the program's own top-k (``pallas_gpu_decode.kernel_routing``)."""
+    route = kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec)
+    h_col0 = routed.h_col0s[p]
+
+    def load_h(rows: Array, kk: Array, mask: Array | None) -> Array:
+        return masked_load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask)
+
+    return _weighted_hc(route, load_h, scaling_ref, routed.num_experts, routed.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class Given:
+    """A single projection's expand with the routing given (``expand_forward_given``): ids and weights [T, k],
+    and every expert's float32 shrink ``h`` as [E, T, R] (``expert_major``: the batched shrink's layout) or
+    [T, E, R]."""
+
+    top_k: int
+    num_experts: int
+    rank: int
+    expert_major: bool
+
+
+def _given_routing_hc(h_ref: Ref, ids_ref: Ref, weights_ref: Ref, scaling_ref: Ref, given: Given) -> Any:
+    """``_weighted_hc`` from given ids / weights (``pallas_gpu_decode.given_routing``) and a shrink in
+    ``given``'s layout."""
+    route = given_routing(ids_ref, weights_ref, 0, given.top_k)
+
+    def load_h(rows: Array, kk: Array, mask: Array | None) -> Array:
+        e_of, r_of = (kk // given.rank)[None, :], (kk % given.rank)[None, :]
+        at = (e_of, rows[:, None], r_of) if given.expert_major else (rows[:, None], e_of, r_of)
+        return masked_load(h_ref.at[at], mask)
+
+    return _weighted_hc(route, load_h, scaling_ref, given.num_experts, given.rank)
 
 
 def _body(
@@ -284,15 +329,18 @@ def _body(
 
 
 def _group_kernel(
-    *refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...], routed: Routed | None
+    *refs: Ref, tiles: _Tiles, segments: tuple[tuple[int, int, int], ...], routed: Routed | Given | None
 ) -> None:
     """refs: x, W_1..W_P, hc_1..hc_P, B_1..B_P (flat [E * R, O_p]), out; or with ``routed``: x, W_1..W_P, wide,
-    B_1..B_P, scaling_1..P, out; or (``matmul``) x, W_1..W_P, out. ``segments``:
-    ``pallas_gpu_decode.column_segments``."""
+    B_1..B_P, scaling_1..P, out; or with ``Given`` (P = 1): x, W, h, ids, weights, B, scaling, out; or
+    (``matmul``) x, W_1..W_P, out. ``segments``: ``pallas_gpu_decode.column_segments``."""
     n = len(segments)
     x_ref, ws = refs[0], refs[1 : 1 + n]
     if len(refs) == n + 2:  # no B_flat blocks
         lhs_fns, bs = [None] * n, [None] * n
+    elif isinstance(routed, Given):
+        h_ref, ids_ref, weights_ref, b_ref, scaling_ref = refs[2:7]
+        lhs_fns, bs = [_given_routing_hc(h_ref, ids_ref, weights_ref, scaling_ref, routed)], [b_ref]
     elif routed is None:
         lhs_fns = [_given_hc(h) for h in refs[1 + n : 1 + 2 * n]]
         bs = refs[1 + 2 * n : 1 + 3 * n]
@@ -322,7 +370,7 @@ def _launch(
     ws_do: Sequence[Array],
     lora_args: tuple[Array, ...],
     lora_rows: int,
-    routed: Routed | None,
+    routed: Routed | Given | None,
     interpret: bool,
     config: ExpandConfig | None,
     name: str | None = None,
@@ -335,6 +383,8 @@ def _launch(
     segments, blocks, width = column_segments(d_outs, tiles.block_n)
     kernel = functools.partial(_group_kernel, tiles=tiles, segments=segments, routed=routed)
     name = name or ("lora_expand_fused" if routed is None else "lora_expand_fused_routed")
+    if isinstance(routed, Given):
+        name = "lora_expand_fused_given"
     args = (x_td, *ws_do, *lora_args)
     return launch_group(kernel, name, args, x_td, segments, blocks, width, cfg, tiles, interpret, out_dtype)
 
@@ -381,6 +431,45 @@ def expand_forward_group_routed(
     return _launch(x_td, ws_do, (wide_tn, *bs_no, *scalings), n_cols, routed, interpret, config)
 
 
+def expand_forward_given(
+    x_td: Float[Array, "T D"],
+    w_do: Float[Array, "D O"],
+    h: Float[Array, "E T R"] | Float[Array, "T E R"],
+    expert_ids_tk: Array,
+    expert_weights_tk: Array,
+    b_no: Float[Array, "N O"],
+    scaling_e: Float[Array, " E"],
+    *,
+    expert_major: bool,
+    interpret: bool = False,
+    config: ExpandConfig | None = None,
+) -> Float[Array, "T O"]:
+    """``x @ W + hc @ B_flat`` for one projection, ``hc`` built in the kernel from every expert's float32 shrink
+    ``h`` ([E, T, R] if ``expert_major``, else [T, E, R]) and the routing as given (ids / weights [T, k]):
+    ``expand_forward_group`` of ``xla.masked_coefficients`` without those coefficient kernels."""
+    num_tokens = x_td.shape[0]
+    num_experts, rank = scaling_e.shape[0], b_no.shape[0] // scaling_e.shape[0]
+    want_h = (num_experts, num_tokens, rank) if expert_major else (num_tokens, num_experts, rank)
+    if (
+        h.shape != want_h
+        or b_no.shape != (num_experts * rank, w_do.shape[1])
+        or expert_ids_tk.shape[0] != num_tokens
+    ):
+        raise ValueError(
+            f"expand_forward_given: h {h.shape} (want {want_h}), B {b_no.shape}, ids {expert_ids_tk.shape} do not "
+            f"match T={num_tokens}, {num_experts} experts of rank {rank}, W {w_do.shape}"
+        )
+    given = Given(expert_ids_tk.shape[1], num_experts, rank, expert_major)
+    args = (
+        h.astype(jnp.float32),
+        expert_ids_tk.astype(jnp.int32),
+        expert_weights_tk,
+        b_no,
+        scaling_e.astype(jnp.float32),
+    )
+    return _launch(x_td, [w_do], args, num_experts * rank, given, interpret, config)[0]
+
+
 def expand_forward_group(
     x_td: Float[Array, "T D"],
     ws_do: Sequence[Float[Array, "D O"]],
@@ -418,15 +507,20 @@ def forward_if_batched(
     *,
     interpret: bool = False,
 ) -> Float[Array, "T O"] | None:
-    """An ops ``forward``: XLA's dense shrink and coefficient mask, then this kernel, for a call of 2 ..
-    ``FUSED_EXPAND_MAX_TOKENS`` tokens (whose tiles ``fits`` shared memory) with ``w`` and few expert columns;
-    else None (the caller's path)."""
+    """An ops ``forward``: XLA's dense shrink, then this kernel, for a call of 2 .. ``FUSED_EXPAND_MAX_TOKENS``
+    tokens (whose tiles ``fits`` shared memory) with ``w`` and few expert columns; else None (the caller's
+    path). The coefficients: in the kernel (``EXPAND_GIVEN``) or XLA's ``masked_coefficients``."""
     num_experts, _, rank = lora_a_edr.shape
     if w_do is None or not fits(x_td.shape[0], x_td.dtype.itemsize):
         return None
     if not xla.dense_fits(num_experts * rank):
         return None
+    b_no = lora_b_ero.reshape(num_experts * rank, lora_b_ero.shape[2])
+    if EXPAND_GIVEN:
+        batched = x_td.shape[0] <= xla.BATCHED_SHRINK_MAX_TOKENS
+        h = xla.shrink_batched(x_td, lora_a_edr) if batched else xla.shrink_all(x_td, lora_a_edr)
+        args = (x_td, w_do, h, expert_ids_tk, expert_weights_tk, b_no, scaling_e)
+        return expand_forward_given(*args, expert_major=batched, interpret=interpret)
     h_ter = xla.shrink_all(x_td, lora_a_edr)
     hc_tn = xla.masked_coefficients(h_ter, expert_ids_tk, expert_weights_tk, scaling_e, lora_b_ero.dtype)
-    b_no = lora_b_ero.reshape(num_experts * rank, lora_b_ero.shape[2])
     return expand_forward_group(x_td, [w_do], [hc_tn], [b_no], interpret=interpret)[0]

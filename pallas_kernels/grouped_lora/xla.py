@@ -90,15 +90,8 @@ def masked_forward(
 ) -> Array:
     """The dense forward with the routing applied as one [T, E] coefficient mask (see the module doc).
     ``low_precision_sum`` (``xla_masked_lowp``): see ``common.add_base_low_precision``."""
-    num_experts = lora_a_edr.shape[0]
     if batched_shrink:
-        # [T, E, R] from a matmul batched over experts: reads A as stored ([E, d, r]), where the flat form
-        # below needs A as [d, E * r], a relayout XLA may redo every call; costs a broadcast of x instead.
-        x_etd = jnp.broadcast_to(x_td, (num_experts, *x_td.shape))
-        h_etr = jnp.einsum(
-            "etd,edr->etr", x_etd, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32
-        )
-        h_ter = jnp.transpose(h_etr, (1, 0, 2))
+        h_ter = jnp.transpose(shrink_batched(x_td, lora_a_edr), (1, 0, 2))
     else:
         h_ter = shrink_all(x_td, lora_a_edr)
     return masked_forward_from_shrink(
@@ -109,6 +102,16 @@ def masked_forward(
 def shrink_all(x_td: Array, lora_a_edr: Array) -> Float[Array, "T E R"]:
     """[T, E, R]: every expert's shrink, the same contraction as DenseOps.shrink."""
     return jnp.einsum("td,edr->ter", x_td, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def shrink_batched(x_td: Array, lora_a_edr: Array) -> Float[Array, "E T R"]:
+    """[E, T, R]: every expert's shrink from a matmul batched over experts. It reads A as stored ([E, d, r]),
+    where ``shrink_all``'s flat form needs A as [d, E * r], a relayout XLA may redo every call; it costs a
+    broadcast of x instead."""
+    x_etd = jnp.broadcast_to(x_td, (lora_a_edr.shape[0], *x_td.shape))
+    return jnp.einsum(
+        "etd,edr->etr", x_etd, lora_a_edr, precision=_HIGHEST, preferred_element_type=jnp.float32
+    )
 
 
 def _coef_te(ids_tk: Array, weights_tk: Array, scaling_e: Array) -> Float[Array, "T E"]:
