@@ -38,6 +38,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "fused_expand": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "FUSED_EXPAND_MAX_TOKENS"),
     "expand_route": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE"),
     "expand_given": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_GIVEN"),
+    "expand_spread": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPREAD_LORA"),
     "expand_bn": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_N"),
     "expand_bk": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_K"),
     "expand_split": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPLIT_K"),

@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SM_REGISTERS, SM_SHARED_BYTES, SM_THREADS, SM_BLOCKS = 65536, 227 * 1024, 2048, 32  # sm_90 (H100 / H200)
 # (name, d_in, d_outs[, kind]): one kernel per projection, and the two groups ``decode_forward_group`` launches
 # (kind "decode", T = 1); the decode kernel routing from the logits ("routed", T = 1); the fused expand of
-# batched decode ("expand", T = 64, ``pallas_gpu_expand``) and its routed variant ("expand_routed"). The
+# batched decode ("expand", T = 64, ``pallas_gpu_expand``), its routed variant ("expand_routed") and a single
+# projection's given-routing variant ("expand_given": ids / weights given, the batched shrink [E, T, R]). The
 # expand kinds take their default tiles (``ExpandConfig.default()``) whatever ``--configs`` says.
 CASES = (
     ("q_o", 4096, (4096,)),
@@ -47,6 +48,8 @@ CASES = (
     ("expand_qkv_b64", 4096, (4096, 1024, 1024), "expand"),
     ("expand_gate_up_b64", 4096, (14336, 14336), "expand"),
     ("expand_routed_qkv_b64", 4096, (4096, 1024, 1024), "expand_routed"),
+    ("expand_given_o_b64", 4096, (4096,), "expand_given"),
+    ("expand_given_up_b64", 4096, (14336,), "expand_given"),
 )
 DEFAULT_CASES = tuple(c[0] for c in CASES if len(c) == 3)
 
@@ -85,6 +88,13 @@ def _lowering_call(kind: str, d_in: int, d_outs: tuple[int, ...], experts: int, 
     bs = [spec((experts * rank, o), bf16) for o in d_outs]
     if kind == "expand":
         return pallas_gpu_expand.expand_forward_group, (x, ws, [spec((64, experts * rank), bf16)] * n, bs)
+    if kind == "expand_given":
+        h = spec((experts, 64, rank), jnp.float32)
+        routing = (spec((64, top_k), jnp.int32), spec((64, top_k), bf16))
+        fn = lambda x, w, h, i, wt, b, s: pallas_gpu_expand.expand_forward_given(  # noqa: E731
+            x, w, h, i, wt, b, s, expert_major=True
+        )
+        return fn, (x, ws[0], h, *routing, bs[0], scalings[0])
     a_cols = n * experts * rank
     routed = pallas_gpu_expand.Routed(
         RouteSpec(top_k),

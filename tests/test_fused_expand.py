@@ -58,9 +58,12 @@ def _record_expand_calls(monkeypatch: pytest.MonkeyPatch, key: Callable[..., int
     return calls
 
 
+@pytest.mark.parametrize("spread", [0, 1])
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_kernel_matches_float64(name, interpret):
+def test_expand_kernel_matches_float64(monkeypatch, name, interpret, spread):
+    """``spread``: the B_flat rows in split 0 only, or shared among the K splits (``EXPAND_SPREAD_LORA``)."""
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_SPREAD_LORA", spread)
     x, ws, hcs, bs = _inputs(name)
     config = CASES[name][-1]
     ys = jax.jit(lambda *a: pallas_gpu_expand.expand_forward_group(*a, interpret=interpret, config=config))(
@@ -226,6 +229,7 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
         )
 
 
+@pytest.mark.parametrize("spread", [0, 1])
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(
     "t,e,r,k,dtype,batched",
@@ -236,7 +240,7 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
         (16, 9, 8, 1, "bfloat16", False),
     ],
 )  # fmt: skip
-def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, batched, interpret):
+def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, batched, interpret, spread):
     """``expand_given`` on: a single projection's call (``grouped_lora_fused`` with ids and weights) builds hc in
     the kernel from the shrink ([E, T, R] batched, or [T, E, R] flat) and the given routing, and equals the
     plain-JAX reference, including a token with every slot on one expert and a zero weight; without the
@@ -245,6 +249,7 @@ def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, b
     from tests.test_pallas_decode import _inputs as decode_inputs
 
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_GIVEN", 1)
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_SPREAD_LORA", spread)
     monkeypatch.setattr(xla, "BATCHED_SHRINK_MAX_TOKENS", 64 if batched else 0)
     calls = []
     kernel = pallas_gpu_expand.expand_forward_given

@@ -68,6 +68,10 @@ EXPAND_ROUTE = 1
 # ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows) it reads A as stored, with no per-call relayout of A to [d, E * R].
 # 0: XLA's ``masked_coefficients`` and ``expand_forward_group``. Knob ``expand_given``.
 EXPAND_GIVEN = 0
+# 1: under split-K every split takes its share of the B_flat rows (the partials are summed anyway); 0: split 0
+# takes them all, so its programs run longer than the others' (1/split of d_in plus all E * R rows). Knob
+# ``expand_spread``.
+EXPAND_SPREAD_LORA = 0
 # The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``,
 # ``expand_stages``, ``expand_warps``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
@@ -138,7 +142,10 @@ class _Tiles:
     split_k: int
     split_steps: int  # W steps per split
     lora_block_k: int  # B_flat rows per step
-    lora_steps: int  # B_flat steps (split 0)
+    lora_steps: (
+        int  # B_flat steps per split: all of them in split 0, or (``EXPAND_SPREAD_LORA``) 1/split_k each
+    )
+    lora_spread: bool  # whether every split takes its share of the B_flat steps
 
 
 def _tiles(
@@ -154,6 +161,8 @@ def _tiles(
     blocks = sum(cdiv(o, block_n) for o in d_outs)
     split = cfg.split_k if cfg.split_k > 0 else split_k_for(blocks, steps, cfg.target_programs)
     split = max(1, min(steps, split))
+    lora_steps = cdiv(lora_rows, lora_block_k)
+    spread = bool(EXPAND_SPREAD_LORA) and split > 1
     return _Tiles(
         rows=max(MIN_DOT_ROWS, pow2(num_tokens)),
         block_n=block_n,
@@ -161,7 +170,8 @@ def _tiles(
         split_k=split,
         split_steps=cdiv(steps, split),
         lora_block_k=lora_block_k,
-        lora_steps=cdiv(lora_rows, lora_block_k),
+        lora_steps=cdiv(lora_steps, split) if spread else lora_steps,
+        lora_spread=spread,
     )
 
 
@@ -309,13 +319,15 @@ def _body(
 
     acc = lax.fori_loop(0, tiles.split_steps, w_step, jnp.zeros((tiles.rows, bn), jnp.float32))
     if b_ref is not None:
-        # The B_flat block: split 0 reads it; for the other splits every load is masked off (no traffic).
-        first = split == 0
+        # The B_flat block: each split reads its share of its rows (``lora_spread``), or split 0 reads them all
+        # and the other splits' loads are masked off (no traffic). Rows past E * R are masked either way.
+        first = None if tiles.lora_spread else split == 0
+        step0 = split * tiles.lora_steps if tiles.lora_spread else 0
         b_lhs = lora_lhs(rows, row_mask)
 
         def b_step(kb, acc):  # noqa: ANN001, ANN202
             lbk = tiles.lora_block_k
-            return acc + dot_step(b_lhs, b_ref, kb * lbk, b_ref.shape[0], True, first, bk=lbk)
+            return acc + dot_step(b_lhs, b_ref, (step0 + kb) * lbk, b_ref.shape[0], True, first, bk=lbk)
 
         acc = lax.fori_loop(0, tiles.lora_steps, b_step, acc)
     out_rows = rows if tiles.split_k == 1 else split * n_tok + rows
