@@ -37,6 +37,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "kernel_route": ("pallas_kernels.grouped_lora.api", "ROUTED_DECODE_MAX_TOKENS"),
     "fused_expand": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "FUSED_EXPAND_MAX_TOKENS"),
     "expand_route": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE"),
+    "expand_route_work": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE_MAX_WORK"),
     "expand_given": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_GIVEN"),
     "expand_spread": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPREAD_LORA"),
     "expand_bn": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_N"),

@@ -48,13 +48,13 @@ def _want(x, ws, hcs, bs) -> list[np.ndarray]:  # noqa: ANN001
 
 
 def _record_expand_calls(monkeypatch: pytest.MonkeyPatch, key: Callable[..., int]) -> list[int]:
-    """Spies on ``pallas_gpu_expand.expand_forward_group``: each call appends ``key(*its args)`` to the list
-    returned, then runs the kernel."""
+    """Spies on ``pallas_gpu_expand.expand_forward_group`` and ``expand_forward_given`` (the same kernel, hc
+    built inside): each call appends ``key(*its args)`` to the list returned, then runs the kernel."""
     calls: list[int] = []
-    kernel = pallas_gpu_expand.expand_forward_group
-    monkeypatch.setattr(
-        pallas_gpu_expand, "expand_forward_group", lambda *a, **kw: calls.append(key(*a)) or kernel(*a, **kw)
-    )
+    for name in ("expand_forward_group", "expand_forward_given"):
+        kernel = getattr(pallas_gpu_expand, name)
+        spy = lambda *a, kernel=kernel, **kw: calls.append(key(*a)) or kernel(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(pallas_gpu_expand, name, spy)
     return calls
 
 
@@ -241,14 +241,14 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
     ],
 )  # fmt: skip
 def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, batched, interpret, spread):
-    """``expand_given`` on: a single projection's call (``grouped_lora_fused`` with ids and weights) builds hc in
-    the kernel from the shrink ([E, T, R] batched, or [T, E, R] flat) and the given routing, and equals the
-    plain-JAX reference, including a token with every slot on one expert and a zero weight; without the
-    scaling's gather (all ones) it does not."""
+    """A single projection's call (``grouped_lora_fused`` with ids and weights) of few rows x column blocks
+    (``EXPAND_GIVEN``) builds hc in the kernel from the shrink ([E, T, R] batched, or [T, E, R] flat) and the
+    given routing, and equals the plain-JAX reference, including a token with every slot on one expert and a
+    zero weight; without the scaling's gather (all ones) it does not."""
     from tests.test_pallas_decode import _args, _case, _want
     from tests.test_pallas_decode import _inputs as decode_inputs
 
-    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_GIVEN", 1)
+    assert pallas_gpu_expand.coef_work(t, (40,)) <= pallas_gpu_expand.EXPAND_GIVEN  # the default takes it
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_SPREAD_LORA", spread)
     monkeypatch.setattr(xla, "BATCHED_SHRINK_MAX_TOKENS", 64 if batched else 0)
     calls = []
@@ -270,6 +270,27 @@ def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, b
     assert rel_err(y.astype(jnp.float32) - base, lora) < tol
     unscaled = fused(*_args(inp)[:-1], jnp.ones_like(inp["scaling"]))
     assert rel_err(unscaled.astype(jnp.float32) - base, lora) > 0.05
+
+
+def test_given_routing_expand_only_up_to_its_work_limit(monkeypatch):
+    """``coef_work`` = padded rows x column blocks; above ``EXPAND_GIVEN`` (and with the knob at 0) the call
+    takes XLA's coefficients and ``expand_forward_group`` instead."""
+    from tests.test_pallas_decode import _args, _case
+    from tests.test_pallas_decode import _inputs as decode_inputs
+
+    assert pallas_gpu_expand.coef_work(64, (4096,)) == 4096 == pallas_gpu_expand.EXPAND_GIVEN
+    assert pallas_gpu_expand.coef_work(64, (14336,)) == 14336
+    assert pallas_gpu_expand.coef_work(3, (4096, 1024, 1024)) == 16 * 96
+    inp = decode_inputs(_case(4, 72, 40, 6, 8, 2, "float32"), "expand-given-limit")
+    ran = []
+    for name in ("expand_forward_group", "expand_forward_given"):
+        kernel = getattr(pallas_gpu_expand, name)
+        spy = lambda *a, name=name, kernel=kernel, **kw: ran.append(name) or kernel(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(pallas_gpu_expand, name, spy)
+    for limit in (16, 15, 0):
+        monkeypatch.setattr(pallas_gpu_expand, "EXPAND_GIVEN", limit)
+        pallas_gpu_expand.forward_if_batched(*_args(inp), interpret=True)
+    assert ran == ["expand_forward_given", "expand_forward_group", "expand_forward_group"]
 
 
 def test_given_routing_expand_refuses_mismatched_shapes():

@@ -266,7 +266,12 @@ def packed_forward(
     fused = None
     if interpret is not None and len({p.implementation for p in routed}) == 1:
         # the kernel routes from ``wide`` itself unless ``aux`` wants XLA's ids
-        in_kernel = aux is None and bool(kernel_gpu_expand.EXPAND_ROUTE)
+        work = kernel_gpu_expand.coef_work(num_tokens, [p.d_out for p in routed])
+        in_kernel = (
+            aux is None
+            and bool(kernel_gpu_expand.EXPAND_ROUTE)
+            and work <= kernel_gpu_expand.EXPAND_ROUTE_MAX_WORK
+        )
         fused = iter(
             _expand_fused(routed, x_td, wide_tn, h_tper, ids_tpk, weights_tpk, routing, in_kernel, interpret)
         )

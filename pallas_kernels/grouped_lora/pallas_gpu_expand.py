@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,19 +60,25 @@ Ref = Any
 # packed path (``api.expand_fused_plan``). Knob ``fused_expand`` (0 = off: XLA's base and expand GEMMs). On since
 # session 13 with ``EXPAND_ROUTE``: batch-64 decode 1.35x -> 1.19x the experts-off model on the H100.
 FUSED_EXPAND_MAX_TOKENS = 64
-# 1: where the fused expand serves the model's packed path, it also routes itself (``expand_forward_group_routed``
-# from the packed GEMM's output: no top-k / softmax / coefficient kernels per group). Knob ``expand_route``.
+# Where the fused expand serves the model's packed path, it also routes itself (``expand_forward_group_routed``
+# from the packed GEMM's output: no top-k / softmax / coefficient kernels per group) if 1 and the group's
+# ``coef_work`` is at most ``EXPAND_ROUTE_MAX_WORK``. Knobs ``expand_route`` and ``expand_route_work``.
 EXPAND_ROUTE = 1
-# 1: a single projection's call (``forward_if_batched``: the API with ids and weights given) builds ``hc`` in the
-# kernel from every expert's float32 shrink and the given routing (``expand_forward_given``), so that no
-# coefficient kernels run between the shrink GEMM and this launch; with the shrink batched over experts (up to
-# ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows) it reads A as stored, with no per-call relayout of A to [d, E * R].
-# 0: XLA's ``masked_coefficients`` and ``expand_forward_group``. Knob ``expand_given``.
-EXPAND_GIVEN = 0
+EXPAND_ROUTE_MAX_WORK = sys.maxsize
+# A single projection's call (``forward_if_batched``: the API with ids and weights given) builds ``hc`` in the
+# kernel from every expert's float32 shrink and the given routing (``expand_forward_given``) when its
+# ``coef_work`` is at most this (0 = never), so that no coefficient kernels run between the shrink GEMM and
+# this launch; with the shrink batched over experts (up to ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows) it reads A as
+# stored, with no per-call relayout of A to [d, E * R]. Else XLA's ``masked_coefficients`` and
+# ``expand_forward_group``. Knob ``expand_given``. Measured on an H100 (session 19, with ``EXPAND_SPREAD_LORA``,
+# benchmarks/RESULTS.md): at work 1,024-4,096 (T = 16 at every Llama-3-8B shape, T = 64 at d_out <= 4096) 4-27%
+# faster; at 14,336 (T = 64, 4096 -> 14336) 24% slower, every one of its 224 column blocks building all 64 rows.
+EXPAND_GIVEN = 4096
 # 1: under split-K every split takes its share of the B_flat rows (the partials are summed anyway); 0: split 0
 # takes them all, so its programs run longer than the others' (1/split of d_in plus all E * R rows). Knob
-# ``expand_spread``.
-EXPAND_SPREAD_LORA = 0
+# ``expand_spread``. H100, 8 layers (session 19): batch-64 decode 2.635 -> 2.572 ms per step (two repeats each),
+# batch 8 2.12 -> 2.10-2.11.
+EXPAND_SPREAD_LORA = 1
 # The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``,
 # ``expand_stages``, ``expand_warps``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
@@ -173,6 +180,14 @@ def _tiles(
         lora_steps=cdiv(lora_steps, split) if spread else lora_steps,
         lora_spread=spread,
     )
+
+
+def coef_work(num_tokens: int, d_outs: Sequence[int], config: ExpandConfig | None = None) -> int:
+    """Rows x column blocks of a launch over projections ``d_outs``: how much building ``hc`` in the kernel costs,
+    since every column block's program builds it for every row (``EXPAND_GIVEN``, ``EXPAND_ROUTE_MAX_WORK``)."""
+    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
+    block_n = max(16, min(cfg.block_n, pow2(max(d_outs))))
+    return max(MIN_DOT_ROWS, pow2(num_tokens)) * sum(cdiv(o, block_n) for o in d_outs)
 
 
 def _given_hc(hc_ref: Ref) -> Any:
@@ -521,14 +536,14 @@ def forward_if_batched(
 ) -> Float[Array, "T O"] | None:
     """An ops ``forward``: XLA's dense shrink, then this kernel, for a call of 2 .. ``FUSED_EXPAND_MAX_TOKENS``
     tokens (whose tiles ``fits`` shared memory) with ``w`` and few expert columns; else None (the caller's
-    path). The coefficients: in the kernel (``EXPAND_GIVEN``) or XLA's ``masked_coefficients``."""
+    path). The coefficients: in the kernel (up to ``EXPAND_GIVEN``) or XLA's ``masked_coefficients``."""
     num_experts, _, rank = lora_a_edr.shape
     if w_do is None or not fits(x_td.shape[0], x_td.dtype.itemsize):
         return None
     if not xla.dense_fits(num_experts * rank):
         return None
     b_no = lora_b_ero.reshape(num_experts * rank, lora_b_ero.shape[2])
-    if EXPAND_GIVEN:
+    if coef_work(x_td.shape[0], (w_do.shape[1],)) <= EXPAND_GIVEN:
         batched = x_td.shape[0] <= xla.BATCHED_SHRINK_MAX_TOKENS
         h = xla.shrink_batched(x_td, lora_a_edr) if batched else xla.shrink_all(x_td, lora_a_edr)
         args = (x_td, w_do, h, expert_ids_tk, expert_weights_tk, b_no, scaling_e)
