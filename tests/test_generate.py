@@ -169,6 +169,24 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model):
         mj.generate(fresh, ["hello"], max_new_tokens=2)
 
 
+@pytest.mark.gpu
+def test_prefill_options_stop_xla_merging_the_qkv_gemms():
+    """On a GPU XLA's dot-merger joins GEMMs that share an operand (q / k / v) by concatenating their weights at
+    every call; the prefill's options (``prefill_dot_merger`` = 0) must turn it off. Until session 19 they named
+    a pass that does not exist and changed nothing."""
+    from meteora_jax.generate import sampler
+
+    def qkv(x, a, b, c):  # noqa: ANN001, ANN202
+        return x @ a, x @ b, x @ c
+
+    bf16 = jnp.bfloat16
+    args = (jnp.ones((512, 1024), bf16), *(jnp.ones((1024, o), bf16) for o in (1024, 256, 256)))
+    merged = jax.jit(qkv).lower(*args).compile().as_text()
+    assert "concatenate" in merged  # XLA merges them by default: otherwise this test checks nothing
+    options = {"xla_disable_hlo_passes": sampler.DOT_MERGER_PASS}
+    assert "concatenate" not in jax.jit(qkv, compiler_options=options).lower(*args).compile().as_text()
+
+
 def test_prefill_knobs_pick_the_compiler_options_and_change_no_token(model, monkeypatch):
     """On a GPU, ``prefill_cublas`` / ``prefill_dot_merger`` compile the prefill with XLA's Triton GEMMs / its
     dot_merger pass off (per-program options, one jit per option set); elsewhere the plain program runs. The
@@ -185,7 +203,7 @@ def test_prefill_knobs_pick_the_compiler_options_and_change_no_token(model, monk
         ({"prefill_cublas": 1, "prefill_dot_merger": 1}, {"xla_gpu_enable_triton_gemm": False}),
         (
             {"prefill_cublas": 1, "prefill_dot_merger": 0},
-            {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot_merger"},
+            {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"},
         ),
     ]
     programs = []

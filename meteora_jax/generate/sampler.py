@@ -144,15 +144,16 @@ _PREFILL_STATICS = ("graphdef", "routing", "params", "return_routing", "new_buck
 # layers, 4096 tokens, with ``llama.LAST_LOGITS_ROWS`` = 2): experts on 129.5 -> 125.4 ms, experts off 112.5 ->
 # 109.5 ms. Knob ``prefill_cublas``.
 PREFILL_CUBLAS_GEMMS = 1
-# 0: on a GPU, the prefill program is compiled without XLA's ``dot_merger`` pass. Why it may help: that pass merges
-# the q / k / v GEMMs (they read the same x) into one, which concatenates their weights at every prefill
-# (``wrapped_concatenate``, ~27 us a layer on the H200) and, with cuBLAS GEMMs, makes XLA copy the merged output's
-# three slices out to fold each expand into them (``wrapped_slice*``, ~33 us a layer; session 15's 2-layer HLO).
-# Without it each of q / k / v is its own GEMM with its expand as ``C``; the narrow k / v GEMMs may run less
-# efficiently. Measured on an H100 (session 18, 32 layers, 4096 tokens, AOT wall ms, three A/B pairs in two
-# processes; benchmarks/results/profile_prefill_h100_dot_merger*_s18.json): with experts 123.94 -> 122.31,
-# 125.01 -> 123.53, 124.49 -> 124.19; experts off 106.25 -> 106.62 (noise). So 0. Knob ``prefill_dot_merger``.
+# 0: on a GPU, the prefill program is compiled without XLA's dot-merger pass (``DotMerger``, whose pass name is
+# "dot-merger"). Why it may help: that pass merges the q / k / v GEMMs (they read the same x) into one, which
+# concatenates their weights at every prefill (``wrapped_concatenate``, 27-32 us a layer on the H200 / H100) and,
+# with cuBLAS GEMMs, makes XLA copy the merged output's three slices out to fold each expand into them
+# (``wrapped_slice*``, ~33 us a layer; session 15's 2-layer HLO). Without it each of q / k / v is its own GEMM
+# with its expand as ``C``; the narrow k / v GEMMs may run less efficiently. Until session 19 this disabled
+# "dot_merger", a name no pass has, so it changed nothing: session 18's A/B (123.94 -> 122.31 ms, ...) was noise,
+# and session 19's 512-token profile still showed the concatenation. Knob ``prefill_dot_merger``.
 PREFILL_DOT_MERGER = 0
+DOT_MERGER_PASS = "dot-merger"  # ``DotMerger::name()`` in XLA
 _prefill = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATICS)
 # compiler options (sorted items) -> the prefill jitted with them; made on first use
 _prefill_programs: dict[tuple[tuple[str, object], ...], Callable[..., tuple[DecodeState, Array | None]]] = {}
@@ -170,7 +171,7 @@ def prefill_compiler_options() -> dict[str, object]:
     if PREFILL_CUBLAS_GEMMS:
         options["xla_gpu_enable_triton_gemm"] = False
     if not PREFILL_DOT_MERGER:
-        options["xla_disable_hlo_passes"] = "dot_merger"
+        options["xla_disable_hlo_passes"] = DOT_MERGER_PASS
     return options
 
 
