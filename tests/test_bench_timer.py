@@ -173,13 +173,13 @@ def test_bench_impl_knob_suffix_is_set_for_that_impl_only(tmp_path, monkeypatch)
     with pytest.raises(MeteoraInputError, match="knobs are"):
         bench.split_knobs("xla+nope=1")
     seen = []
-    kernel = pallas_gpu_expand.expand_forward_group
-    pallas_gpu_expand.expand_forward_group = lambda *a, **kw: seen.append(1) or kernel(*a, **kw)
+    launch = pallas_gpu_expand._launch  # every entry point of the kernel (hc given or built inside) ends here
+    pallas_gpu_expand._launch = lambda *a, **kw: seen.append(1) or launch(*a, **kw)
     try:
         impls = ["pallas_gpu_decode_interpret", "pallas_gpu_decode_interpret+fused_expand=64"]
         bench.bench(bench.TINY_CASES[1:2], impls, str(tmp_path / "r.json"), timers=("fori",), calls=2, reps=5)
     finally:
-        pallas_gpu_expand.expand_forward_group = kernel
+        pallas_gpu_expand._launch = launch
     assert seen and pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["impl"] for r in rows] == impls and rows[1]["rel_err_vs_first_impl"] < 1e-2
