@@ -151,7 +151,9 @@ PREFILL_CUBLAS_GEMMS = 1
 # (``wrapped_slice*``, ~33 us a layer; session 15's 2-layer HLO). Without it each of q / k / v is its own GEMM
 # with its expand as ``C``; the narrow k / v GEMMs may run less efficiently. Until session 19 this disabled
 # "dot_merger", a name no pass has, so it changed nothing: session 18's A/B (123.94 -> 122.31 ms, ...) was noise,
-# and session 19's 512-token profile still showed the concatenation. Knob ``prefill_dot_merger``.
+# and session 19's 512-token profile still showed the concatenation. With the real name (H100, 32 layers, 4096
+# tokens, same process; benchmarks/results/profile_prefill_h100_dot_merger_t4096_s19.json): experts off 111.09 ->
+# 109.95 / 110.29 ms, experts on 128.21 -> 125.74 / 126.67 ms. Knob ``prefill_dot_merger``.
 PREFILL_DOT_MERGER = 0
 DOT_MERGER_PASS = "dot-merger"  # ``DotMerger::name()`` in XLA
 _prefill = jax.jit(_prefill_impl, static_argnames=_PREFILL_STATICS)

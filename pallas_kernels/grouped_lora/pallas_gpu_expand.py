@@ -71,8 +71,9 @@ EXPAND_ROUTE_MAX_WORK = sys.maxsize
 # this launch; with the shrink batched over experts (up to ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows) it reads A as
 # stored, with no per-call relayout of A to [d, E * R]. Else XLA's ``masked_coefficients`` and
 # ``expand_forward_group``. Knob ``expand_given``. Measured on an H100 (session 19, with ``EXPAND_SPREAD_LORA``,
-# benchmarks/RESULTS.md): at work 1,024-4,096 (T = 16 at every Llama-3-8B shape, T = 64 at d_out <= 4096) 4-27%
-# faster; at 14,336 (T = 64, 4096 -> 14336) 24% slower, every one of its 224 column blocks building all 64 rows.
+# benchmarks/RESULTS.md): at work 1,024-4,096 (T = 16 at every Llama-3-8B shape, T = 64 at d_out <= 4096) 3-23%
+# faster than session 18's path in the same run; at 14,336 (T = 64, 4096 -> 14336) 24% slower, every one of its
+# 224 column blocks building all 64 rows.
 EXPAND_GIVEN = 4096
 # 1: under split-K every split takes its share of the B_flat rows (the partials are summed anyway); 0: split 0
 # takes them all, so its programs run longer than the others' (1/split of d_in plus all E * R rows). Knob
