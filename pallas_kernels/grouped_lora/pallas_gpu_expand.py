@@ -11,15 +11,16 @@ for 28 rank-8 experts: ~5% more bytes at d_in = 4096), accumulating both in floa
 
 Grid: one program per ``block_n`` output columns and K split (``split_k`` programs share a column block's
 ``d_in``, so that narrow outputs still fill the SMs; with several splits each writes float32 partials and
-one XLA reduction sums them). The B_flat block belongs to split 0; the other splits' loads of it are masked
-off (no traffic). Token rows are padded to a power of two >= 16 (``tl.dot``) with masked loads; tails of
-``d_in``, ``d_out`` and E * R are masked, so any shape works.
+one XLA reduction sums them). Each split takes its share of the B_flat rows (``EXPAND_SPREAD_LORA``; before
+session 19 split 0 took them all). Token rows are padded to a power of two >= 16 (``tl.dot``) with masked
+loads; tails of ``d_in``, ``d_out`` and E * R are masked, so any shape works.
 
 A group of projections that read the same x (q/k/v, gate/up) is one launch (``expand_forward_group``): the
 grid walks every projection's column blocks in turn, as ``pallas_gpu_decode.decode_forward_group`` does.
 ``expand_forward_group_routed`` also builds ``hc`` in the kernel, from the packed GEMM's output (every expert's
 shrink and the gate logits) and its own top-k (``pallas_gpu_decode.kernel_routing``), so that nothing runs
-between that GEMM and this launch.
+between that GEMM and this launch. ``expand_forward_given`` does the same for a single projection whose routing
+is given (ids and weights, the API's ``grouped_lora_fused``), from every expert's shrink.
 
 Status (session 13): checked in interpret mode, compiled for sm_90 on a CPU host (scripts/kernel_report.py: no
 spills, two blocks per SM) and measured on an H100, where it is on by default from 2 to 64 tokens with in-kernel
@@ -131,7 +132,7 @@ def shared_memory_bytes(num_tokens: int, itemsize: int, config: ExpandConfig | N
     ``h``). Matches Triton's figure for sm_90: 96 KiB at 64 bf16 tokens (scripts/kernel_report.py), 240 KiB at
     256."""
     cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
-    rows = max(MIN_DOT_ROWS, pow2(num_tokens))
+    rows = _rows(num_tokens)
     return cfg.num_stages * (rows * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
 
 
@@ -142,6 +143,16 @@ def fits(num_tokens: int, itemsize: int, config: ExpandConfig | None = None) -> 
     )
 
 
+def _rows(num_tokens: int) -> int:
+    """The token rows of every tile: T padded to a power of two >= 16 (``tl.dot``)."""
+    return max(MIN_DOT_ROWS, pow2(num_tokens))
+
+
+def _block_n(cfg: ExpandConfig, d_outs: Sequence[int]) -> int:
+    """Output columns per program: the config's, at most the widest projection padded to a power of two."""
+    return max(16, min(cfg.block_n, pow2(max(d_outs))))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tiles:
     rows: int  # T padded to a power of two >= 16
@@ -150,9 +161,7 @@ class _Tiles:
     split_k: int
     split_steps: int  # W steps per split
     lora_block_k: int  # B_flat rows per step
-    lora_steps: (
-        int  # B_flat steps per split: all of them in split 0, or (``EXPAND_SPREAD_LORA``) 1/split_k each
-    )
+    lora_steps: int  # B_flat steps per split: all in split 0, or 1/split_k each (``lora_spread``)
     lora_spread: bool  # whether every split takes its share of the B_flat steps
 
 
@@ -164,7 +173,7 @@ def _tiles(
     tiles: 129 KiB and one block per SM at full steps; scripts/kernel_report.py)."""
     block_k = max(16, min(cfg.block_k, pow2(d_in)))
     lora_block_k = max(16, block_k // 2) if routed else block_k
-    block_n = max(16, min(cfg.block_n, pow2(max(d_outs))))
+    block_n = _block_n(cfg, d_outs)
     steps = cdiv(d_in, block_k)
     blocks = sum(cdiv(o, block_n) for o in d_outs)
     split = cfg.split_k if cfg.split_k > 0 else split_k_for(blocks, steps, cfg.target_programs)
@@ -172,7 +181,7 @@ def _tiles(
     lora_steps = cdiv(lora_rows, lora_block_k)
     spread = bool(EXPAND_SPREAD_LORA) and split > 1
     return _Tiles(
-        rows=max(MIN_DOT_ROWS, pow2(num_tokens)),
+        rows=_rows(num_tokens),
         block_n=block_n,
         block_k=block_k,
         split_k=split,
@@ -186,9 +195,8 @@ def _tiles(
 def coef_work(num_tokens: int, d_outs: Sequence[int], config: ExpandConfig | None = None) -> int:
     """Rows x column blocks of a launch over projections ``d_outs``: how much building ``hc`` in the kernel costs,
     since every column block's program builds it for every row (``EXPAND_GIVEN``, ``EXPAND_ROUTE_MAX_WORK``)."""
-    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
-    block_n = max(16, min(cfg.block_n, pow2(max(d_outs))))
-    return max(MIN_DOT_ROWS, pow2(num_tokens)) * sum(cdiv(o, block_n) for o in d_outs)
+    block_n = _block_n(config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default(), d_outs)
+    return _rows(num_tokens) * sum(cdiv(o, block_n) for o in d_outs)
 
 
 def _given_hc(hc_ref: Ref) -> Any:
@@ -410,9 +418,8 @@ def _launch(
     tiles = _tiles(cfg, num_tokens, d_in, d_outs, lora_rows, routed is not None)
     segments, blocks, width = column_segments(d_outs, tiles.block_n)
     kernel = functools.partial(_group_kernel, tiles=tiles, segments=segments, routed=routed)
-    name = name or ("lora_expand_fused" if routed is None else "lora_expand_fused_routed")
-    if isinstance(routed, Given):
-        name = "lora_expand_fused_given"
+    kinds = {Routed: "lora_expand_fused_routed", Given: "lora_expand_fused_given"}
+    name = name or kinds.get(type(routed), "lora_expand_fused")
     args = (x_td, *ws_do, *lora_args)
     return launch_group(kernel, name, args, x_td, segments, blocks, width, cfg, tiles, interpret, out_dtype)
 
