@@ -2,7 +2,7 @@
 
 Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--impls pallas_gpu,xla]
        [--filter REGEX] [--timer both|profile|fori] [--calls 50] [--reps 50] [--l2 cold|warm] [--tiny]
-       [--decode-max-tokens N] [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]]
+       [--decode-max-tokens N] [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]] [--breakdown]
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
 (``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f]``

@@ -55,14 +55,6 @@ from pallas_kernels.grouped_lora.routing import RoutingPlan
 _HIGHEST = lax.Precision.HIGHEST
 # Above this many expert columns (E * r) the dense path does more work than the gathers it saves.
 DENSE_MAX_EXPERT_COLUMNS = 1024
-
-
-def dense_fits(expert_columns: int) -> bool:
-    """Whether ``expert_columns`` (E * r) are few enough for the dense paths (every token times every expert
-    column); above ``DENSE_MAX_EXPERT_COLUMNS`` the backends take sorted rows (or, at few rows, gathers)."""
-    return expert_columns <= DENSE_MAX_EXPERT_COLUMNS
-
-
 # Above this many rows (T * k) gathering per-row expert weights copies more than the dense path reads.
 GATHER_MAX_ROWS = 64
 # From this many rows on, ``auto_masked_forward`` sums base and LoRA in bf16 (no float32 [T, O] arrays).
@@ -74,6 +66,12 @@ LOW_PRECISION_SUM_MIN_TOKENS = 2
 # decode on the H200: 6,332 -> 6,540 tok/s, 128 fewer kernels a step (session 9). Untimed between 65 rows and
 # prefill sizes, where the flat GEMM is the one measured; ``scripts/profile_decode.py`` ``+batched=N`` A/Bs it.
 BATCHED_SHRINK_MAX_TOKENS = 64
+
+
+def dense_fits(expert_columns: int) -> bool:
+    """Whether ``expert_columns`` (E * r) are few enough for the dense paths (every token times every expert
+    column); above ``DENSE_MAX_EXPERT_COLUMNS`` the backends take sorted rows (or, at few rows, gathers)."""
+    return expert_columns <= DENSE_MAX_EXPERT_COLUMNS
 
 
 def masked_forward(
