@@ -232,15 +232,18 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
 @pytest.mark.parametrize("spread", [0, 1])
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(
-    "t,e,r,k,dtype,batched",
+    "t,d_in,e,r,k,dtype,batched",
     [
-        (2, 6, 4, 2, "float32", True),
-        (5, 28, 8, 2, "float32", False),  # 224 expert rows: not a multiple of the B_flat step
-        (7, 5, 3, 3, "bfloat16", True),  # rank 3, three slots
-        (16, 9, 8, 1, "bfloat16", False),
+        (2, 72, 6, 4, 2, "float32", True),
+        (5, 72, 28, 8, 2, "float32", False),  # 224 expert rows: not a multiple of the B_flat step
+        (7, 72, 5, 3, 3, "bfloat16", True),  # rank 3, three slots
+        (16, 72, 9, 8, 1, "bfloat16", False),
+        (6, 520, 28, 8, 2, "float32", True),  # 5 W steps in 2 K splits, 224 B_flat rows shared between them
     ],
 )  # fmt: skip
-def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, batched, interpret, spread):
+def test_given_routing_expand_equals_reference(
+    monkeypatch, t, d_in, e, r, k, dtype, batched, interpret, spread
+):
     """A single projection's call (``grouped_lora_fused`` with ids and weights) of few rows x column blocks
     (``EXPAND_GIVEN``) builds hc in the kernel from the shrink ([E, T, R] batched, or [T, E, R] flat) and the
     given routing, and equals the plain-JAX reference, including a token with every slot on one expert and a
@@ -258,7 +261,7 @@ def test_given_routing_expand_equals_reference(monkeypatch, t, e, r, k, dtype, b
         "expand_forward_given",
         lambda *a, **kw: calls.append(kw["expert_major"]) or kernel(*a, **kw),
     )
-    inp = decode_inputs(_case(t, 72, 40, e, r, k, dtype), f"expand-given-{t}-{e}-{r}-{k}")
+    inp = decode_inputs(_case(t, d_in, 40, e, r, k, dtype), f"expand-given-{t}-{d_in}-{e}-{r}-{k}")
     impl = "pallas_gpu_decode" if not interpret else "pallas_gpu_decode_interpret"
     fused = jax.jit(lambda *a: api.grouped_lora_fused(*a[:-1], scaling=a[-1], implementation=impl))
     y = fused(*_args(inp))
