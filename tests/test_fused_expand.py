@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +48,14 @@ def _want(x, ws, hcs, bs) -> list[np.ndarray]:  # noqa: ANN001
     return [f64(x) @ f64(w) + f64(h) @ f64(b) for w, h, b in zip(ws, hcs, bs, strict=True)]
 
 
-def _record_expand_calls(monkeypatch: pytest.MonkeyPatch, key: Callable[..., int]) -> list[int]:
+def _record_expand_calls(monkeypatch: pytest.MonkeyPatch, key: Callable[[str, tuple, dict], Any]) -> list:
     """Spies on ``pallas_gpu_expand.expand_forward_group`` and ``expand_forward_given`` (the same kernel, hc
-    built inside): each call appends ``key(*its args)`` to the list returned, then runs the kernel."""
-    calls: list[int] = []
+    built inside): each call appends ``key(function name, its args, its keyword args)`` to the list returned,
+    then runs the kernel."""
+    calls: list = []
     for name in ("expand_forward_group", "expand_forward_given"):
         kernel = getattr(pallas_gpu_expand, name)
-        spy = lambda *a, kernel=kernel, **kw: calls.append(key(*a)) or kernel(*a, **kw)  # noqa: E731
+        spy = lambda *a, name=name, kernel=kernel, **kw: calls.append(key(name, a, kw)) or kernel(*a, **kw)  # noqa: E731
         monkeypatch.setattr(pallas_gpu_expand, name, spy)
     return calls
 
@@ -89,7 +91,7 @@ def test_model_packed_step_with_fused_expand_matches(monkeypatch):
     the logits of XLA's GEMMs (knob off)."""
     model = tiny_decode_model(6, "float32", packed=True)
     cfg = model.config
-    calls = _record_expand_calls(monkeypatch, lambda _, ws, *__: len(ws))
+    calls = _record_expand_calls(monkeypatch, lambda _, a, __: len(a[1]))  # a[1]: the group's Ws
 
     def run():
         ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
@@ -153,7 +155,7 @@ def test_grouped_lora_fused_takes_the_expand_kernel_for_a_few_tokens(monkeypatch
     from tests.test_pallas_decode import _inputs as decode_inputs
 
     monkeypatch.setattr(pallas_gpu_expand, "FUSED_EXPAND_MAX_TOKENS", 8)
-    calls = _record_expand_calls(monkeypatch, lambda x_td, *_: x_td.shape[0])
+    calls = _record_expand_calls(monkeypatch, lambda _, a, __: a[0].shape[0])  # a[0]: x
     impl = "pallas_gpu_decode_interpret"
     for t in (1, 2, 8, 9):
         inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "float32"), f"expand-api-{t}")
@@ -254,13 +256,7 @@ def test_given_routing_expand_equals_reference(
     assert pallas_gpu_expand.coef_work(t, (40,)) <= pallas_gpu_expand.EXPAND_GIVEN  # the default takes it
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_SPREAD_LORA", spread)
     monkeypatch.setattr(xla, "BATCHED_SHRINK_MAX_TOKENS", 64 if batched else 0)
-    calls = []
-    kernel = pallas_gpu_expand.expand_forward_given
-    monkeypatch.setattr(
-        pallas_gpu_expand,
-        "expand_forward_given",
-        lambda *a, **kw: calls.append(kw["expert_major"]) or kernel(*a, **kw),
-    )
+    calls = _record_expand_calls(monkeypatch, lambda _, __, kw: kw.get("expert_major"))
     inp = decode_inputs(_case(t, d_in, 40, e, r, k, dtype), f"expand-given-{t}-{d_in}-{e}-{r}-{k}")
     impl = "pallas_gpu_decode" if not interpret else "pallas_gpu_decode_interpret"
     fused = jax.jit(lambda *a: api.grouped_lora_fused(*a[:-1], scaling=a[-1], implementation=impl))
@@ -285,11 +281,7 @@ def test_given_routing_expand_only_up_to_its_work_limit(monkeypatch):
     assert pallas_gpu_expand.coef_work(64, (14336,)) == 14336
     assert pallas_gpu_expand.coef_work(3, (4096, 1024, 1024)) == 16 * 96
     inp = decode_inputs(_case(4, 72, 40, 6, 8, 2, "float32"), "expand-given-limit")
-    ran = []
-    for name in ("expand_forward_group", "expand_forward_given"):
-        kernel = getattr(pallas_gpu_expand, name)
-        spy = lambda *a, name=name, kernel=kernel, **kw: ran.append(name) or kernel(*a, **kw)  # noqa: E731
-        monkeypatch.setattr(pallas_gpu_expand, name, spy)
+    ran = _record_expand_calls(monkeypatch, lambda name, _, __: name)
     for limit in (16, 15, 0):
         monkeypatch.setattr(pallas_gpu_expand, "EXPAND_GIVEN", limit)
         pallas_gpu_expand.forward_if_batched(*_args(inp), interpret=True)
@@ -412,7 +404,7 @@ def test_expand_kernel_is_skipped_where_its_tiles_would_not_fit_in_shared_memory
     assert api.expand_fused_plan(impl, 128, 48) is True
     assert api.expand_fused_plan(impl, 128, 48, itemsize=4) is None
     assert api.expand_fused_plan(impl, 256, 48) is None
-    calls = _record_expand_calls(monkeypatch, lambda x_td, *_: x_td.shape[0])
+    calls = _record_expand_calls(monkeypatch, lambda _, a, __: a[0].shape[0])  # a[0]: x
     outs = {}
     for t in (128, 256):
         inp = decode_inputs(_case(t, 72, 40, 6, 8, 2, "bfloat16"), f"expand-smem-{t}")
