@@ -139,6 +139,38 @@ def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
     assert "top_k" in str(jax.make_jaxpr(lambda v: gate.top_k_values(v, 2))(jnp.asarray(cases[0])))
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_top_k_by_reduce_equals_lax_top_k(monkeypatch, k):
+    """``top_k_by_reduce`` (one variadic reduction) gives ``lax.top_k``'s values and indices, ties to the lower
+    index included, over [T, E] and [T, P, E] rows, and the same gradient; ``top_k_values`` takes it from
+    ``REDUCE_TOP_K_MIN_ROWS`` rows on and keeps the sort below (and above ``REDUCE_TOP_K_MAX``)."""
+    from pallas_kernels.grouped_lora import gating
+
+    rng = np.random.default_rng(10 + k)
+    cases = [
+        rng.standard_normal((37, 28)).astype(np.float32),
+        rng.standard_normal((5, 3, 28)).astype(np.float32),
+        rng.integers(0, 3, (40, 6)).astype(np.float32),  # many ties
+        np.full((3, 9), -np.inf, np.float32),  # all equal: indices 0..k-1
+        np.array([[0.5, np.nan, -1.0, 2.0, np.nan]], np.float32),  # NaN first, as lax.top_k
+    ]
+    for x in cases:
+        got_v, got_i = jax.jit(lambda v: gating.top_k_by_reduce(v, k))(jnp.asarray(x))
+        want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))  # NaN == NaN here
+    x = jnp.asarray(cases[0])
+    w = jnp.asarray(rng.standard_normal((37, k)).astype(np.float32))
+    g_got = jax.grad(lambda v: jnp.sum(gating.top_k_by_reduce(v, k)[0] * w))(x)
+    g_want = jax.grad(lambda v: jnp.sum(jax.lax.top_k(v, k)[0] * w))(x)
+    np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+    monkeypatch.setattr(gating, "ARGMAX_TOP_K_MAX", 0)
+    monkeypatch.setattr(gating, "REDUCE_TOP_K_MIN_ROWS", 15)
+    for shape, kk, sort in [((14, 28), k, True), ((5, 3, 28), k, False), ((5, 3, 28), 5, True)]:
+        jaxpr = str(jax.make_jaxpr(lambda v, kk=kk: gating.top_k_values(v, kk))(jnp.zeros(shape)))
+        assert ("top_k[" in jaxpr) == sort and ("reduce[" in jaxpr) != sort, (shape, kk)
+
+
 def test_route_spec_refuses_unknown_modes_and_k_below_one():
     from pallas_kernels.grouped_lora.gating import RouteSpec
 

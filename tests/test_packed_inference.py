@@ -18,7 +18,7 @@ from flax import nnx
 
 from meteora_jax import MeteoraLlama, ModelConfig, MoEConfig
 from meteora_jax.generate import Sampler
-from meteora_jax.model import moe_lora
+from meteora_jax.model import llama, moe_lora
 from meteora_jax.model.gate import RoutingOptions
 from meteora_jax.params import InferencePack
 from pallas_kernels.grouped_lora import api, xla
@@ -96,6 +96,9 @@ def test_pack_columns_are_each_projections_shrink_and_gate(dtype):
 def test_packed_forward_matches_unpacked(monkeypatch, dtype, tokens):
     """Logits and every projection's expert ids with packs equal the unpacked forward's (the automatic
     backend: ``xla`` on CPU), with fewer GEMMs: one per group instead of a gate GEMV plus P shrinks."""
+    # The residual added after each projection on both paths: the folded sum (checked on its own below)
+    # rounds in another order, which would hide a pack's error in the bf16 tolerance of the gate logits.
+    monkeypatch.setattr(llama, "RESIDUAL_IN_PROJECTION", 0)
     model = _model(dtype)
     ids = jax.random.randint(key_for(f"packed-fwd-{dtype}-{tokens}"), tokens, 3, 99)
     off = model.forward(ids, return_routing=True)
@@ -106,6 +109,64 @@ def test_packed_forward_matches_unpacked(monkeypatch, dtype, tokens):
         np.testing.assert_array_equal(np.asarray(a["expert_ids"]), np.asarray(b["expert_ids"]))
         assert rel_err(a["gate_logits"], b["gate_logits"]) < (1e-6 if dtype == "float32" else 1e-4)
     assert rel_err(on.logits, off.logits) < (1e-6 if dtype == "float32" else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_residual_folded_into_the_projection(monkeypatch, dtype):
+    """``RESIDUAL_IN_PROJECTION``: the o / down projections take the layer's residual (inside their GEMMs on
+    the packed dense path); the model's logits and routing equal those of adding it after each projection
+    (float32 to 1e-6; bf16 to its rounding), through the packed and the unpacked path."""
+    model = _model(dtype)
+    ids = jax.random.randint(key_for(f"residual-{dtype}"), (2, 9), 3, 99)
+    for packed in (False, True):
+        monkeypatch.setattr(moe_lora, "PACKED_MIN_TOKENS", ON if packed else OFF)
+        runs = []
+        for fold in (0, 1):
+            monkeypatch.setattr(llama, "RESIDUAL_IN_PROJECTION", fold)
+            runs.append((_packed_copy(model) if packed else model).forward(ids, return_routing=True))
+        after, folded = runs
+        assert rel_err(folded.logits, after.logits) < (1e-6 if dtype == "float32" else 2e-2), packed
+        if dtype == "float32":
+            for a, b in zip(folded.routing, after.routing, strict=True):
+                np.testing.assert_array_equal(np.asarray(a["expert_ids"]), np.asarray(b["expert_ids"]))
+
+
+def test_residual_is_the_expand_gemms_c():
+    """With the bf16 sum, ``masked_forward_from_shrink``'s residual is added to the expand before the base
+    GEMM's sum (so that XLA folds both adds into the GEMMs' epilogues), and the result is base + LoRA +
+    residual (float64 NumPy, to bf16 rounding)."""
+    t, d, o, e, r = 6, 32, 24, 5, 4
+    keys = iter(jax.random.split(key_for("residual-c"), 6))
+    x = jax.random.normal(next(keys), (t, d), jnp.bfloat16)
+    w = (jax.random.normal(next(keys), (d, o)) / 6).astype(jnp.bfloat16)
+    h = jax.random.normal(next(keys), (t, e, r), jnp.float32)
+    b = jax.random.normal(next(keys), (e, r, o), jnp.bfloat16)
+    res = (4 * jax.random.normal(next(keys), (t, o))).astype(jnp.bfloat16)
+    ids = jnp.stack([jnp.arange(t) % e, (jnp.arange(t) + 2) % e], axis=1).astype(jnp.int32)
+    wts = jnp.full((t, 2), 0.5, jnp.float32)
+    scaling = jnp.linspace(0.5, 2.0, e)
+
+    def fn(x, w, h, b, ids, wts, scaling, res):
+        return xla.masked_forward_from_shrink(
+            x, w, h, b, ids, wts, scaling, low_precision_sum=True, residual_to=res
+        )
+
+    jaxpr = jax.make_jaxpr(fn)(x, w, h, b, ids, wts, scaling, res).jaxpr
+    made_by = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    last = jaxpr.eqns[-1]
+    assert last.primitive.name == "add"
+    kinds = sorted(made_by[v].primitive.name for v in last.invars)
+    assert kinds == ["add", "dot_general"], kinds
+    (inner,) = (made_by[v] for v in last.invars if made_by[v].primitive.name == "add")
+    assert jaxpr.invars[-1] in inner.invars  # the residual, into the expand's sum
+    got = np.asarray(fn(x, w, h, b, ids, wts, scaling, res), np.float64)
+    f64 = [np.asarray(a, np.float64) for a in (x, w, h, b, res)]
+    coef = np.zeros((t, e))
+    for i in range(t):
+        coef[i, np.asarray(ids[i])] = 0.5 * np.asarray(scaling, np.float64)[np.asarray(ids[i])]
+    lora = np.einsum("ter,ero->to", f64[2] * coef[:, :, None], f64[3])
+    want = f64[0] @ f64[1] + lora + f64[4]
+    assert np.max(np.abs(got - want)) < 2e-2 * np.max(np.abs(want))
 
 
 def _dots(model: MeteoraLlama, ids: jax.Array) -> int:

@@ -42,6 +42,13 @@ LAST_LOGITS_ROWS = 2
 # step, the experts-off model's count. H100 (session 15), batch 1: 139.3 -> 141.8 tok/s (experts off 143.2).
 # Knob ``attn_barrier``.
 ATTENTION_OUT_BARRIER_MAX_TOKENS = 1
+# 1: each layer hands its residual to the o and down projections (``project_group``'s ``residual_btd``), which
+# fold it into their GEMMs' C where the dense path serves; 0: the layer adds it to their outputs. Why: with
+# experts on, the base GEMM's C already held the expand, so ``x + o(...)`` stayed an elementwise add that XLA
+# fused into its consumers and the residual stream was never written; at a 4096-token prefill the RMSNorms
+# re-summed the embedding and every earlier o / down output (2-layer H100 trace, session 20: 0.157 vs 0.088 ms
+# of norm kernels). Same sums, another order of bf16 roundings. Knob ``residual_fold``.
+RESIDUAL_IN_PROJECTION = 1
 
 
 class RMSNorm(nnx.Module):
@@ -106,7 +113,9 @@ class Attention(nnx.Module):
         routing: RoutingOptions,
         aux: list | None,
         cache: LayerCache | None,
+        residual_btd: Float[Array, "B T D"] | None = None,
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
+        """The attention block's output, plus ``residual_btd`` where given (``RESIDUAL_IN_PROJECTION``)."""
         b, t, _ = x_btd.shape
         cos_btd, sin_btd, cache_index = inputs.cos_btd, inputs.sin_btd, inputs.cache_index
         q_btd, k_btd, v_btd = project_group(
@@ -144,7 +153,9 @@ class Attention(nnx.Module):
             and not routing.no_experts
         ):
             out_btd = jax.lax.optimization_barrier(out_btd)
-        (y_btd,) = project_group((self.o_proj,), out_btd, routing, aux, *_packs(self, "o"))
+        (y_btd,) = project_group(
+            (self.o_proj,), out_btd, routing, aux, *_packs(self, "o"), residual_btd=residual_btd
+        )
         return y_btd, cache
 
 
@@ -224,12 +235,21 @@ class MLP(nnx.Module):
         self.up_proj = _projection("up_proj", cfg, moe, dtype, rngs)
         self.down_proj = _projection("down_proj", cfg, moe, dtype, rngs)
 
-    def __call__(self, x_btd: Float[Array, "B T D"], routing: RoutingOptions, aux: list | None) -> jax.Array:
+    def __call__(
+        self,
+        x_btd: Float[Array, "B T D"],
+        routing: RoutingOptions,
+        aux: list | None,
+        residual_btd: Float[Array, "B T D"] | None = None,
+    ) -> jax.Array:
+        """The MLP's output, plus ``residual_btd`` where given (``RESIDUAL_IN_PROJECTION``)."""
         gate_btm, up_btm = project_group(
             (self.gate_proj, self.up_proj), x_btd, routing, aux, *_packs(self, "gate_up")
         )
         h_btm = jax.nn.silu(gate_btm) * up_btm
-        (y_btd,) = project_group((self.down_proj,), h_btm, routing, aux, *_packs(self, "down"))
+        (y_btd,) = project_group(
+            (self.down_proj,), h_btm, routing, aux, *_packs(self, "down"), residual_btd=residual_btd
+        )
         return y_btd
 
 
@@ -269,6 +289,9 @@ class DecoderLayer(nnx.Module):
         aux: list | None,
         cache: LayerCache | None,
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
+        if RESIDUAL_IN_PROJECTION:
+            x_btd, cache = self.attn(self.input_norm(x_btd), inputs, routing, aux, cache, x_btd)
+            return self.mlp(self.post_attn_norm(x_btd), routing, aux, x_btd), cache
         h_btd, cache = self.attn(self.input_norm(x_btd), inputs, routing, aux, cache)
         x_btd = x_btd + h_btd
         x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd), routing, aux)

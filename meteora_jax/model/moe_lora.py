@@ -222,12 +222,14 @@ def packed_forward(
     x_btd: Float[Array, "B T D"],
     routing: RoutingOptions,
     aux: list | None,
+    residual_btd: Float[Array, "B T O"] | None = None,
 ) -> list[Float[Array, "B T O"]] | None:
     """The group's outputs through its pack (see ``PACKED_MIN_TOKENS``), or None where the pack may not serve
     this call: no pack, a token count outside [``PACKED_MIN_TOKENS``, ``PACKED_MAX_TOKENS``], a forced expert
     or no experts, another dtype, or a backend whose forward here is not the dense masked one
     (``kernel_api.masked_forward_plan``). Projections without experts run their own base GEMM. Inference only:
-    the pack is a copy, so no gradient would reach the gates or factors through it."""
+    the pack is a copy, so no gradient would reach the gates or factors through it. ``residual_btd`` (a group
+    of one projection): added to its output, on the dense path inside its GEMMs (``project_group``)."""
     b, t, d = x_btd.shape
     num_tokens = b * t
     routed = [p for p in projections if p.num_experts > 0]
@@ -280,6 +282,7 @@ def packed_forward(
         if p.num_experts == 0:
             outs.append(p(x_btd, routing, aux))
             continue
+        residual_to = None if residual_btd is None else residual_btd.reshape(num_tokens, p.d_out)
         if fused is not None:
             y_to = next(fused)
         else:
@@ -293,9 +296,14 @@ def packed_forward(
                 weights_tpk[:, i],
                 scaling_e,
                 low_precision_sum=low,
+                residual_to=residual_to if p.bias_o is None else None,
             )
+            if p.bias_o is None:
+                residual_to = None  # in y_to now
         if p.bias_o is not None:
             y_to = y_to + p.bias_o[...]
+        if residual_to is not None:
+            y_to = y_to + residual_to
         if aux is not None:
             aux.append({"name": p.name, "gate_logits": logits_tpe[:, i], "expert_ids": ids_tpk[:, i]})
         outs.append(y_to.reshape(b, t, p.d_out))
@@ -365,6 +373,8 @@ def project_group(
     pack_dn: Array | None = None,
     gates_dn: Array | None = None,
     gates_nd: Array | None = None,
+    *,
+    residual_btd: Float[Array, "B T O"] | None = None,
 ) -> list[Float[Array, "B T O"]]:
     """Projections that read the same input (q/k/v, gate/up; or one alone): through their inference pack
     where it serves (``packed_forward``); else their gates in one product, their top-k in one
@@ -374,10 +384,31 @@ def project_group(
     alone (not when ``aux`` asks for the ids: XLA computes them then). Same results as calling
     each projection alone (the pack: to the bf16 gate split's rounding). ``pack_dn`` / ``gates_dn`` /
     ``gates_nd``: this group's ``pack_group`` / ``concat_gates`` / its transpose, made once per model state
-    (``MeteoraLlama.inference_packs``)."""
-    packed = packed_forward(projections, pack_dn, x_btd, routing, aux)
+    (``MeteoraLlama.inference_packs``).
+
+    ``residual_btd`` (a group of one projection: o, down) is added to its output. Where the dense path serves,
+    inside its GEMMs: the expand GEMM takes it as C and the base GEMM takes that sum as C, as the experts-off
+    model's GEMM takes the residual. Added afterwards instead, XLA fused the add into every consumer and never
+    wrote the residual stream: at a 4096-token prefill each RMSNorm re-summed the embedding and all earlier
+    o / down outputs (2-layer trace, session 20)."""
+    if residual_btd is not None and len(projections) != 1:
+        raise ValueError(f"residual_btd is for a group of one projection, got {len(projections)}")
+    packed = packed_forward(projections, pack_dn, x_btd, routing, aux, residual_btd)
     if packed is not None:
         return packed
+    ys = _project_unpacked(projections, x_btd, routing, aux, gates_dn, gates_nd)
+    return ys if residual_btd is None else [ys[0] + residual_btd]
+
+
+def _project_unpacked(
+    projections: Sequence[MoELoRALinear],
+    x_btd: Float[Array, "B T D"],
+    routing: RoutingOptions,
+    aux: list | None,
+    gates_dn: Array | None,
+    gates_nd: Array | None,
+) -> list[Float[Array, "B T O"]]:
+    """``project_group`` where no inference pack serves."""
     shared = shared_gate_logits(projections, x_btd, routing, gates_dn, gates_nd)
     impls = {p.implementation for p in projections}
     grouped = all(s is not None and s.ids_tk is not None for s in shared)

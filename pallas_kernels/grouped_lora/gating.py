@@ -11,6 +11,7 @@ other backend takes. The model's gate (``meteora_jax.model.gate``) uses it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -44,9 +45,62 @@ class RouteSpec:
 ARGMAX_TOP_K_MAX = 0
 
 
+# From this many rows on (rows = tokens x projections routed together; knob ``reduce_topk``), a top-k of
+# k <= ``REDUCE_TOP_K_MAX`` is ONE variadic reduction (``top_k_by_reduce``) instead of ``lax.top_k``. Why: at
+# prefill XLA's TopK is a sort kernel per group, four a layer, ~50 us a layer at a 4096-token Llama-3-8B
+# prefill on an H100 (``sort_*``, 2-layer trace, session 20), for [T * P, 28] float32 rows that one pass
+# reads in a few us. Measured there: the eight sorts of 2 layers (0.094 ms) became reduction fusions of 0.027 ms
+# (pp_l2_4096_reduce_s20.json); 32-layer wall times moved within that machine's noise (+-2 ms). k argmax
+# passes (``ARGMAX_TOP_K_MAX``, tried the same day) made more kernels and were slower at 512 tokens. 512 rows:
+# prefill from ~171 tokens (3 projections a group); decode batches up to 170 keep the sort, unmeasured here.
+REDUCE_TOP_K_MIN_ROWS = 512
+# The reduction carries k (value, index) pairs and merges two lists in O(k^2) selects.
+REDUCE_TOP_K_MAX = 4
+
+
+def top_k_by_reduce(x_te: Float[Array, "*T E"], k: int) -> tuple[Float[Array, "*T K"], Int[Array, "*T K"]]:
+    """``jax.lax.top_k(x, k)``'s values and indices (ties to the lower index) from one variadic reduction over
+    the last axis, each element a list of k (value, index) pairs merged by the total order "larger value,
+    then lower index" (associative and commutative, so any reduction order gives one answer). A NaN ranks as
+    +inf (``lax.top_k`` ranks it above +inf; the indices stay in range either way). The values are gathered
+    from ``x`` by the indices, so their gradient and NaNs are ``lax.top_k``'s."""
+    e = x_te.shape[-1]
+    if k > e:
+        raise ValueError(f"top-{k} of {e} values")
+    x32 = x_te.astype(jnp.float32)
+    none_i = jnp.iinfo(jnp.int32).max
+    iota = jax.lax.broadcasted_iota(jnp.int32, x_te.shape, x_te.ndim - 1)
+    lists = [jax.lax.stop_gradient(jnp.where(jnp.isnan(x32), jnp.inf, x32)), iota]
+    for _ in range(k - 1):
+        lists += [jnp.full(x_te.shape, -jnp.inf, jnp.float32), jnp.full(x_te.shape, none_i, jnp.int32)]
+    inits = [-jnp.inf, none_i] * k
+
+    def better(v, i, w, j):  # noqa: ANN001, ANN202
+        return (v > w) | ((v == w) & (i < j))
+
+    def merge(a, b):  # noqa: ANN001, ANN202
+        vals, ids = list(a[0::2]), list(a[1::2])
+        for v, i in zip(b[0::2], b[1::2], strict=True):  # insert each of b's pairs into a's sorted list
+            wins = [better(v, i, vals[j], ids[j]) for j in range(k)]  # monotone: once true, true below
+            new_vals = [jnp.where(wins[0], v, vals[0])]
+            new_ids = [jnp.where(wins[0], i, ids[0])]
+            for j in range(1, k):
+                new_vals.append(jnp.where(wins[j], jnp.where(wins[j - 1], vals[j - 1], v), vals[j]))
+                new_ids.append(jnp.where(wins[j], jnp.where(wins[j - 1], ids[j - 1], i), ids[j]))
+            vals, ids = new_vals, new_ids
+        return tuple(x for pair in zip(vals, ids, strict=True) for x in pair)
+
+    out = jax.lax.reduce(tuple(lists), tuple(jnp.asarray(v) for v in inits), merge, (x_te.ndim - 1,))
+    ids_tk = jnp.stack(out[1::2], axis=-1)
+    return jnp.take_along_axis(x_te, ids_tk, axis=-1), ids_tk
+
+
 def top_k_values(x_te: Float[Array, "*T E"], k: int) -> tuple[Float[Array, "*T K"], Int[Array, "*T K"]]:
     """``jax.lax.top_k(x, k)``: values in descending order and their indices, ties to the lower index; for
-    k <= ``ARGMAX_TOP_K_MAX`` computed as k argmax passes (the same values and indices, ties included)."""
+    k <= ``ARGMAX_TOP_K_MAX`` computed as k argmax passes, from ``REDUCE_TOP_K_MIN_ROWS`` rows on (k <=
+    ``REDUCE_TOP_K_MAX``) as one reduction (the same values and indices, ties included)."""
+    if k <= REDUCE_TOP_K_MAX and math.prod(x_te.shape[:-1]) >= REDUCE_TOP_K_MIN_ROWS:
+        return top_k_by_reduce(x_te, k)
     if k > ARGMAX_TOP_K_MAX:
         return jax.lax.top_k(x_te, k)
     iota_te = jax.lax.broadcasted_iota(jnp.int32, x_te.shape, x_te.ndim - 1)

@@ -122,9 +122,16 @@ def _coef_te(ids_tk: Array, weights_tk: Array, scaling_e: Array) -> Float[Array,
 
 
 def _masked_expand(
-    x_td: Array, w_do: Array | None, h_ter: Array, coef_te: Array, lora_b_ero: Array, low_precision_sum: bool
+    x_td: Array,
+    w_do: Array | None,
+    h_ter: Array,
+    coef_te: Array,
+    lora_b_ero: Array,
+    low_precision_sum: bool,
+    residual_to: Array | None = None,
 ) -> Array:
-    """``(h * coef) @ B_flat`` plus the base term, summed in float32 or (``low_precision_sum``) x's dtype."""
+    """``(h * coef) @ B_flat`` plus the base term (plus ``residual_to`` where given), summed in float32 or
+    (``low_precision_sum``) x's dtype."""
     hc_ter = _weighted(h_ter, coef_te, lora_b_ero.dtype)
     # bf16 / f16: the expand writes x's dtype and the base GEMM adds it (common.add_base_low_precision)
     low = low_precision_sum and x_td.dtype != jnp.float32 and lora_b_ero.dtype == x_td.dtype
@@ -135,7 +142,14 @@ def _masked_expand(
         precision=_HIGHEST,
         preferred_element_type=x_td.dtype if low else jnp.float32,
     )
-    return common.add_base_low_precision(x_td, w_do, y_to) if low else common.add_base(x_td, w_do, y_to)
+    if not low:
+        y_to = common.add_base(x_td, w_do, y_to)
+        return y_to if residual_to is None else y_to + residual_to
+    if residual_to is not None:
+        # Added to the expand first, so that XLA folds it into the expand GEMM's C and the base GEMM then
+        # takes that sum as its C: base + LoRA + residual in two epilogues, the sum written once.
+        y_to = y_to + residual_to.astype(y_to.dtype)
+    return common.add_base_low_precision(x_td, w_do, y_to)
 
 
 def shared_masked_forward(
@@ -205,11 +219,13 @@ def masked_forward_from_shrink(
     scaling_e: Array,
     *,
     low_precision_sum: bool,
+    residual_to: Array | None = None,
 ) -> Array:
     """``masked_forward`` given every expert's shrink ``h = x @ A`` (float32 [T, E, R]) computed by the caller,
-    e.g. in one GEMM with other projections' shrinks and gates (``flat_shrink_weights``). Inference only."""
+    e.g. in one GEMM with other projections' shrinks and gates (``flat_shrink_weights``), plus ``residual_to``
+    where given (with the bf16 sum: inside the GEMMs' epilogues, see ``_masked_expand``). Inference only."""
     coef_te = _coef_te(ids_tk, weights_tk, scaling_e)
-    return _masked_expand(x_td, w_do, h_ter, coef_te, lora_b_ero, low_precision_sum)
+    return _masked_expand(x_td, w_do, h_ter, coef_te, lora_b_ero, low_precision_sum, residual_to)
 
 
 def masked_lowp_forward(x_td, w_do, lora_a_edr, lora_b_ero, ids_tk, weights_tk, scaling_e):  # noqa: ANN001, ANN201
