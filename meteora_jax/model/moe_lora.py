@@ -283,6 +283,8 @@ def packed_forward(
             outs.append(p(x_btd, routing, aux))
             continue
         residual_to = None if residual_btd is None else residual_btd.reshape(num_tokens, p.d_out)
+        # XLA's dense path takes the residual into its GEMMs (``project_group``); a bias comes before it
+        folded = fused is None and p.bias_o is None
         if fused is not None:
             y_to = next(fused)
         else:
@@ -296,13 +298,11 @@ def packed_forward(
                 weights_tpk[:, i],
                 scaling_e,
                 low_precision_sum=low,
-                residual_to=residual_to if p.bias_o is None else None,
+                residual_to=residual_to if folded else None,
             )
-            if p.bias_o is None:
-                residual_to = None  # in y_to now
         if p.bias_o is not None:
             y_to = y_to + p.bias_o[...]
-        if residual_to is not None:
+        if residual_to is not None and not folded:
             y_to = y_to + residual_to
         if aux is not None:
             aux.append({"name": p.name, "gate_logits": logits_tpe[:, i], "expert_ids": ids_tpk[:, i]})

@@ -49,10 +49,11 @@ ARGMAX_TOP_K_MAX = 0
 # k <= ``REDUCE_TOP_K_MAX`` is ONE variadic reduction (``top_k_by_reduce``) instead of ``lax.top_k``. Why: at
 # prefill XLA's TopK is a sort kernel per group, four a layer, ~50 us a layer at a 4096-token Llama-3-8B
 # prefill on an H100 (``sort_*``, 2-layer trace, session 20), for [T * P, 28] float32 rows that one pass
-# reads in a few us. Measured there: the eight sorts of 2 layers (0.094 ms) became reduction fusions of 0.027 ms
-# (pp_l2_4096_reduce_s20.json); 32-layer wall times moved within that machine's noise (+-2 ms). k argmax
-# passes (``ARGMAX_TOP_K_MAX``, tried the same day) made more kernels and were slower at 512 tokens. 512 rows:
-# prefill from ~171 tokens (3 projections a group); decode batches up to 170 keep the sort, unmeasured here.
+# reads in a few us. Measured there: the eight sorts of 2 layers (0.094 ms) became reduction fusions of
+# 0.027 ms (profile_prefill_h100_reduce_l2_4096_s20.json); 32-layer wall times moved within that machine's noise
+# (+-2 ms). k argmax passes (``ARGMAX_TOP_K_MAX``, tried the same day) made more kernels and were slower at 512
+# tokens. 512 rows: prefill from ~171 tokens (3 projections a group); decode batches up to 170 keep the sort,
+# unmeasured here.
 REDUCE_TOP_K_MIN_ROWS = 512
 # The reduction carries k (value, index) pairs and merges two lists in O(k^2) selects.
 REDUCE_TOP_K_MAX = 4
