@@ -112,6 +112,20 @@ def test_split_gate_logits_backward_is_the_float32_one(rng):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
+def _assert_is_lax_top_k(top_k_fn, x: np.ndarray, k: int, w: jax.Array | None = None) -> None:
+    """``top_k_fn(x, k)`` gives ``lax.top_k``'s indices and values (a NaN equal to a NaN) and, given weights
+    ``w`` for its values, the same gradient of ``sum(values * w)``."""
+    x = jnp.asarray(x)
+    got_v, got_i = top_k_fn(x, k)
+    want_v, want_i = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    if w is not None:
+        g_got = jax.grad(lambda v: jnp.sum(top_k_fn(v, k)[0] * w))(x)
+        g_want = jax.grad(lambda v: jnp.sum(jax.lax.top_k(v, k)[0] * w))(x)
+        np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
     """``top_k_values`` by argmax passes (``ARGMAX_TOP_K_MAX``) gives ``lax.top_k``'s values and indices, ties
@@ -127,14 +141,8 @@ def test_argmax_top_k_equals_lax_top_k(monkeypatch, k):
         rng.integers(0, 3, (9, 6)).astype(np.float32),  # many ties
     ]
     for x in cases:
-        got_v, got_i = gate.top_k_values(jnp.asarray(x), k)
-        want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
-        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
-        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
         w = jnp.asarray(rng.standard_normal((*x.shape[:-1], k)).astype(np.float32))
-        g_got = jax.grad(lambda v, w=w: jnp.sum(gate.top_k_values(v, k)[0] * w))(jnp.asarray(x))
-        g_want = jax.grad(lambda v, w=w: jnp.sum(jax.lax.top_k(v, k)[0] * w))(jnp.asarray(x))
-        np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+        _assert_is_lax_top_k(gate.top_k_values, x, k, w)
     monkeypatch.setattr(gating, "ARGMAX_TOP_K_MAX", 0)
     assert "top_k" in str(jax.make_jaxpr(lambda v: gate.top_k_values(v, 2))(jnp.asarray(cases[0])))
 
@@ -154,16 +162,10 @@ def test_top_k_by_reduce_equals_lax_top_k(monkeypatch, k):
         np.full((3, 9), -np.inf, np.float32),  # all equal: indices 0..k-1
         np.array([[0.5, np.nan, -1.0, 2.0, np.nan]], np.float32),  # NaN first, as lax.top_k
     ]
+    by_reduce = jax.jit(gating.top_k_by_reduce, static_argnums=1)
     for x in cases:
-        got_v, got_i = jax.jit(lambda v: gating.top_k_by_reduce(v, k))(jnp.asarray(x))
-        want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
-        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
-        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))  # NaN == NaN here
-    x = jnp.asarray(cases[0])
-    w = jnp.asarray(rng.standard_normal((37, k)).astype(np.float32))
-    g_got = jax.grad(lambda v: jnp.sum(gating.top_k_by_reduce(v, k)[0] * w))(x)
-    g_want = jax.grad(lambda v: jnp.sum(jax.lax.top_k(v, k)[0] * w))(x)
-    np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+        _assert_is_lax_top_k(by_reduce, x, k)
+    _assert_is_lax_top_k(by_reduce, cases[0], k, jnp.asarray(rng.standard_normal((37, k)).astype(np.float32)))
     monkeypatch.setattr(gating, "ARGMAX_TOP_K_MAX", 0)
     monkeypatch.setattr(gating, "REDUCE_TOP_K_MIN_ROWS", 15)
     for shape, kk, sort in [((14, 28), k, True), ((5, 3, 28), k, False), ((5, 3, 28), 5, True)]:
