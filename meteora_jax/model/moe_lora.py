@@ -247,36 +247,41 @@ def packed_forward(
     if len(plans) != 1 or None in plans:
         return None
     ((_, low),) = plans
-    n, a_cols = len(routed), len(routed) * e * r
     x_td = x_btd.reshape(num_tokens, d)
-    pack_interpret = kernel_api.pack_kernel_plan(
-        routed[0].implementation, num_tokens, e * r, x_td.dtype.itemsize
-    )
-    if pack_interpret is not None:  # every routed projection has this backend (``plans``)
-        wide_tn = kernel_gpu_pack.pack_matmul(x_td, pack_dn, interpret=pack_interpret)
-    else:
-        wide_tn = jnp.dot(
-            x_td, pack_dn, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-        )
-    h_tper = wide_tn[:, :a_cols].reshape(num_tokens, n, e, r)
-    gates_tn = wide_tn[:, a_cols:]
-    if gates_tn.shape[1] == 2 * n * e:  # bf16 hi / lo halves
-        gates_tn = gates_tn[:, : n * e] + gates_tn[:, n * e :]
-    logits_tpe = gates_tn.reshape(num_tokens, n, e)
-    ids_tpk, weights_tpk = route_group(logits_tpe, routing)
     interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r, x_td.dtype.itemsize)
     fused = None
-    if interpret is not None and len({p.implementation for p in routed}) == 1:
-        # the kernel routes from ``wide`` itself unless ``aux`` wants XLA's ids
-        work = kernel_gpu_expand.coef_work(num_tokens, [p.d_out for p in routed])
-        in_kernel = (
-            aux is None
-            and bool(kernel_gpu_expand.EXPAND_ROUTE)
-            and work <= kernel_gpu_expand.EXPAND_ROUTE_MAX_WORK
-        )
+    fusable = interpret is not None and len({p.implementation for p in routed}) == 1
+    # the kernel routes from ``wide`` itself unless ``aux`` wants XLA's ids
+    in_kernel = (
+        fusable
+        and aux is None
+        and bool(kernel_gpu_expand.EXPAND_ROUTE)
+        and kernel_gpu_expand.coef_work(num_tokens, [p.d_out for p in routed])
+        <= kernel_gpu_expand.EXPAND_ROUTE_MAX_WORK
+    )
+    if in_kernel and kernel_gpu_expand.EXPAND_PACK:  # the packed GEMM inside the same launch
+        spec = _routed_spec(routed, pack_dn.shape[1], routing)
+        factors = [p.expert_factors() for p in routed]
         fused = iter(
-            _expand_fused(routed, x_td, wide_tn, h_tper, ids_tpk, weights_tpk, routing, in_kernel, interpret)
+            kernel_gpu_expand.expand_forward_group_packed(
+                x_td,
+                pack_dn,
+                [w_do for w_do, _, _, _ in factors],
+                [b_ero.reshape(e * r, b_ero.shape[2]) for _, _, b_ero, _ in factors],
+                [scaling_e for _, _, _, scaling_e in factors],
+                routed=spec,
+                interpret=interpret,
+            )
         )
+    if fused is None:
+        wide_tn, h_tper, logits_tpe = _packed_gemm(routed, pack_dn, x_td)
+        ids_tpk, weights_tpk = route_group(logits_tpe, routing)
+        if fusable:
+            fused = iter(
+                _expand_fused(
+                    routed, x_td, wide_tn, h_tper, ids_tpk, weights_tpk, routing, in_kernel, interpret
+                )
+            )
     outs, i = [], 0
     for p in projections:
         if p.num_experts == 0:
@@ -311,6 +316,50 @@ def packed_forward(
     return outs
 
 
+def _packed_gemm(
+    routed: Sequence[MoELoRALinear], pack_dn: Array, x_td: Array
+) -> tuple[Float[Array, "T C"], Float[Array, "T P E R"], Float[Array, "T P E"]]:
+    """The group's packed GEMM ``x @ pack`` in float32 (XLA's, or ``pallas_gpu_pack``'s where it serves):
+    ``wide`` [T, shrinks | gates], every projection's shrink as [T, P, E, R] and its gate logits [T, P, E]
+    (the bf16 hi / lo halves summed)."""
+    num_tokens = x_td.shape[0]
+    n, e, r = len(routed), routed[0].num_experts, routed[0].lora_a_edr.shape[2]
+    a_cols = n * e * r
+    pack_interpret = kernel_api.pack_kernel_plan(
+        routed[0].implementation, num_tokens, e * r, x_td.dtype.itemsize
+    )
+    if pack_interpret is not None:  # every routed projection has this backend (``packed_forward``'s plans)
+        wide_tn = kernel_gpu_pack.pack_matmul(x_td, pack_dn, interpret=pack_interpret)
+    else:
+        wide_tn = jnp.dot(
+            x_td, pack_dn, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )
+    h_tper = wide_tn[:, :a_cols].reshape(num_tokens, n, e, r)
+    gates_tn = wide_tn[:, a_cols:]
+    if gates_tn.shape[1] == 2 * n * e:  # bf16 hi / lo halves
+        gates_tn = gates_tn[:, : n * e] + gates_tn[:, n * e :]
+    return wide_tn, h_tper, gates_tn.reshape(num_tokens, n, e)
+
+
+def _routed_spec(
+    routed: Sequence[MoELoRALinear], pack_cols: int, routing: RoutingOptions
+) -> kernel_gpu_expand.Routed:
+    """Where the routed expand finds each projection's shrink and gate logits in a pack of ``pack_cols``
+    columns ([shrinks | gates], the gates once or as bf16 hi / lo halves): ``pallas_gpu_expand.Routed``."""
+    n, e, r = len(routed), routed[0].num_experts, routed[0].lora_a_edr.shape[2]
+    a_cols = n * e * r
+    halves = pack_cols - a_cols == 2 * n * e
+    return kernel_gpu_expand.Routed(
+        routing.spec,
+        e,
+        r,
+        h_col0s=tuple(i * e * r for i in range(n)),
+        logit_col0s=tuple(
+            (a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)
+        ),
+    )
+
+
 def _expand_fused(
     routed: Sequence[MoELoRALinear],
     x_td: Array,
@@ -330,18 +379,8 @@ def _expand_fused(
     factors = [p.expert_factors() for p in routed]
     ws = [w_do for w_do, _, _, _ in factors]
     bs = [b_ero.reshape(e * r, b_ero.shape[2]) for _, _, b_ero, _ in factors]
-    a_cols = n * e * r
     if in_kernel:
-        halves = wide_tn.shape[1] - a_cols == 2 * n * e  # bf16 gates: hi / lo columns
-        spec = kernel_gpu_expand.Routed(
-            routing.spec,
-            e,
-            r,
-            h_col0s=tuple(i * e * r for i in range(n)),
-            logit_col0s=tuple(
-                (a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)
-            ),
-        )
+        spec = _routed_spec(routed, wide_tn.shape[1], routing)
         scalings = [scaling_e for _, _, _, scaling_e in factors]
         return kernel_gpu_expand.expand_forward_group_routed(
             x_td, ws, wide_tn, bs, scalings, routed=spec, interpret=interpret
