@@ -52,6 +52,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "pack_in_steps": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "PACK_STEPS"),
     "pack_in_volatile": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "PACK_VOLATILE"),
     "pack_in_separate": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "PACK_SEPARATE"),
+    "pack_in_tickets": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "PACK_TICKETS"),
     "prefill_cublas": ("meteora_jax.generate.sampler", "PREFILL_CUBLAS_GEMMS"),
     "prefill_dot_merger": ("meteora_jax.generate.sampler", "PREFILL_DOT_MERGER"),
     "logit_rows": ("meteora_jax.model.llama", "LAST_LOGITS_ROWS"),

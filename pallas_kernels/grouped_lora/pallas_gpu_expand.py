@@ -25,6 +25,8 @@ is given (ids and weights, the API's ``grouped_lora_fused``), from every expert'
 Status (session 13): checked in interpret mode, compiled for sm_90 on a CPU host (scripts/kernel_report.py: no
 spills, two blocks per SM) and measured on an H100, where it is on by default from 2 to 64 tokens with in-kernel
 routing (batch-64 decode 1.35x -> 1.19x the experts-off model; benchmarks/RESULTS.md, "Session 13").
+``expand_forward_group_packed`` (session 21) also computes the packed GEMM in the same launch; measured on an H100
+and an H200, it did not win, so it is off (``EXPAND_PACK``).
 """
 
 from __future__ import annotations
@@ -475,10 +477,12 @@ def expand_forward_group_routed(
 
 
 # ``expand_forward_group_packed``: the packed GEMM inside the routed expand's launch. Its programs with the
-# first ``PACKED_PROGRAMS``-odd tickets compute [rows, ``PACK_BLOCK_N``] tiles of ``x @ pack`` over
-# ``PACK_STEPS`` K steps each; the rest run the routed expand and wait for the whole pack only after their W
-# loop. Knob ``expand_pack`` (on in the model's packed path where the routed expand serves), ``pack_in_bn``,
-# ``pack_in_steps``.
+# first tickets compute [rows, ``PACK_BLOCK_N``] tiles of ``x @ pack`` over ``PACK_STEPS`` K steps each; the rest
+# run the routed expand and wait for the whole pack only after their W loop. Knob ``expand_pack`` (1: the
+# model's packed path takes it where the routed expand serves), ``pack_in_bn``, ``pack_in_steps``. Off: it lost
+# or tied at batch 64 in every setting tried (session 21, benchmarks/RESULTS.md; H200, 8 layers: 2.214 ms per
+# step at best against 2.199 for the separate GEMMs): each program pays a counter round trip, and XLA copies
+# the zeroed counters into every launch.
 EXPAND_PACK = 0
 PACK_BLOCK_N = 64
 PACK_STEPS = 4
@@ -490,6 +494,9 @@ PACK_VOLATILE = 1
 # tiles first (the pack's bytes spread over all SMs). Interpret mode always runs them apart. Knob
 # ``pack_in_separate``.
 PACK_SEPARATE = 1
+# 1: programs take tickets (an atomic) as they start; 0: the program id serves, as CUDA starts blocks in id
+# order in practice (not a documented guarantee). Knob ``pack_in_tickets``.
+PACK_TICKETS = 1
 # The packed kernel's counters (zeros from XLA at every call): ticket dispenser, finished pack column tiles,
 # then one arrival counter per pack column tile.
 _TICKET, _DONE, _TILE0 = 0, 1, 2
@@ -604,7 +611,10 @@ def _packed_kernel(
     # Tickets in the order programs start: the pack's tiles go to the first ones, so a program that waits for
     # the pack waits only on programs already running, whatever the GPU's residency (and in interpret mode,
     # which runs programs one by one in order, on programs already finished).
-    ticket = plgpu.atomic_add(ctr_ref, (zero + _TICKET,), zero + 1)
+    if PACK_TICKETS:
+        ticket = plgpu.atomic_add(ctr_ref, (zero + _TICKET,), zero + 1)
+    else:  # the program id: no atomic's round trip before the first load, safe where blocks start in id order
+        ticket = pl.program_id(0)
     # ``separate``: the first ``ptiles.programs`` programs compute the pack and nothing else; else every expand
     # program computes pack tile(s) ``ticket + i * n_expand`` first (which interpret mode cannot run: its
     # program 0 would wait for tiles of programs not yet run).
