@@ -481,8 +481,8 @@ def expand_forward_group_routed(
 # run the routed expand and wait for the whole pack only after their W loop. Knob ``expand_pack`` (1: the
 # model's packed path takes it where the routed expand serves), ``pack_in_bn``, ``pack_in_steps``. Off: it lost
 # or tied at batch 64 in every setting tried (session 21, benchmarks/RESULTS.md; H200, 8 layers: 2.214 ms per
-# step at best against 2.199 for the separate GEMMs): each program pays a counter round trip, and XLA copies
-# the zeroed counters into every launch.
+# step at best, with ``pack_in_tickets=0``, ``pack_in_volatile=0``, ``pack_in_steps=8``, against 2.199 for the
+# separate GEMMs): each program pays a counter round trip, and XLA copies the zeroed counters into every launch.
 EXPAND_PACK = 0
 PACK_BLOCK_N = 64
 PACK_STEPS = 4
