@@ -96,13 +96,7 @@ def _lowering_call(kind: str, d_in: int, d_outs: tuple[int, ...], experts: int, 
         )
         return fn, (x, ws[0], h, *routing, bs[0], scalings[0])
     a_cols = n * experts * rank
-    routed = pallas_gpu_expand.Routed(
-        RouteSpec(top_k),
-        experts,
-        rank,
-        tuple(i * experts * rank for i in range(n)),
-        tuple((a_cols + i * experts, a_cols + (n + i) * experts) for i in range(n)),
-    )
+    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(top_k), experts, rank, n, halves=True)
     wide = spec((64, a_cols + 2 * n * experts), jnp.float32)
     return (lambda *a: pallas_gpu_expand.expand_forward_group_routed(*a, routed=routed)), (
         x,

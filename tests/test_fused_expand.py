@@ -363,13 +363,7 @@ def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel():
     bf16 = jnp.bfloat16
     widths, e, r = (4096, 1024, 1024), 28, 8
     a_cols = 3 * e * r
-    routed = pallas_gpu_expand.Routed(
-        RouteSpec(2),
-        e,
-        r,
-        tuple(i * e * r for i in range(3)),
-        tuple((a_cols + i * e, a_cols + (3 + i) * e) for i in range(3)),
-    )
+    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(2), e, r, 3, halves=True)
     args = (
         spec((64, 4096), bf16),
         [spec((4096, o), bf16) for o in widths],

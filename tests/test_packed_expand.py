@@ -43,14 +43,7 @@ def _inputs(name: str) -> tuple:
     bs = [rng.standard_normal((e * r, o)) for o in widths]
     scalings = [rng.random(e) + 0.5 for _ in widths]
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-    a_cols = n * e * r
-    routed = pallas_gpu_expand.Routed(
-        RouteSpec(2),
-        e,
-        r,
-        tuple(i * e * r for i in range(n)),
-        tuple((a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)),
-    )
+    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(2), e, r, n, halves=halves)
     return (
         cast(x),
         cast(pack),
@@ -162,13 +155,7 @@ def test_packed_expand_lowers_for_cuda_as_one_kernel():
     bf16 = jnp.bfloat16
     widths, e, r = (4096, 1024, 1024), 28, 8
     a_cols = 3 * e * r
-    routed = pallas_gpu_expand.Routed(
-        RouteSpec(2),
-        e,
-        r,
-        tuple(i * e * r for i in range(3)),
-        tuple((a_cols + i * e, a_cols + (3 + i) * e) for i in range(3)),
-    )
+    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(2), e, r, 3, halves=True)
     args = (
         spec((64, 4096), bf16),
         spec((4096, a_cols + 6 * e), bf16),

@@ -347,17 +347,8 @@ def _routed_spec(
     """Where the routed expand finds each projection's shrink and gate logits in a pack of ``pack_cols``
     columns ([shrinks | gates], the gates once or as bf16 hi / lo halves): ``pallas_gpu_expand.Routed``."""
     n, e, r = len(routed), routed[0].num_experts, routed[0].lora_a_edr.shape[2]
-    a_cols = n * e * r
-    halves = pack_cols - a_cols == 2 * n * e
-    return kernel_gpu_expand.Routed(
-        routing.spec,
-        e,
-        r,
-        h_col0s=tuple(i * e * r for i in range(n)),
-        logit_col0s=tuple(
-            (a_cols + i * e, a_cols + (n + i) * e) if halves else (a_cols + i * e,) for i in range(n)
-        ),
-    )
+    halves = pack_cols - n * e * r == 2 * n * e
+    return kernel_gpu_expand.Routed.of_pack(routing.spec, e, r, n, halves=halves)
 
 
 def _expand_fused(

@@ -233,6 +233,26 @@ class Routed:
     h_col0s: tuple[int, ...]
     logit_col0s: tuple[tuple[int, ...], ...]
 
+    @classmethod
+    def of_pack(
+        cls, spec: RouteSpec, num_experts: int, rank: int, projections: int, *, halves: bool
+    ) -> Routed:
+        """The layout of ``moe_lora``'s packs: every projection's shrink (E * R columns), then every
+        projection's gate (E columns), once or as the bf16 hi halves followed by the lo halves."""
+        a_cols = projections * num_experts * rank
+        return cls(
+            spec,
+            num_experts,
+            rank,
+            tuple(i * num_experts * rank for i in range(projections)),
+            tuple(
+                (a_cols + i * num_experts, a_cols + (projections + i) * num_experts)
+                if halves
+                else (a_cols + i * num_experts,)
+                for i in range(projections)
+            ),
+        )
+
 
 def _weighted_hc(route: Any, load_h: Any, scaling_ref: Ref, num_experts: int, rank: int) -> Any:
     """The B_flat block's left operand computed in the kernel: ``h * coef`` in B's dtype, ``coef`` = each
