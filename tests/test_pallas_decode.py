@@ -140,6 +140,40 @@ def test_decode_kernel_matches_reference(name, base_dot, interpret):
     _check(case, _with_base_dot(config, case, base_dot), name, interpret=interpret)
 
 
+# Cases whose loops have one to four K steps, shrink sub-steps, split-K, and a masked d_in tail.
+PREFETCH_CASES = [
+    "t1_k2_f32_default_tiles",
+    "t1_k1_bf16_dmod",
+    "t3_k2_f32_dmod",
+    "t1_k2_bf16_split2",
+    "t3_k2_f32_dmod_split2",
+]
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("name", PREFETCH_CASES)
+def test_decode_kernel_with_and_without_shrink_prefetch_matches_reference(name, prefetch, interpret):
+    """``prefetch`` (the default): each step's shrink operands arrive one step early through the loop carry, and
+    the last step reloads its own. A carry used one step late or a lost first step would move the LoRA term.
+    Without it (the other cases run the default), each step loads its own."""
+    case, config = CASES[name]
+    config = dataclasses.replace(_with_base_dot(config, case, "mma"), prefetch=prefetch)
+    assert (
+        pallas_gpu_decode._tiles(config, case.num_tokens, case.d_in, case.d_out, case.rank).prefetch
+        == prefetch
+    )
+    _check(case, config, name, interpret=interpret)
+
+
+def test_shrink_prefetch_follows_its_knob_unless_the_config_says(monkeypatch):
+    cfg = pallas_gpu_decode.DecodeConfig.for_shape(1, 4096, 4096)
+    assert pallas_gpu_decode._tiles(cfg, 1, 4096, 4096, 8).prefetch  # the default
+    monkeypatch.setattr(pallas_gpu_decode, "DECODE_SHRINK_PREFETCH", 0)
+    assert not pallas_gpu_decode._tiles(cfg, 1, 4096, 4096, 8).prefetch
+    assert pallas_gpu_decode._tiles(dataclasses.replace(cfg, prefetch=True), 1, 4096, 4096, 8).prefetch
+
+
 def test_base_dot_defaults_to_mma_reaches_the_tiles_and_refuses_unknown_names():
     fma = pallas_gpu_decode.DecodeConfig(block_n=64, block_k=128, base_dot="fma")
     assert pallas_gpu_decode.DecodeConfig(block_n=64, block_k=128).base_dot == "mma"  # the default

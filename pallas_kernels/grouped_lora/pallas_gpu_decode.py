@@ -14,9 +14,10 @@ XLA reduction sums them). Each program, in one loop over its part of ``d_in`` in
   the token rows padded to 16 (``tl.dot`` needs every dimension >= 16; the padded rows are masked loads);
 * computes the shrink ``h[t, j] = x[t] @ A[e_tj]`` for *every* token and slot, redundantly in every program
   (each one needs all of ``h`` for its columns, and programs cannot wait on each other). It gathers the
-  chosen rows ``A[e_tj, k0:k0+block_s, :]`` as one ``[T, block_s, r]`` tile per slot and sub-step and
-  accumulates the products elementwise; the sum over ``d_in`` happens once after the loop, because a
-  reduction inside the loop is a cross-warp shuffle plus a barrier per step.
+  chosen rows ``A[e_tj, k0:k0+block_s, :]`` as one ``[T, block_s, r]`` tile per slot and sub-step (issued a
+  step ahead, ``DECODE_SHRINK_PREFETCH``) and accumulates the products elementwise; the sum over ``d_in``
+  happens once after the loop, because a reduction inside the loop is a cross-warp shuffle plus a barrier per
+  step.
 
 Then it adds ``sum_j (c h)[t, j] @ B[e_tj][:, cols]`` with broadcasting multiplies in float32 (r = 8 is
 below ``tl.dot``'s 16), and stores ``y`` in x's dtype. The LoRA rows are ``T`` padded to a power of two
@@ -84,6 +85,16 @@ MIN_DOT_ROWS = 16
 BASE_DOTS = ("mma", "fma")
 # Programs that keep an H200's 132 SMs streaming W (about two each), for ``DecodeConfig.split_for``.
 _TARGET_PROGRAMS = 256
+# Triton pipelines only the loads that feed a dot, so the shrink's x and A-row gathers are synchronous, and
+# ptxas places them after the step's MMAs: every K step then waits an L2 round trip before it issues the next
+# W tile's copy (the SASS of the default tiles, session 22). 1: each step issues the NEXT step's shrink loads
+# first and carries them in the loop; ptxas still copies them into the loop's phi registers at the back edge,
+# which waits on them, but only after the MMAs. Measured on an H100 (session 22, T = 1, default tiles):
+# 4096->14336 52.2 -> 48.1 us, 4096->1024 8.7 -> 8.2, 14336->4096 43.4 -> 43.8, 4096->4096 16.8 -> 17.2; the
+# batch-1 decode kernels of an 8-layer model 1.7% less time. Two K steps per loop iteration (no phi copy) lost
+# everywhere (18.3 us at 4096->4096): Triton's stages then count pairs of steps. Knob ``decode_prefetch``;
+# ``DecodeConfig.prefetch`` (None) defers to it.
+DECODE_SHRINK_PREFETCH = 1
 
 
 def _floor_pow2(n: int) -> int:
@@ -109,6 +120,7 @@ class DecodeConfig:
     # that one XLA reduction sums (deterministic: no atomics). 0 = pick from the shape (``split_for``).
     split_k: int = 1
     base_dot: str = "mma"  # the base product x @ W: one of BASE_DOTS
+    prefetch: bool | None = None  # shrink loads one K step ahead; None = ``DECODE_SHRINK_PREFETCH``
 
     def __post_init__(self) -> None:
         if self.base_dot not in BASE_DOTS:
@@ -185,6 +197,7 @@ class _Tiles:
     split_k: int  # programs per column block along d_in
     split_steps: int  # block_k steps per split
     fma: bool  # base product on CUDA cores over the toks rows (DecodeConfig.base_dot == "fma")
+    prefetch: bool = False  # the shrink's loads issued one K step ahead (``DECODE_SHRINK_PREFETCH``)
 
 
 def _tiles(
@@ -214,6 +227,7 @@ def _tiles(
         split_k=split_k,
         split_steps=cdiv(steps, split_k),
         fma=cfg.base_dot == "fma",
+        prefetch=bool(DECODE_SHRINK_PREFETCH if cfg.prefetch is None else cfg.prefetch),
     )
 
 
@@ -431,8 +445,38 @@ def _decode_body(
             all_masks(None if row_m is None else row_m[:, None], None if kmask is None else kmask[None, :]),
         )
 
+    def shrink_loads(kb):  # noqa: ANN001, ANN202
+        """Step ``kb``'s shrink operands, per sub-step: x[:, ks] and each slot's A rows, as stored."""
+        k0 = (split * tiles.split_steps + kb) * bk
+        loads = []
+        for s in range(bk // bs):  # shrink sub-steps: bounded [toks, bs, r] tiles
+            ks = k0 + s * bs + jnp.arange(bs, dtype=jnp.int32)
+            ksmask = kmask_of(ks)
+            a_mask = all_masks(
+                None if tmask is None else tmask[:, None, None],
+                None if ksmask is None else ksmask[None, :, None],
+                None if rmask is None else rmask[None, None, :],
+            )
+            a_lsr = tuple(
+                masked_load(a_ref.at[ids[j][:, None, None], ks[None, :, None], ri[None, None, :]], a_mask)
+                for j in range(top_k)
+            )
+            loads.append((x_tile(toks, tmask, ks, ksmask), a_lsr))
+        return tuple(loads)
+
+    def shrink_add(hk, loads):  # noqa: ANN001, ANN202
+        hk = list(hk)
+        for x_ls, a_lsr in loads:
+            x_ls = x_ls.astype(jnp.float32)
+            for j in range(top_k):
+                hk[j] = hk[j] + x_ls[:, :, None] * a_lsr[j].astype(jnp.float32)
+        return tuple(hk)
+
     def step(kb, carry):  # noqa: ANN001, ANN202
-        acc, hk = carry  # acc: float32 [rows, bn] ("mma") or [toks, bk, bn] ("fma")
+        acc, hk, *ahead = carry  # acc: float32 [rows, bn] ("mma") or [toks, bk, bn] ("fma")
+        if tiles.prefetch:
+            # Issued first, used next step. The last step reloads its own operands (in range, never used).
+            ahead = [shrink_loads(jnp.minimum(kb + 1, tiles.split_steps - 1)), ahead[0]]
         k0 = (split * tiles.split_steps + kb) * bk
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = kmask_of(kk)
@@ -451,26 +495,15 @@ def _decode_body(
                 preferred_element_type=jnp.float32,
                 precision=dot_precision(w_kn.dtype),
             )
-        hk = list(hk)
-        for s in range(bk // bs):  # shrink sub-steps: bounded [toks, bs, r] tiles
-            ks = k0 + s * bs + jnp.arange(bs, dtype=jnp.int32)
-            ksmask = kmask_of(ks)
-            x_ls = x_tile(toks, tmask, ks, ksmask).astype(jnp.float32)
-            a_mask = all_masks(
-                None if tmask is None else tmask[:, None, None],
-                None if ksmask is None else ksmask[None, :, None],
-                None if rmask is None else rmask[None, None, :],
-            )
-            for j in range(top_k):
-                a_lsr = masked_load(
-                    a_ref.at[ids[j][:, None, None], ks[None, :, None], ri[None, None, :]], a_mask
-                )
-                hk[j] = hk[j] + x_ls[:, :, None] * a_lsr.astype(jnp.float32)
-        return acc, tuple(hk)
+        if tiles.prefetch:
+            nxt, cur = ahead
+            return acc, shrink_add(hk, cur), nxt
+        return acc, shrink_add(hk, shrink_loads(kb))
 
     acc = jnp.zeros((tiles.toks, bk, bn) if tiles.fma else (tiles.rows, bn), jnp.float32)
     hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
-    acc, hk = lax.fori_loop(0, tiles.split_steps, step, (acc, hk))
+    carry = (acc, hk, shrink_loads(0)) if tiles.prefetch else (acc, hk)
+    acc, hk, *_ = lax.fori_loop(0, tiles.split_steps, step, carry)
     base_mn = jnp.sum(acc, axis=1) if tiles.fma else acc  # "fma": the one reduction over bk ([toks, bn])
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
@@ -568,7 +601,15 @@ def _decode_one(
     kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k, spec=spec)
     args = (x_td, w_do, lora_a_edr, lora_b_ero, *routing, scaling_e.astype(jnp.float32))
     return _launch(
-        kernel, "lora_decode_fused", args, x_td, d_out, cdiv(d_out, tiles.block_n), cfg, tiles, interpret
+        kernel,
+        "lora_decode_fused",
+        args,
+        x_td,
+        d_out,
+        cdiv(d_out, tiles.block_n),
+        cfg,
+        tiles,
+        interpret,
     )
 
 
@@ -688,7 +729,16 @@ def _decode_group(
         *(s.astype(jnp.float32) for s in scalings_e),
     )
     return launch_group(
-        kernel, "lora_decode_fused_group", args, x_td, segments, blocks, width, cfg, tiles, interpret
+        kernel,
+        "lora_decode_fused_group",
+        args,
+        x_td,
+        segments,
+        blocks,
+        width,
+        cfg,
+        tiles,
+        interpret,
     )
 
 
