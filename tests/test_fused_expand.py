@@ -181,6 +181,7 @@ def test_grouped_lora_fused_takes_the_expand_kernel_for_a_few_tokens(monkeypatch
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("early", [0, 1])
 @pytest.mark.parametrize(
     "t,halves,spec",
     [
@@ -189,12 +190,15 @@ def test_grouped_lora_fused_takes_the_expand_kernel_for_a_few_tokens(monkeypatch
         (3, True, (3, 0.7, "topk_then_softmax")),
     ],
 )  # fmt: skip
-def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
+def test_routed_expand_kernel_equals_xla_routing(monkeypatch, t, halves, spec, early):
     """``expand_forward_group_routed`` (hc built in the kernel from the packed GEMM's output: shrinks, gate
     logits as one range or bf16-style hi / lo halves) equals ``expand_forward_group`` given ``gating.route`` +
-    ``xla.masked_coefficients`` of the same columns; with the projections' logits swapped it does not."""
+    ``xla.masked_coefficients`` of the same columns; with the projections' logits swapped it does not. Also
+    with the logits loaded before the W loop (``EXPAND_EARLY_ROUTING``)."""
     from pallas_kernels.grouped_lora import gating, xla
     from pallas_kernels.grouped_lora.gating import RouteSpec
+
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_EARLY_ROUTING", early)
 
     rng = np.random.default_rng(t)
     n, e, r, d_in, widths = 3, 6, 4, 40, (24, 16, 16)
@@ -231,7 +235,7 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
         )
 
 
-@pytest.mark.parametrize("spread", [0, 1])
+@pytest.mark.parametrize("spread,early", [(0, 0), (1, 0), (1, 1)])
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(
     "t,d_in,e,r,k,dtype,batched",
@@ -244,17 +248,18 @@ def test_routed_expand_kernel_equals_xla_routing(t, halves, spec):
     ],
 )  # fmt: skip
 def test_given_routing_expand_equals_reference(
-    monkeypatch, t, d_in, e, r, k, dtype, batched, interpret, spread
+    monkeypatch, t, d_in, e, r, k, dtype, batched, interpret, spread, early
 ):
     """A single projection's call (``grouped_lora_fused`` with ids and weights) of few rows x column blocks
     (``EXPAND_GIVEN``) builds hc in the kernel from the shrink ([E, T, R] batched, or [T, E, R] flat) and the
-    given routing, and equals the plain-JAX reference, including a token with every slot on one expert and a
-    zero weight; without the scaling's gather (all ones) it does not."""
+    given routing (read before the W loop with ``early``), and equals the plain-JAX reference, including a
+    token with every slot on one expert and a zero weight; without the scaling's gather (all ones) it does not."""
     from tests.test_pallas_decode import _args, _case, _want
     from tests.test_pallas_decode import _inputs as decode_inputs
 
     assert pallas_gpu_expand.coef_work(t, (40,)) <= pallas_gpu_expand.EXPAND_GIVEN  # the default takes it
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_SPREAD_LORA", spread)
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_EARLY_ROUTING", early)
     monkeypatch.setattr(xla, "BATCHED_SHRINK_MAX_TOKENS", 64 if batched else 0)
     calls = _record_expand_calls(monkeypatch, lambda _, __, kw: kw.get("expert_major"))
     inp = decode_inputs(_case(t, d_in, 40, e, r, k, dtype), f"expand-given-{t}-{d_in}-{e}-{r}-{k}")
@@ -321,11 +326,12 @@ def test_given_routing_expand_lowers_for_cuda_as_one_kernel():
     assert "sort" not in text and "top_k" not in text.lower()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,early", [("float32", 0), ("bfloat16", 0), ("float32", 1)])
+def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype, early):
     """The tiny model's packed path with ``fused_expand`` and ``expand_route`` on: every group through the
-    routed kernel (its bf16 gates as hi / lo halves), the logits of the unfused path; ``return_routing`` falls
-    back to XLA's routing."""
+    routed kernel (its bf16 gates as hi / lo halves; logits loaded before the W loop with ``early``), the logits
+    of the unfused path; ``return_routing`` falls back to XLA's routing."""
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_EARLY_ROUTING", early)
     # the defaults since session 13 (H100 A/B, benchmarks/RESULTS.md)
     assert pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS == 64 and pallas_gpu_expand.EXPAND_ROUTE == 1
     model = tiny_decode_model(7, dtype, packed=True)
@@ -354,10 +360,14 @@ def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
     assert not calls
 
 
-def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel():
+@pytest.mark.parametrize("early", [0, 1])
+def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel(monkeypatch, early):
     """The routed kernel at Llama-3-8B's q/k/v, batch 64 (the packed GEMM's output with bf16 gate halves):
-    ONE Triton kernel for CUDA, and no XLA sort / top-k beside it."""
+    ONE Triton kernel for CUDA, and no XLA sort / top-k beside it. With ``EXPAND_EARLY_ROUTING`` each
+    projection's branch loads its logits (the hi and lo halves) before its W loop, else nothing."""
     from pallas_kernels.grouped_lora.gating import RouteSpec
+
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_EARLY_ROUTING", early)
 
     spec = jax.ShapeDtypeStruct
     bf16 = jnp.bfloat16
@@ -379,6 +389,14 @@ def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel():
     text = lowered.as_text()
     assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
     assert "sort" not in text and "top_k" not in text.lower()
+    (kernel,) = _triton_kernels(lowered)
+    loads_before_loop = []
+    for op in _walk(kernel):
+        for block in (b for region in op.regions for b in region.blocks):
+            names = [child.operation.name for child in block.operations]
+            if "scf.for" in names:  # a projection's branch, its W loop first
+                loads_before_loop.append(names[: names.index("scf.for")].count("tt.load"))
+    assert loads_before_loop == [2 * early] * len(widths)
 
 
 def test_expand_kernel_is_skipped_where_its_tiles_would_not_fit_in_shared_memory(monkeypatch):

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -262,17 +262,37 @@ def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
     return jnp.sum(jnp.where(hit_ml[:, :, None], y_ln[None, :, :], 0.0), axis=1)
 
 
-def given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """A program's routing: ``self(toks, tmask)`` -> (ids, weights), one [toks] array per slot. ``issue`` splits
+    it in two: it issues the loads now and returns a thunk that does the arithmetic when called, so that a
+    kernel can put the loads before its W loop and the work after it (the loads' L2 round trip then overlaps
+    the loop instead of stalling the program after it: ``pallas_gpu_expand.EXPAND_EARLY_ROUTING``)."""
+
+    load: Callable[[Array, Array | None], Any]  # (toks, tmask) -> what ``decide`` needs, loads only
+    decide: Callable[[Any], tuple[list[Array], list[Array]]]
+
+    def issue(self, toks: Array, tmask: Array | None) -> Callable[[], tuple[list[Array], list[Array]]]:
+        loaded = self.load(toks, tmask)
+        return lambda: self.decide(loaded)
+
+    def __call__(self, toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
+        return self.issue(toks, tmask)()
+
+
+def given_routing(ids_ref: Ref, weights_ref: Ref, slot0: int, top_k: int) -> Routing:
     """Routing read as given: slots ``slot0 .. slot0 + k`` of ``ids`` / ``weights`` ([T, slots])."""
 
-    def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
+    def load(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
         ids = [masked_load(ids_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
-        weights = [
-            masked_load(weights_ref.at[toks, slot0 + j], tmask).astype(jnp.float32) for j in range(top_k)
-        ]
+        weights = [masked_load(weights_ref.at[toks, slot0 + j], tmask) for j in range(top_k)]
         return ids, weights
 
-    return routing
+    def decide(loaded: tuple[list[Array], list[Array]]) -> tuple[list[Array], list[Array]]:
+        ids, weights = loaded
+        return ids, [w.astype(jnp.float32) for w in weights]
+
+    return Routing(load, decide)
 
 
 def kernel_routing(
@@ -281,7 +301,7 @@ def kernel_routing(
     num_experts: int,
     spec: RouteSpec,
     volatile: bool = False,
-) -> Any:
+) -> Routing:
     """Routing computed in the kernel from gate logits (columns ``col0 .. col0 + E`` of ``logits``, [T, cols];
     with several ``col0s`` the logits are the sum of those column ranges, in order: the bf16 hi / lo halves of
     a packed gate product): ``gating.route`` for the program's token rows, so no top-k / softmax kernels run
@@ -290,16 +310,20 @@ def kernel_routing(
     of ``exp``. Also used by ``pallas_gpu_expand``'s routed kernel (``volatile``: ``masked_load``'s)."""
     col0s = (col0s,) if isinstance(col0s, int) else tuple(col0s)
 
-    def routing(toks: Array, tmask: Array | None) -> tuple[list[Array], list[Array]]:
-        e_pad = pow2(num_experts)
+    e_pad = pow2(num_experts)
+    emask_needed = e_pad != num_experts
+
+    def load(toks: Array, tmask: Array | None) -> list[Array]:
         ei = jnp.arange(e_pad, dtype=jnp.int32)
-        emask = None if e_pad == num_experts else ei < num_experts
+        emask = ei < num_experts if emask_needed else None
         mask = all_masks(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
         # Rows past T read zeros (finite routing, never stored); padded experts are -inf (never picked).
-        parts = [
-            masked_load(logits_ref.at[toks[:, None], c + ei[None, :]], mask, volatile).astype(jnp.float32)
-            for c in col0s
-        ]
+        return [masked_load(logits_ref.at[toks[:, None], c + ei[None, :]], mask, volatile) for c in col0s]
+
+    def decide(parts: list[Array]) -> tuple[list[Array], list[Array]]:
+        ei = jnp.arange(e_pad, dtype=jnp.int32)
+        emask = ei < num_experts if emask_needed else None
+        parts = [part.astype(jnp.float32) for part in parts]
         l_te = functools.reduce(lambda a, b: a + b, parts) / spec.temperature
         if emask is not None:
             l_te = jnp.where(emask[None, :], l_te, -jnp.inf)
@@ -328,7 +352,7 @@ def kernel_routing(
         total = functools.reduce(lambda a, b: a + b, exps)
         return ids, [e / total for e in exps]
 
-    return routing
+    return Routing(load, decide)
 
 
 def _decode_kernel(*refs: Ref, tiles: _Tiles, top_k: int, spec: RouteSpec | None) -> None:

@@ -49,6 +49,7 @@ from pallas_kernels.grouped_lora.common import cdiv, dot_precision, pow2
 from pallas_kernels.grouped_lora.gating import RouteSpec
 from pallas_kernels.grouped_lora.pallas_gpu_decode import (
     MIN_DOT_ROWS,
+    Routing,
     all_masks,
     column_segments,
     for_each_segment,
@@ -86,6 +87,11 @@ EXPAND_GIVEN = 4096
 # ``expand_spread``. H100, 8 layers (session 19): batch-64 decode 2.635 -> 2.572 ms per step (two repeats each),
 # batch 8 2.12 -> 2.10-2.11.
 EXPAND_SPREAD_LORA = 1
+# 1: each program issues its routing's loads (the gate logits of ``expand_forward_group_routed``, or the given ids
+# and weights) before its W loop and does the top-k after it, so their L2 round trip overlaps the loop instead of
+# stalling the program between the loop and the B_flat block (``pallas_gpu_decode.Routing.issue``). Not with the
+# packed kernel (``EXPAND_PACK``), whose logits other programs write during the loop. Knob ``expand_early``.
+EXPAND_EARLY_ROUTING = 0
 # The default tiles, as trace-time knobs (``expand_bn``, ``expand_bk``, ``expand_split``, ``expand_programs``,
 # ``expand_stages``, ``expand_warps``;
 # meteora_jax/knobs.py) so that one process can sweep them on a GPU. Trade-off at batch 64: every column block
@@ -205,8 +211,8 @@ def coef_work(num_tokens: int, d_outs: Sequence[int], config: ExpandConfig | Non
 
 
 def _given_hc(hc_ref: Ref) -> Any:
-    """A left operand read as given (x, or ``hc`` [T, E * R]): ``prepare(rows, row_mask)`` returns the tile
-    loader ``(kk, mask, dtype) -> [rows, len(kk)]``."""
+    """A left operand read as given (x, or ``hc`` [T, E * R]): ``prepare(rows, row_mask)()`` returns the tile
+    loader ``(kk, mask, dtype) -> [rows, len(kk)]`` (``prepare`` issues what can be issued early: here nothing)."""
 
     def prepare(rows: Array, row_mask: Array | None) -> Any:
         del row_mask
@@ -215,7 +221,7 @@ def _given_hc(hc_ref: Ref) -> Any:
             del dtype
             return masked_load(hc_ref.at[rows[:, None], kk[None, :]], mask)
 
-        return lhs
+        return lambda: lhs
 
     return prepare
 
@@ -254,29 +260,34 @@ class Routed:
         )
 
 
-def _weighted_hc(route: Any, load_h: Any, scaling_ref: Ref, num_experts: int, rank: int) -> Any:
+def _weighted_hc(route: Routing, load_h: Any, scaling_ref: Ref, num_experts: int, rank: int) -> Any:
     """The B_flat block's left operand computed in the kernel: ``h * coef`` in B's dtype, ``coef`` = each
-    column's expert's routing weight (``route(rows, row_mask)`` -> ids, weights per slot, run once by
-    ``prepare``, before the B_flat loop) times its scaling, zero for experts a row did not pick: the same
-    products as ``xla.masked_coefficients``, so the same values. ``load_h(rows, kk, mask)``: float32 shrink
+    column's expert's routing weight (``route``: ids, weights per slot, loads issued by ``prepare``, decided once
+    when its thunk is called, before the B_flat loop) times its scaling, zero for experts a row did not pick: the
+    same products as ``xla.masked_coefficients``, so the same values. ``load_h(rows, kk, mask)``: float32 shrink
     columns ``kk`` (expert-major, ``kk // rank`` = the expert)."""
     n_cols = num_experts * rank
 
     def prepare(rows: Array, row_mask: Array | None) -> Any:
-        ids, weights = route(rows, row_mask)
+        pending = route.issue(rows, row_mask)
 
-        def lhs(kk: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
-            e_of = kk // rank
-            hits = [
-                jnp.where(i[:, None] == e_of[None, :], w[:, None], 0.0)
-                for i, w in zip(ids, weights, strict=True)
-            ]
-            weight = functools.reduce(lambda a, b: a + b, hits)
-            scale = masked_load(scaling_ref.at[e_of], kk < n_cols).astype(jnp.float32)
-            h = load_h(rows, kk, mask).astype(jnp.float32)
-            return (h * (weight * scale[None, :])).astype(dtype)
+        def decided() -> Any:
+            ids, weights = pending()
 
-        return lhs
+            def lhs(kk: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
+                e_of = kk // rank
+                hits = [
+                    jnp.where(i[:, None] == e_of[None, :], w[:, None], 0.0)
+                    for i, w in zip(ids, weights, strict=True)
+                ]
+                weight = functools.reduce(lambda a, b: a + b, hits)
+                scale = masked_load(scaling_ref.at[e_of], kk < n_cols).astype(jnp.float32)
+                h = load_h(rows, kk, mask).astype(jnp.float32)
+                return (h * (weight * scale[None, :])).astype(dtype)
+
+            return lhs
+
+        return decided
 
     return prepare
 
@@ -333,7 +344,7 @@ def _body(
     before_lora: Callable[[], None] | None = None,
 ) -> None:
     """One program's columns ``col_block`` over its K split of d_in, plus (split 0) the B_flat block, whose
-    left operand ``lora_lhs`` gives (``_given_hc`` / ``_routed_hc``: ``prepare(rows, row_mask)``; no B_flat
+    left operand ``lora_lhs`` gives (``_given_hc`` / ``_routed_hc``: ``prepare(rows, row_mask)()``; no B_flat
     block where ``b_ref`` is None: ``matmul``); written at output column ``out_col0`` on (float32 partial rows
     ``split * T ..`` under split-K). ``before_lora`` runs between the W loop and the B_flat block (the packed
     kernel waits there for its shrink)."""
@@ -345,7 +356,11 @@ def _body(
     cols = col_block * bn + jnp.arange(bn, dtype=jnp.int32)
     cmask = None if d_out % bn == 0 else cols < d_out
     w_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
-    x_lhs = _given_hc(x_ref)(rows, row_mask)
+    x_lhs = _given_hc(x_ref)(rows, row_mask)()
+    # The routing's loads go out before the W loop (``EXPAND_EARLY_ROUTING``), unless another program of the
+    # launch is still writing what they read (``before_lora``: the packed kernel's wait).
+    early = b_ref is not None and before_lora is None and bool(EXPAND_EARLY_ROUTING)
+    pending_lhs = lora_lhs(rows, row_mask) if early else None
 
     def dot_step(lhs_fn, rhs_ref, k0, extent, tail, gate, bk=bk):  # noqa: ANN001, ANN202
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
@@ -377,7 +392,7 @@ def _body(
         step0 = split * tiles.lora_steps if tiles.lora_spread else 0
         if before_lora is not None:
             before_lora()
-        b_lhs = lora_lhs(rows, row_mask)
+        b_lhs = (pending_lhs or lora_lhs(rows, row_mask))()
 
         def b_step(kb, acc):  # noqa: ANN001, ANN202
             lbk = tiles.lora_block_k
