@@ -65,12 +65,9 @@ def _routed_inputs(name: str) -> tuple[dict, RouteSpec, pallas_gpu_decode.Decode
 
 
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("late", [0, 1])
 @pytest.mark.parametrize("name", list(CASES))
-def test_routed_decode_kernel_matches_reference(monkeypatch, name, late, interpret):
-    """Against ``gating.route`` + the float32 reference, and against the same kernel given that routing; also
-    with the routing decided in the loop's first step (``DECODE_ROUTE_IN_LOOP``)."""
-    monkeypatch.setattr(pallas_gpu_decode, "DECODE_ROUTE_IN_LOOP", late)
+def test_routed_decode_kernel_matches_reference(name, interpret):
+    """Against ``gating.route`` + the float32 reference, and against the same kernel given that routing."""
     inp, spec, config = _routed_inputs(name)
     keys = ("x", "w", "lora_a", "lora_b", "logits", "scaling")
     y_to = jax.jit(
@@ -120,14 +117,12 @@ GROUP_CASES = {
 }
 
 
-@pytest.mark.parametrize("late", [0, 1])
 @pytest.mark.parametrize("name", list(GROUP_CASES))
-def test_group_routed_decode_kernel_routes_each_projection_from_its_own_logits(monkeypatch, name, late):
+def test_group_routed_decode_kernel_routes_each_projection_from_its_own_logits(name):
     """``decode_forward_group_routed`` equals ``decode_forward_group`` given ``gating.route`` of each
     projection's logits (ranks 3 and 8 in one group); the logits are different per projection, so a
-    projection that read its neighbour's columns would fail. ``late``: routed in the loop's first step."""
+    projection that read its neighbour's columns would fail."""
     t, d_in, d_outs, e, spec, tied = GROUP_CASES[name]
-    monkeypatch.setattr(pallas_gpu_decode, "DECODE_ROUTE_IN_LOOP", late)
     x, ws, lora_as, lora_bs, logits_tpe, scalings = _group(name, t, d_in, d_outs, e, spec, tied)
     got = pallas_gpu_decode.decode_forward_group_routed(
         x, ws, lora_as, lora_bs, logits_tpe, scalings, spec=spec, interpret=True, config=SMALL
@@ -247,13 +242,11 @@ def test_routed_decode_kernel_lowers_for_cuda_as_one_kernel(d_outs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("late", [0, 1])
 @pytest.mark.parametrize("d_outs", [(4096, 1024, 1024), (14336, 14336), (4096,)], ids=["qkv", "gate_up", "o"])
-def test_routed_decode_compiled_at_llama_shapes(monkeypatch, d_outs, late, request):
+def test_routed_decode_compiled_at_llama_shapes(d_outs, request):
     """Triton-compiled with the default tiles at Llama-3-8B shapes (E=28, r=8, top-2, bf16, T=1): each
-    projection against ``gating.route`` + its reference (``late``: routed in the loop's first step)."""
-    monkeypatch.setattr(pallas_gpu_decode, "DECODE_ROUTE_IN_LOOP", late)
-    name = request.node.name.split("[")[0] + str(d_outs)
+    projection against ``gating.route`` + its reference."""
+    name = request.node.name
     parts = [_inputs(_case(1, 4096, o, 28, 8, 2, "bfloat16"), f"{name}-{i}") for i, o in enumerate(d_outs)]
     x = parts[0]["x"]
     logits_tpe = _logits(name, 1, 28 * len(d_outs), False).reshape(1, len(d_outs), 28)

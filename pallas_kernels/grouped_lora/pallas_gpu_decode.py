@@ -95,11 +95,6 @@ _TARGET_PROGRAMS = 256
 # everywhere (18.3 us at 4096->4096): Triton's stages then count pairs of steps. Knob ``decode_prefetch``;
 # ``DecodeConfig.prefetch`` (None) defers to it.
 DECODE_SHRINK_PREFETCH = 1
-# With ``DECODE_SHRINK_PREFETCH``, 1: the routing (and step 0's shrink loads) is decided in the K loop's first step,
-# under a branch, and carried. Before the loop, ``kernel_routing``'s cross-warp reductions (about ten barriers,
-# the SASS of session 22) keep the W loop's first copies from being issued until the logits have come back and
-# the top-k is done; inside it those copies are in flight meanwhile. Knob ``decode_route_late``.
-DECODE_ROUTE_IN_LOOP = 0
 
 
 def _floor_pow2(n: int) -> int:
@@ -203,9 +198,6 @@ class _Tiles:
     split_steps: int  # block_k steps per split
     fma: bool  # base product on CUDA cores over the toks rows (DecodeConfig.base_dot == "fma")
     prefetch: bool = False  # the shrink's loads issued one K step ahead (``DECODE_SHRINK_PREFETCH``)
-    route_late: bool = (
-        False  # with ``prefetch``: routing decided in the loop's first step (``DECODE_ROUTE_IN_LOOP``)
-    )
 
 
 def _tiles(
@@ -236,7 +228,6 @@ def _tiles(
         split_steps=cdiv(steps, split_k),
         fma=cfg.base_dot == "fma",
         prefetch=bool(DECODE_SHRINK_PREFETCH if cfg.prefetch is None else cfg.prefetch),
-        route_late=bool(DECODE_ROUTE_IN_LOOP),
     )
 
 
@@ -465,11 +456,8 @@ def _decode_body(
     # A split's last steps may lie past d_in when the steps do not divide evenly: those loads are masked too.
     k_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
 
-    # [toks] per slot: expert ids and weights (rows past T gather nothing and are never stored). With
-    # ``route_late`` they are decided inside the loop's first step instead (``DECODE_ROUTE_IN_LOOP``).
-    late = tiles.prefetch and tiles.route_late
-    if not late:
-        ids, weights = routing(toks, tmask)
+    # [toks] per slot: expert ids and weights (rows past T gather nothing and are never stored).
+    ids, weights = routing(toks, tmask)
 
     def kmask_of(kk):  # noqa: ANN001, ANN202
         return kk < d_in if k_tail else None
@@ -481,7 +469,7 @@ def _decode_body(
             all_masks(None if row_m is None else row_m[:, None], None if kmask is None else kmask[None, :]),
         )
 
-    def shrink_loads(kb, ids):  # noqa: ANN001, ANN202
+    def shrink_loads(kb):  # noqa: ANN001, ANN202
         """Step ``kb``'s shrink operands, per sub-step: x[:, ks] and each slot's A rows, as stored."""
         k0 = (split * tiles.split_steps + kb) * bk
         loads = []
@@ -508,22 +496,11 @@ def _decode_body(
                 hk[j] = hk[j] + x_ls[:, :, None] * a_lsr[j].astype(jnp.float32)
         return tuple(hk)
 
-    def first_step_routing():  # noqa: ANN202
-        route = routing(toks, tmask)
-        route = (tuple(route[0]), tuple(route[1]))
-        return route, shrink_loads(0, route[0])
-
     def step(kb, carry):  # noqa: ANN001, ANN202
         acc, hk, *ahead = carry  # acc: float32 [rows, bn] ("mma") or [toks, bk, bn] ("fma")
-        if late:
-            # The routing in step 0, once the W loop's first copies are in flight (they are issued before the
-            # loop); later steps carry it. Step 0's shrink operands come with it.
-            cur, route = ahead
-            route, cur = lax.cond(kb == 0, first_step_routing, lambda: (route, cur))
-            ahead = [shrink_loads(jnp.minimum(kb + 1, tiles.split_steps - 1), route[0]), cur, route]
-        elif tiles.prefetch:
+        if tiles.prefetch:
             # Issued first, used next step. The last step reloads its own operands (in range, never used).
-            ahead = [shrink_loads(jnp.minimum(kb + 1, tiles.split_steps - 1), ids), ahead[0]]
+            ahead = [shrink_loads(jnp.minimum(kb + 1, tiles.split_steps - 1)), ahead[0]]
         k0 = (split * tiles.split_steps + kb) * bk
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
         kmask = kmask_of(kk)
@@ -543,25 +520,14 @@ def _decode_body(
                 precision=dot_precision(w_kn.dtype),
             )
         if tiles.prefetch:
-            nxt, cur, *route = ahead
-            return acc, shrink_add(hk, cur), nxt, *route
-        return acc, shrink_add(hk, shrink_loads(kb, ids))
+            nxt, cur = ahead
+            return acc, shrink_add(hk, cur), nxt
+        return acc, shrink_add(hk, shrink_loads(kb))
 
     acc = jnp.zeros((tiles.toks, bk, bn) if tiles.fma else (tiles.rows, bn), jnp.float32)
     hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
-    if late:  # placeholders of the carried routing and step operands, replaced in step 0
-        none_l = jnp.zeros((tiles.toks,), jnp.int32)
-        route0 = ((none_l,) * top_k, (none_l.astype(jnp.float32),) * top_k)
-        x0 = jnp.zeros((tiles.toks, bs), x_ref.dtype)
-        a0 = jnp.zeros((tiles.toks, bs, tiles.rank), a_ref.dtype)
-        carry = (acc, hk, ((x0, (a0,) * top_k),) * (bk // bs), route0)
-    elif tiles.prefetch:
-        carry = (acc, hk, shrink_loads(0, ids))
-    else:
-        carry = (acc, hk)
-    acc, hk, *rest = lax.fori_loop(0, tiles.split_steps, step, carry)
-    if late:
-        ids, weights = rest[-1]
+    carry = (acc, hk, shrink_loads(0)) if tiles.prefetch else (acc, hk)
+    acc, hk, *_ = lax.fori_loop(0, tiles.split_steps, step, carry)
     base_mn = jnp.sum(acc, axis=1) if tiles.fma else acc  # "fma": the one reduction over bk ([toks, bn])
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
