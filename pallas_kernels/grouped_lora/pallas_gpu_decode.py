@@ -310,21 +310,18 @@ def kernel_routing(
     of ``exp``. Also used by ``pallas_gpu_expand``'s routed kernel (``volatile``: ``masked_load``'s)."""
     col0s = (col0s,) if isinstance(col0s, int) else tuple(col0s)
 
+    # Built where this is called: inside the kernel body, as ``load`` and ``decide`` are.
     e_pad = pow2(num_experts)
-    emask_needed = e_pad != num_experts
+    ei = jnp.arange(e_pad, dtype=jnp.int32)
+    emask = None if e_pad == num_experts else ei < num_experts
 
     def load(toks: Array, tmask: Array | None) -> list[Array]:
-        ei = jnp.arange(e_pad, dtype=jnp.int32)
-        emask = ei < num_experts if emask_needed else None
         mask = all_masks(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
         # Rows past T read zeros (finite routing, never stored); padded experts are -inf (never picked).
         return [masked_load(logits_ref.at[toks[:, None], c + ei[None, :]], mask, volatile) for c in col0s]
 
     def decide(parts: list[Array]) -> tuple[list[Array], list[Array]]:
-        ei = jnp.arange(e_pad, dtype=jnp.int32)
-        emask = ei < num_experts if emask_needed else None
-        parts = [part.astype(jnp.float32) for part in parts]
-        l_te = functools.reduce(lambda a, b: a + b, parts) / spec.temperature
+        l_te = functools.reduce(lambda a, b: a + b, [p.astype(jnp.float32) for p in parts]) / spec.temperature
         if emask is not None:
             l_te = jnp.where(emask[None, :], l_te, -jnp.inf)
         if spec.mode == "softmax_then_topk":
@@ -625,15 +622,7 @@ def _decode_one(
     kernel = functools.partial(_decode_kernel, tiles=tiles, top_k=top_k, spec=spec)
     args = (x_td, w_do, lora_a_edr, lora_b_ero, *routing, scaling_e.astype(jnp.float32))
     return _launch(
-        kernel,
-        "lora_decode_fused",
-        args,
-        x_td,
-        d_out,
-        cdiv(d_out, tiles.block_n),
-        cfg,
-        tiles,
-        interpret,
+        kernel, "lora_decode_fused", args, x_td, d_out, cdiv(d_out, tiles.block_n), cfg, tiles, interpret
     )
 
 
@@ -753,16 +742,7 @@ def _decode_group(
         *(s.astype(jnp.float32) for s in scalings_e),
     )
     return launch_group(
-        kernel,
-        "lora_decode_fused_group",
-        args,
-        x_td,
-        segments,
-        blocks,
-        width,
-        cfg,
-        tiles,
-        interpret,
+        kernel, "lora_decode_fused_group", args, x_td, segments, blocks, width, cfg, tiles, interpret
     )
 
 
