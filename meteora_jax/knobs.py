@@ -37,7 +37,6 @@ KNOBS: dict[str, tuple[str, str]] = {
     "group_decode": ("pallas_kernels.grouped_lora.api", "GROUP_DECODE_MAX_TOKENS"),
     "kernel_route": ("pallas_kernels.grouped_lora.api", "ROUTED_DECODE_MAX_TOKENS"),
     "decode_prefetch": ("pallas_kernels.grouped_lora.pallas_gpu_decode", "DECODE_SHRINK_PREFETCH"),
-    "decode_b_early": ("pallas_kernels.grouped_lora.pallas_gpu_decode", "DECODE_B_EARLY"),
     "fused_expand": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "FUSED_EXPAND_MAX_TOKENS"),
     "expand_route": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE"),
     "expand_route_work": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE_MAX_WORK"),

@@ -65,12 +65,9 @@ def _routed_inputs(name: str) -> tuple[dict, RouteSpec, pallas_gpu_decode.Decode
 
 
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("b_early", [0, 1])
 @pytest.mark.parametrize("name", list(CASES))
-def test_routed_decode_kernel_matches_reference(monkeypatch, name, b_early, interpret):
-    """Against ``gating.route`` + the float32 reference, and against the same kernel given that routing; also
-    with the expand's B rows loaded before the loop (``DECODE_B_EARLY``)."""
-    monkeypatch.setattr(pallas_gpu_decode, "DECODE_B_EARLY", b_early)
+def test_routed_decode_kernel_matches_reference(name, interpret):
+    """Against ``gating.route`` + the float32 reference, and against the same kernel given that routing."""
     inp, spec, config = _routed_inputs(name)
     keys = ("x", "w", "lora_a", "lora_b", "logits", "scaling")
     y_to = jax.jit(

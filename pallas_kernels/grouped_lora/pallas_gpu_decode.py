@@ -95,12 +95,6 @@ _TARGET_PROGRAMS = 256
 # everywhere (18.3 us at 4096->4096): Triton's stages then count pairs of steps. Knob ``decode_prefetch``;
 # ``DecodeConfig.prefetch`` (None) defers to it.
 DECODE_SHRINK_PREFETCH = 1
-# 1: each program loads its expand's operands (the chosen experts' B rows for its columns, [T, r, block_n] per
-# slot, and their scalings) before the K loop, so that their round trip overlaps the loop instead of following
-# it; they stay in registers through it, hence only up to ``DECODE_B_EARLY_ELEMS`` elements per slot (T = 1:
-# 8 x 64 = 512, 4 registers a thread). Knob ``decode_b_early``.
-DECODE_B_EARLY = 0
-DECODE_B_EARLY_ELEMS = 2048
 
 
 def _floor_pow2(n: int) -> int:
@@ -204,7 +198,6 @@ class _Tiles:
     split_steps: int  # block_k steps per split
     fma: bool  # base product on CUDA cores over the toks rows (DecodeConfig.base_dot == "fma")
     prefetch: bool = False  # the shrink's loads issued one K step ahead (``DECODE_SHRINK_PREFETCH``)
-    b_early: bool = False  # the expand's B rows and scalings loaded before the K loop (``DECODE_B_EARLY``)
 
 
 def _tiles(
@@ -235,7 +228,6 @@ def _tiles(
         split_steps=cdiv(steps, split_k),
         fma=cfg.base_dot == "fma",
         prefetch=bool(DECODE_SHRINK_PREFETCH if cfg.prefetch is None else cfg.prefetch),
-        b_early=bool(DECODE_B_EARLY) and toks * rank_p * block_n <= DECODE_B_EARLY_ELEMS,
     )
 
 
@@ -529,23 +521,6 @@ def _decode_body(
             return acc, shrink_add(hk, cur), nxt
         return acc, shrink_add(hk, shrink_loads(kb))
 
-    def expand_loads():  # noqa: ANN202
-        """Each slot's scalings [toks] and rows of B [toks, r, bn] for this program's columns, as stored."""
-        b_mask = all_masks(
-            None if tmask is None else tmask[:, None, None],
-            None if rmask is None else rmask[None, :, None],
-            None if cmask is None else cmask[None, None, :],
-        )
-        return [
-            (
-                masked_load(scaling_ref.at[ids[j]], tmask),
-                masked_load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask),
-            )
-            for j in range(top_k)
-        ]
-
-    # Issued before the loop, used after it: their round trip overlaps the loop (``DECODE_B_EARLY``).
-    b_loads = expand_loads() if tiles.b_early else None
     acc = jnp.zeros((tiles.toks, bk, bn) if tiles.fma else (tiles.rows, bn), jnp.float32)
     hk = tuple(jnp.zeros((tiles.toks, bs, tiles.rank), jnp.float32) for _ in range(top_k))
     carry = (acc, hk, shrink_loads(0)) if tiles.prefetch else (acc, hk)
@@ -553,11 +528,17 @@ def _decode_body(
     base_mn = jnp.sum(acc, axis=1) if tiles.fma else acc  # "fma": the one reduction over bk ([toks, bn])
 
     # Expand: y[t] += c[t, j] * h[t, j] @ B[e_tj][:, cols], in float32. Linear in h, so under split-K each
-    # split expands its partial shrink and the partials' sum is the whole term. Its B rows and scalings are
-    # loaded before the K loop with ``b_early`` (``expand_loads`` above), else here.
+    # split expands its partial shrink and the partials' sum is the whole term.
+    b_mask = all_masks(
+        None if tmask is None else tmask[:, None, None],
+        None if rmask is None else rmask[None, :, None],
+        None if cmask is None else cmask[None, None, :],
+    )
     y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
-    for j, (scale_l, b_lrn) in enumerate(b_loads or expand_loads()):
-        hc_lr = jnp.sum(hk[j], axis=1) * (weights[j] * scale_l.astype(jnp.float32))[:, None]
+    for j in range(top_k):
+        scale_l = masked_load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
+        hc_lr = jnp.sum(hk[j], axis=1) * (weights[j] * scale_l)[:, None]
+        b_lrn = masked_load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
         y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
 
     y_mn = base_mn + (y_ln if tiles.fma else _embed_rows(y_ln, tiles.rows))
