@@ -329,9 +329,12 @@ def test_decode_kernel_lowers_for_cuda_as_one_kernel(num_tokens, d_in, d_out, ba
     (kernel,) = _triton_kernels(lowered)
     ops = [op.name for op in _walk(kernel)]
     assert ("tt.dot" in ops) == (base_dot == "mma")
-    # Both the base ("fma") and the shrink accumulate elementwise and reduce once, after the K loop.
+    # Both the base ("fma") and the shrink accumulate elementwise and reduce once, after the K loop: one sum
+    # per slot's shrink, one over r for all slots' expand terms together, one over block_k for "fma" (each is a
+    # cross-warp reduction with barriers in the kernel's tail; session 22 took two out: -1 to -4% at T = 1).
     (loop,) = [op for op in _walk(kernel) if op.name == "scf.for"]
-    assert "tt.reduce" in ops and "tt.reduce" not in [op.name for op in _walk(loop)]
+    assert "tt.reduce" not in [op.name for op in _walk(loop)]
+    assert ops.count("tt.reduce") == top_k + 1 + (base_dot == "fma")
 
 
 def _walk(op: ir.Operation):

@@ -258,6 +258,8 @@ def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
     toks = y_ln.shape[0]
     if toks == rows:
         return y_ln
+    if toks == 1:  # a broadcast: no reduction (a cross-warp one costs barriers in the kernel's tail)
+        return jnp.where((jnp.arange(rows, dtype=jnp.int32) == 0)[:, None], y_ln, 0.0)
     hit_ml = jnp.arange(rows, dtype=jnp.int32)[:, None] == jnp.arange(toks, dtype=jnp.int32)[None, :]
     return jnp.sum(jnp.where(hit_ml[:, :, None], y_ln[None, :, :], 0.0), axis=1)
 
@@ -534,12 +536,15 @@ def _decode_body(
         None if rmask is None else rmask[None, :, None],
         None if cmask is None else cmask[None, None, :],
     )
-    y_ln = jnp.zeros((tiles.toks, bn), jnp.float32)
+    # The slots' products are added before the one sum over r (one cross-warp reduction, not top_k).
+    y_lrn = None
     for j in range(top_k):
         scale_l = masked_load(scaling_ref.at[ids[j]], tmask).astype(jnp.float32)
         hc_lr = jnp.sum(hk[j], axis=1) * (weights[j] * scale_l)[:, None]
         b_lrn = masked_load(b_ref.at[ids[j][:, None, None], ri[None, :, None], cols[None, None, :]], b_mask)
-        y_ln = y_ln + jnp.sum(hc_lr[:, :, None] * b_lrn.astype(jnp.float32), axis=1)
+        term = hc_lr[:, :, None] * b_lrn.astype(jnp.float32)
+        y_lrn = term if y_lrn is None else y_lrn + term
+    y_ln = jnp.sum(y_lrn, axis=1)
 
     y_mn = base_mn + (y_ln if tiles.fma else _embed_rows(y_ln, tiles.rows))
     # With split-K, o_ref holds float32 partials [split_k * T, d_out]: this split's rows start at split * T.
