@@ -260,17 +260,11 @@ def packed_forward(
         <= kernel_gpu_expand.EXPAND_ROUTE_MAX_WORK
     )
     if in_kernel and kernel_gpu_expand.EXPAND_PACK:  # the packed GEMM inside the same launch
+        ws, bs, scalings = _expand_operands(routed)
         spec = _routed_spec(routed, pack_dn.shape[1], routing)
-        factors = [p.expert_factors() for p in routed]
         fused = iter(
             kernel_gpu_expand.expand_forward_group_packed(
-                x_td,
-                pack_dn,
-                [w_do for w_do, _, _, _ in factors],
-                [b_ero.reshape(e * r, b_ero.shape[2]) for _, _, b_ero, _ in factors],
-                [scaling_e for _, _, _, scaling_e in factors],
-                routed=spec,
-                interpret=interpret,
+                x_td, pack_dn, ws, bs, scalings, routed=spec, interpret=interpret
             )
         )
     if fused is None:
@@ -366,21 +360,28 @@ def _expand_fused(
     base GEMM with its expand as an extra K block), from the packed GEMM's output ``wide_tn`` ([shrinks |
     gates]; its shrinks as [T, P, E, R]: ``h_tper``). ``in_kernel``: the kernel builds ``hc`` and routes itself
     (``EXPAND_ROUTE``); else ``hc`` comes from XLA's routing ``ids_tpk`` / ``weights_tpk``."""
-    _, n, e, r = h_tper.shape
-    factors = [p.expert_factors() for p in routed]
-    ws = [w_do for w_do, _, _, _ in factors]
-    bs = [b_ero.reshape(e * r, b_ero.shape[2]) for _, _, b_ero, _ in factors]
+    ws, bs, scalings = _expand_operands(routed)
     if in_kernel:
         spec = _routed_spec(routed, wide_tn.shape[1], routing)
-        scalings = [scaling_e for _, _, _, scaling_e in factors]
         return kernel_gpu_expand.expand_forward_group_routed(
             x_td, ws, wide_tn, bs, scalings, routed=spec, interpret=interpret
         )
     hcs = [
-        kernel_xla.masked_coefficients(h_tper[:, i], ids_tpk[:, i], weights_tpk[:, i], scaling_e, b_ero.dtype)
-        for i, (_, _, b_ero, scaling_e) in enumerate(factors)
+        kernel_xla.masked_coefficients(h_tper[:, i], ids_tpk[:, i], weights_tpk[:, i], scaling_e, b_no.dtype)
+        for i, (b_no, scaling_e) in enumerate(zip(bs, scalings, strict=True))
     ]
     return kernel_gpu_expand.expand_forward_group(x_td, ws, hcs, bs, interpret=interpret)
+
+
+def _expand_operands(
+    routed: Sequence[MoELoRALinear],
+) -> tuple[list[Float[Array, "D O"]], list[Float[Array, "N O"]], list[Float[Array, " E"]]]:
+    """What ``pallas_gpu_expand``'s group kernels take of each routed projection (``expert_factors``): its W,
+    its B flattened to [E * R, O] (expert-major rows), and its scaling."""
+    factors = [p.expert_factors() for p in routed]
+    ws = [w_do for w_do, _, _, _ in factors]
+    bs = [b_ero.reshape(-1, b_ero.shape[2]) for _, _, b_ero, _ in factors]
+    return ws, bs, [scaling_e for _, _, _, scaling_e in factors]
 
 
 def route_group(

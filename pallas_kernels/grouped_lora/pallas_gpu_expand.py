@@ -431,7 +431,20 @@ def _group_kernel(
     else:
         wide_ref, bs, scalings = refs[1 + n], refs[2 + n : 2 + 2 * n], refs[2 + 2 * n : 2 + 3 * n]
         lhs_fns = [_routed_hc(wide_ref, scalings[p], routed, p) for p in range(n)]
-    o_ref = refs[-1]
+    for_each_segment(segments, _projection_body(x_ref, ws, lhs_fns, bs, refs[-1], tiles))
+
+
+def _projection_body(
+    x_ref: Ref,
+    ws: Sequence[Ref],
+    lhs_fns: Sequence[Any],
+    bs: Sequence[Ref | None],
+    o_ref: Ref,
+    tiles: _Tiles,
+    before_lora: Callable[[], None] | None = None,
+) -> Callable[[int, Array, Array, int], None]:
+    """A group kernel's ``for_each_segment`` body: projection p's column block through ``_body`` with its W,
+    B_flat block operand ``lhs_fns[p]`` and ``bs[p]``."""
 
     def body(p: int, col_block: Array, split: Array, col0: int) -> None:
         _body(
@@ -444,9 +457,10 @@ def _group_kernel(
             col_block=col_block,
             split=split,
             out_col0=col0,
+            before_lora=before_lora,
         )
 
-    for_each_segment(segments, body)
+    return body
 
 
 def _launch(
@@ -688,20 +702,10 @@ def _packed_kernel(
             lax.while_loop(lambda done: done < ptiles.col_tiles, poll, poll(None))
             _sync(interpret)
 
-        def body(p: int, col_block: Array, split: Array, col0: int) -> None:
-            _body(
-                x_ref,
-                ws[p],
-                _routed_hc(wide_ref, scalings[p], routed, p, volatile=bool(PACK_VOLATILE)),
-                bs[p],
-                o_ref,
-                tiles=tiles,
-                col_block=col_block,
-                split=split,
-                out_col0=col0,
-                before_lora=wait,
-            )
-
+        lhs_fns = [
+            _routed_hc(wide_ref, scalings[p], routed, p, volatile=bool(PACK_VOLATILE)) for p in range(n)
+        ]
+        body = _projection_body(x_ref, ws, lhs_fns, bs, o_ref, tiles, before_lora=wait)
         for_each_segment(segments, body, block=e % blocks, split=e // blocks)
 
 
