@@ -14,7 +14,7 @@ import pytest
 from pallas_kernels.grouped_lora import api, pallas_gpu_expand, pallas_gpu_pack
 from pallas_kernels.grouped_lora.pallas_gpu_pack import PackConfig
 from tests.grouped_lora_cases import rel_err
-from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model, traced_logits
+from tests.test_pallas_decode import _triton_kernels, _walk, three_prompt_logits, tiny_decode_model
 
 # name -> (T, d_in, N, dtype, tiles); d_in and N off the blocks' multiples where it tests a masked tail
 CASES = {
@@ -95,16 +95,11 @@ def test_model_packed_step_with_pack_kernel_matches(monkeypatch, dtype):
         pallas_gpu_pack, "pack_matmul", lambda x, p, **kw: calls.append(p.shape[1]) or kernel(x, p, **kw)
     )
 
-    def run():
-        ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
-        mask = jnp.ones((3, 4), jnp.int32)
-        return traced_logits(model, ids, mask, jnp.arange(4)[None])
-
     assert pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS >= 12 and pallas_gpu_expand.EXPAND_ROUTE == 1
-    off = run()
+    off = three_prompt_logits(model)
     assert not calls
     monkeypatch.setattr(pallas_gpu_pack, "PACK_KERNEL_MAX_TOKENS", 64)
-    on = run()
+    on = three_prompt_logits(model)
     assert len(calls) == 4 * cfg.num_hidden_layers
     assert rel_err(on, off) < (1e-5 if dtype == "float32" else 2e-2)
 

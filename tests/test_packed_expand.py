@@ -17,7 +17,8 @@ from pallas_kernels.grouped_lora import pallas_gpu_expand, xla
 from pallas_kernels.grouped_lora.gating import RouteSpec, route
 from pallas_kernels.grouped_lora.pallas_gpu_expand import ExpandConfig
 from tests.grouped_lora_cases import rel_err
-from tests.test_pallas_decode import _triton_kernels, _walk, tiny_decode_model, traced_logits
+from tests.test_fused_expand import qkv_b64_specs
+from tests.test_pallas_decode import _triton_kernels, _walk, three_prompt_logits, tiny_decode_model
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 # name -> (T, d_in, widths, experts, rank, dtype, gate halves, expand tiles, pack block_n, pack K steps)
@@ -133,17 +134,12 @@ def test_model_packed_step_with_pack_in_expand_matches(monkeypatch, dtype):
         lambda x, p, *a, **kw: calls.append(p.shape[1]) or kernel(x, p, *a, **kw),
     )
 
-    def run():
-        ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
-        mask = jnp.ones((3, 4), jnp.int32)
-        return traced_logits(model, ids, mask, jnp.arange(4)[None])
-
     assert pallas_gpu_expand.FUSED_EXPAND_MAX_TOKENS >= 12 and pallas_gpu_expand.EXPAND_ROUTE == 1
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_PACK", 0)
-    off = run()
+    off = three_prompt_logits(model)
     assert not calls
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_PACK", 1)
-    on = run()
+    on = three_prompt_logits(model)
     assert len(calls) == 4 * cfg.num_hidden_layers
     assert rel_err(on, off) < (1e-5 if dtype == "float32" else 2e-2)
 
@@ -151,18 +147,8 @@ def test_model_packed_step_with_pack_in_expand_matches(monkeypatch, dtype):
 def test_packed_expand_lowers_for_cuda_as_one_kernel():
     """Llama-3-8B's q/k/v at batch 64 (28 rank-8 experts, bf16 gate halves): ONE Triton kernel, with its
     tickets and counters as atomics and the wait as a while loop, and no XLA GEMM, sort or top-k beside it."""
-    spec = jax.ShapeDtypeStruct
-    bf16 = jnp.bfloat16
-    widths, e, r = (4096, 1024, 1024), 28, 8
-    a_cols = 3 * e * r
-    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(2), e, r, 3, halves=True)
-    args = (
-        spec((64, 4096), bf16),
-        spec((4096, a_cols + 6 * e), bf16),
-        [spec((4096, o), bf16) for o in widths],
-        [spec((e * r, o), bf16) for o in widths],
-        [spec((e,), jnp.float32) for _ in widths],
-    )
+    routed, x, ws, bs, scalings, pack_cols = qkv_b64_specs()
+    args = (x, jax.ShapeDtypeStruct((4096, pack_cols), jnp.bfloat16), ws, bs, scalings)
 
     def fn(*a):
         return pallas_gpu_expand.expand_forward_group_packed(*a, routed=routed)

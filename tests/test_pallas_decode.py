@@ -517,6 +517,12 @@ def traced_logits(model, ids, mask, positions, **forward_kw) -> jax.Array:  # no
     return fn(model, ids, mask, positions)
 
 
+def three_prompt_logits(model) -> jax.Array:  # noqa: ANN001
+    """``traced_logits`` of three unpadded 4-token prompts: 12 rows, a batched-decode size for the group kernels."""
+    ids = jnp.asarray([[1, 5, 6, 7], [1, 8, 9, 3], [4, 4, 2, 1]])
+    return traced_logits(model, ids, jnp.ones((3, 4), jnp.int32), jnp.arange(4)[None])
+
+
 def one_token_step(model, **forward_kw) -> jax.Array:  # noqa: ANN001
     """A 4-token prefill into a fresh cache, then the logits of one decoded token (a decode step).
 
