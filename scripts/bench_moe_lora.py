@@ -1,8 +1,16 @@
 """Benchmark one MoE-LoRA projection (base GEMM + grouped LoRA) against the plain base GEMM.
 
-Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--impls pallas_gpu,xla]
-       [--filter REGEX] [--timer both|profile|fori] [--calls 50] [--reps 50] [--l2 cold|warm] [--tiny]
-       [--decode-max-tokens N] [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]] [--breakdown]
+Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--merge]
+       [--impls pallas_gpu_decode,xla,xla+prefill_cublas=1,pallas_gpu] [--filter REGEX]
+       [--timer both|profile|fori] [--calls 20] [--reps 50] [--l2 cold|warm] [--tiny] [--decode-max-tokens N]
+       [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]] [--breakdown]
+       python scripts/bench_moe_lora.py --table benchmarks/results/moe_lora_h200.json
+
+With no arguments it runs every row issue 3 asks for (``shapes.bench_cases``) with every backend that is the
+best somewhere (``DEFAULT_IMPLS``), timed from the profiler, and writes ``moe_lora_h200.json``. That takes longer
+than one 10-minute device call; run it in pieces with ``--filter`` and ``--merge`` (each piece keeps the rows the
+file already holds for the cases and impls it does not rerun), then ``--table`` prints the issue's table from the
+JSON: per row the best of ours, its ratio to the bound and to the target, and MeteoRA's best peer.
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
 (``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f]``
@@ -60,6 +68,11 @@ from pallas_kernels import timing  # noqa: E402
 from pallas_kernels.grouped_lora import api, pallas_gpu_decode, shapes  # noqa: E402
 
 TIMERS = ("profile", "fori")
+# Every backend that is the best of ours at some row on an H200/H100 (sessions 18-22): the decode kernel at T = 1
+# and its fused expand at T = 2..64, XLA's dense path at prefill sizes (compiled as the model's prefill), the
+# Pallas grouped GEMMs for many experts. The first is the others' error reference.
+DEFAULT_IMPLS = "pallas_gpu_decode,xla,xla+prefill_cublas=1,pallas_gpu"
+PEER_IMPLS = ("meteora_bmm_torch_v1", "meteora_triton_v4", "tokamax")  # rows of others' code, not ours
 TINY_CASES = (
     shapes.Case("tiny_64x48_T1_E28_r8_k2_uniform", 1, 64, 48, 28, 8, 2, "uniform", "bfloat16", ("bench",)),
     shapes.Case("tiny_64x48_T16_E28_r8_k2_uniform", 16, 64, 48, 28, 8, 2, "uniform", "bfloat16", ("bench",)),
@@ -147,17 +160,13 @@ def _pick(impl_t: dict[str, timing.Timing], base_t: dict[str, timing.Timing]) ->
     return next(name for name in TIMERS if name in impl_t)
 
 
+ROW_CASE_KEYS = ("d_in", "d_out", "T", "E", "r", "k", "routing")  # the issue's row keys that name the problem
+
+
 def _case_fields(case: shapes.Case) -> dict:
     """The issue's row keys that name the problem."""
-    return {
-        "d_in": case.d_in,
-        "d_out": case.d_out,
-        "T": case.num_tokens,
-        "E": case.num_experts,
-        "r": case.rank,
-        "k": case.top_k,
-        "routing": case.routing,
-    }
+    values = (case.d_in, case.d_out, case.num_tokens, case.num_experts, case.rank, case.top_k, case.routing)
+    return dict(zip(ROW_CASE_KEYS, values, strict=True))
 
 
 def _bound(case: shapes.Case, expert_ids: jax.Array) -> float:
@@ -270,7 +279,11 @@ def bench(
     peers: list[str] | None = None,
     peers_dir: str | None = None,
     breakdown: bool = False,
+    merge: bool = False,
 ) -> list[dict]:
+    """Times every case x impl (then the peers) and rewrites ``out_path`` after each case. ``merge``: the rows
+    ``out_path`` already holds stay, except those of a (case, impl) this run times again."""
+    kept, kept_commands = merged_run(out_path) if merge and out_path else ([], [])
     rows = []
     all_timers = timers
     deferred_peers = []  # (case, ref, bound): peers run after every JAX row, see below
@@ -360,31 +373,117 @@ def bench(
         if peers:
             deferred_peers.append((case, ref, bound))
         if out_path:
-            _write(rows, out_path)
+            _write(rows, out_path, kept, kept_commands)
     # After torch's profiler has run in a process, JAX's cannot subscribe to CUPTI any more (H100, session 17:
     # every later JAX row lost its profile timer), so the peers come last, on the same inputs (same key).
     for case, ref, bound in deferred_peers:
         inp = shapes.make_inputs(case, jax.random.key(0))
         rows += peer_rows(case, inp, peers, ref, bound, calls=calls, l2=l2, peers_dir=peers_dir)
         if out_path:
-            _write(rows, out_path)
+            _write(rows, out_path, kept, kept_commands)
     return rows
 
 
-def _write(rows: list[dict], out_path: str) -> None:
+def _row_key(row: dict) -> tuple:
+    return (*(row[k] for k in ROW_CASE_KEYS), row["impl"])
+
+
+def merged_run(out_path: str) -> tuple[list[dict], list[str]]:
+    """The rows and commands of the earlier runs in ``out_path`` (none if there is no file), refused if they were
+    measured on another kind of device: one table must not mix an H100's ratios with an H200's."""
+    if not os.path.exists(out_path):
+        return [], []
+    try:
+        with open(out_path) as f:
+            doc = json.load(f)
+        rows, device = doc["rows"], doc["device"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--merge: {out_path} is not a bench_moe_lora JSON ({e}); pass another --out") from e
+    here = str(jax.devices()[0].device_kind)
+    if device != here:
+        raise SystemExit(
+            f"--merge: {out_path} was measured on {device!r}, this run is on {here!r}; pass another --out or "
+            "leave out --merge to start a new file"
+        )
+    return rows, doc.get("commands") or [doc["command"]] * ("command" in doc)
+
+
+def _write(rows: list[dict], out_path: str, kept: list[dict] = (), kept_commands: list[str] = ()) -> None:
+    fresh = {_row_key(r) for r in rows}
+    command = " ".join(["python3", *sys.argv])
     doc = {
         "device": str(jax.devices()[0].device_kind),
         "date": datetime.date.today().isoformat(),
         "jax": jax.__version__,
-        "command": " ".join(["python3", *sys.argv]),
+        "command": command,
+        "commands": [*kept_commands, command],  # every run whose rows the file holds
         "timing": (
             "us/x_vs_base from `timer`: profile = median per-call GPU kernel time from a profiler trace, valid if "
             "(p75-p25)/median <= 0.10; fori = in-jit fori_loop minus an empty loop, valid if the empty loop is < 10% "
             "of an iteration. timer_valid needs the row and its base valid under that timer."
         ),
-        "rows": rows,
+        "rows": [r for r in kept if _row_key(r) not in fresh] + rows,
     }
     write_text_atomic(out_path, json.dumps(doc, indent=1))
+
+
+def issue_target(row: dict) -> tuple[str, bool] | None:
+    """Issue 3's target for a row of ours and whether the row meets it; None where the issue sets none (it sets
+    them for E = 28, r = 8, top-2 only)."""
+    if (row["E"], row["r"], row["k"]) != (28, 8, 2) or row["x_vs_base"] is None:
+        return None
+    x = row["x_vs_base"]
+    if row["T"] in (1, 64):
+        return f"<= 1.03 x bound = {1.03 * row['bound']:.3f}", x <= 1.03 * row["bound"]
+    if row["T"] == 4096:
+        return "<= 1.03, <= 64 MiB", x <= 1.03 and (row["peak_mb"] or 0.0) <= 64
+    if row["T"] == 16384:
+        return "<= 1.03", x <= 1.03
+    return None
+
+
+def _best(rows: list[dict]) -> dict | None:
+    """The fastest row by ``x_vs_base``, rows timed validly first."""
+    timed = [
+        r for r in rows if r["x_vs_base"] is not None and r["x_vs_base"] > 0
+    ]  # < 0: a base below the timer's floor
+    return min(timed, key=lambda r: (not r["timer_valid"], r["x_vs_base"]), default=None)
+
+
+def table(doc: dict) -> str:
+    """Issue 3's table from a bench JSON: per case the best of ours (its ratio to the base, the bound, and the
+    issue's target where it sets one) and the best of MeteoRA's peers timed beside it."""
+    cases: dict[tuple, list[dict]] = {}
+    for row in doc["rows"]:
+        cases.setdefault(tuple(row[k] for k in ROW_CASE_KEYS), []).append(row)
+    lines = [
+        f"{doc['device']}, {doc['date']}, jax {doc.get('jax', '?')}; `us` = kernel time per call, `x_vs_base` "
+        "against XLA's bf16 `x @ W` timed in the same run (torch's `F.linear` for MeteoRA's); `?` = not validly "
+        "timed.",
+        "",
+        "| d_in->d_out | T | E | r | k | routing | best of ours | us | base us | x_vs_base | bound | x / bound "
+        "| peak MB | issue target | met | MeteoRA's best: x_vs_base (peak MB) |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    shape_order = {shape: i for i, shape in enumerate(shapes.LLAMA3_8B_PROJECTIONS)}
+    # the issue's order: the E = 28 rows by T, each T in its shape order, then the many-expert rows
+    for key, rows in sorted(
+        cases.items(), key=lambda kv: (kv[0][3:6], kv[0][2], shape_order.get(kv[0][:2], 9))
+    ):
+        ours = _best([r for r in rows if r["impl"] not in PEER_IMPLS])
+        peer = _best([r for r in rows if r["impl"] in PEER_IMPLS])
+        if ours is None:
+            continue
+        target = issue_target(ours)
+        valid = "" if ours["timer_valid"] else "?"
+        peer_txt = "" if peer is None else f"{peer['impl']} {peer['x_vs_base']:.2f} ({peer['peak_mb']})"
+        lines.append(
+            f"| {key[0]}->{key[1]} | {key[2]} | {key[3]} | {key[4]} | {key[5]} | {key[6]} | {ours['impl']} "
+            f"| {ours['us']}{valid} | {ours['base_us']} | {ours['x_vs_base']:.3f}{valid} | {ours['bound']:.3f} "
+            f"| {ours['x_vs_base'] / ours['bound']:.3f} | {ours['peak_mb']} | {target[0] if target else ''} "
+            f"| {('yes' if target[1] else '**no**') if target else ''} | {peer_txt} |"
+        )
+    return "\n".join(lines)
 
 
 def jax_triton_check() -> str:
@@ -420,20 +519,33 @@ def main() -> None:
     )
     parser.add_argument(
         "--impls",
-        default="pallas_gpu,xla",
+        default=DEFAULT_IMPLS,
         help="comma-separated backends of pallas_kernels.grouped_lora.api.IMPLEMENTATIONS (default "
-        "pallas_gpu,xla); the first is the others' error reference; pallas_gpu@BNxBKxWxS[xK][f] sets the "
+        f"{DEFAULT_IMPLS}); the first is the others' error reference; pallas_gpu@BNxBKxWxS[xK][f] sets the "
         "decode tiles (f: base_dot=fma), +KNOB=N a knob (see above)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows --out already holds (same device kind only), except those of a case and impl this "
+        "run times again: a table too long for one call, built in pieces with --filter",
+    )
+    parser.add_argument(
+        "--table",
+        metavar="JSON",
+        default=None,
+        help="print issue 3's Markdown table (best of ours per row, bound, target, MeteoRA's best) from a JSON "
+        "this script wrote, and exit; needs no GPU",
     )
     parser.add_argument("--filter", default="", help="regex searched in the case name")
     parser.add_argument(
         "--timer",
-        default="both",
+        default="profile",
         choices=("both", *TIMERS),
-        help="how rows are timed (see above; default both)",
+        help="how rows are timed (see above; default profile)",
     )
     parser.add_argument(
-        "--calls", type=int, default=50, help="profile timer: dispatches traced per row (default 50)"
+        "--calls", type=int, default=20, help="profile timer: dispatches traced per row (default 20)"
     )
     parser.add_argument(
         "--reps", type=int, default=50, help="fori timer: calls per loop, fewer at large T (default 50)"
@@ -473,6 +585,13 @@ def main() -> None:
         "has them, as kernels_profile and base_kernels_profile)",
     )
     opts = parser.parse_args()
+    if opts.table:
+        try:
+            with open(opts.table) as f:
+                print(table(json.load(f)))
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--table: cannot read {opts.table} as a bench_moe_lora JSON: {e}") from e
+        return
     if (
         opts.peers
     ):  # torch shares the GPU: JAX must not take 75% of its memory up front (before its first use)
@@ -500,6 +619,7 @@ def main() -> None:
         peers=[p for p in opts.peers.split(",") if p],
         peers_dir=opts.peers_dir,
         breakdown=opts.breakdown,
+        merge=opts.merge,
     )
 
 

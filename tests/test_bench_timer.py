@@ -205,3 +205,57 @@ def test_prefill_cublas_impl_compiles_as_the_model_prefill(monkeypatch):
     # session 18's measured rows: the dot_merger pass still on
     merged = bench.compiler_options({"prefill_cublas": 1, "prefill_dot_merger": 1})
     assert merged == {"xla_gpu_enable_triton_gemm": False}
+
+
+def test_merge_keeps_the_rows_not_rerun_and_refuses_another_device(tmp_path):
+    """``--merge``: a second run adds its rows to the file and replaces only its own (case, impl) rows; a file
+    measured on another device kind is refused, naming the file, rather than mixed into one table."""
+    bench = _bench_module()
+    out = tmp_path / "rows.json"
+    bench.bench(bench.TINY_CASES[:1], ["xla"], str(out), timers=("fori",), calls=2, reps=5)
+    first = json.loads(out.read_text())
+    bench.bench(bench.TINY_CASES, ["xla"], str(out), timers=("fori",), calls=2, reps=5, merge=True)
+    doc = json.loads(out.read_text())
+    assert [(r["T"], r["impl"]) for r in doc["rows"]] == [
+        (1, "xla"),
+        (16, "xla"),
+    ]  # T=1 rerun: replaced, once
+    assert len(doc["commands"]) == 2 and doc["commands"][0] == first["command"]
+    bench.bench(bench.TINY_CASES[1:], ["xla"], str(out), timers=("fori",), calls=2, reps=5, merge=True)
+    assert json.loads(out.read_text())["rows"][0] == doc["rows"][0]  # the T=1 row kept as it was
+
+    out.write_text(json.dumps({**doc, "device": "NVIDIA H100 80GB HBM3"}))
+    with pytest.raises(SystemExit, match=f"{out}.*H100.*another --out"):
+        bench.bench(bench.TINY_CASES[:1], ["xla"], str(out), timers=("fori",), calls=2, reps=5, merge=True)
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a bench_moe_lora JSON"):
+        bench.bench(bench.TINY_CASES[:1], ["xla"], str(out), timers=("fori",), calls=2, reps=5, merge=True)
+
+
+def _table_row(impl, T, x, bound, peak=1.0, valid=True, d_out=4096):
+    return {"d_in": 4096, "d_out": d_out, "T": T, "E": 28, "r": 8, "k": 2, "routing": "uniform", "impl": impl,
+            "us": 10.0 * x, "base_us": 10.0, "x_vs_base": x, "bound": bound, "peak_mb": peak,
+            "timer": "profile", "timer_valid": valid}  # fmt: skip
+
+
+def test_table_picks_the_best_valid_row_and_checks_the_issue_targets():
+    """``--table``: per case the fastest validly timed row of ours (a faster invalid one and the peers are not
+    ours to claim), its ratio to the bound, and issue 3's target: 1.03 x bound at T = 1 / 64, 1.03 and 64 MiB
+    at T = 4096."""
+    bench = _bench_module()
+    rows = [
+        _table_row("xla", 1, 1.30, 1.008),
+        _table_row("pallas_gpu_decode", 1, 1.02, 1.008),
+        _table_row("pallas_gpu", 1, 0.50, 1.008, valid=False),
+        _table_row("meteora_triton_v4", 1, 2.0, 1.008),
+        _table_row("xla", 4096, 1.02, 1.036, peak=80.0),
+        _table_row("xla", 4096, 1.02, 1.046, peak=30.0, d_out=1024),
+    ]
+    text = bench.table({"device": "GPU", "date": "2026-12-06", "rows": rows})
+    lines = [line for line in text.splitlines() if line.startswith("| 4096->")]
+    assert len(lines) == 3
+    t1 = lines[0].split(" | ")
+    assert t1[6] == "pallas_gpu_decode" and t1[9] == "1.020" and t1[11] == "1.012"
+    assert t1[13] == "<= 1.03 x bound = 1.038" and t1[14] == "yes" and "meteora_triton_v4 2.00" in t1[15]
+    assert lines[1].split(" | ")[14] == "**no**"  # 4096->4096: 1.02 but 80 MB transient
+    assert lines[2].split(" | ")[14] == "yes"  # 4096->1024: 1.02, 30 MB
