@@ -41,6 +41,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "expand_route": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE"),
     "expand_route_work": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_ROUTE_MAX_WORK"),
     "expand_given": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_GIVEN"),
+    "expand_batched": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BATCHED_SHRINK"),
     "expand_spread": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_SPREAD_LORA"),
     "expand_early": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_EARLY_ROUTING"),
     "expand_bn": ("pallas_kernels.grouped_lora.pallas_gpu_expand", "EXPAND_BLOCK_N"),

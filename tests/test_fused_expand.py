@@ -293,6 +293,25 @@ def test_given_routing_expand_only_up_to_its_work_limit(monkeypatch):
     assert ran == ["expand_forward_given", "expand_forward_group", "expand_forward_group"]
 
 
+@pytest.mark.parametrize("batched", [0, 1])
+def test_expand_above_the_given_limit_equals_reference_with_either_shrink(monkeypatch, batched):
+    """Above ``EXPAND_GIVEN`` (XLA builds hc) the shrink is batched over experts (``EXPAND_BATCHED_SHRINK``: A as
+    stored, a dot with a batch dimension) or flat; either way the call equals the plain-JAX reference."""
+    from tests.test_pallas_decode import _args, _case, _want
+    from tests.test_pallas_decode import _inputs as decode_inputs
+
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_GIVEN", 0)
+    monkeypatch.setattr(pallas_gpu_expand, "EXPAND_BATCHED_SHRINK", batched)
+    inp = decode_inputs(_case(5, 72, 40, 6, 8, 2, "float32"), f"expand-batched-{batched}")
+    fn = functools.partial(pallas_gpu_expand.forward_if_batched, interpret=True)
+    y = fn(*_args(inp))
+    want, lora = _want(inp)
+    assert rel_err(y - (want - lora), lora) < 1e-5
+    dots = [e for e in jax.make_jaxpr(fn)(*_args(inp)).jaxpr.eqns if e.primitive.name == "dot_general"]
+    (batch_lhs, _), *_ = (e.params["dimension_numbers"][1] for e in dots)  # the first dot is the shrink
+    assert bool(batch_lhs) == bool(batched)
+
+
 def test_given_routing_expand_refuses_mismatched_shapes():
     x = jnp.zeros((4, 16))
     w, b, scaling = jnp.zeros((16, 8)), jnp.zeros((12, 8)), jnp.ones(3)

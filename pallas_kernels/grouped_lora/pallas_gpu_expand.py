@@ -82,6 +82,11 @@ EXPAND_ROUTE_MAX_WORK = sys.maxsize
 # faster than session 18's path in the same run; at 14,336 (T = 64, 4096 -> 14336) 24% slower, every one of its
 # 224 column blocks building all 64 rows.
 EXPAND_GIVEN = 4096
+# Above ``EXPAND_GIVEN`` (XLA builds ``hc``): 1 = the shrink batched over experts up to
+# ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows, reading A as stored, where the flat shrink makes XLA relayout A to
+# [d, E * r] on every call (a transpose kernel of 2.1 us at 4096->14336, T = 64, on the H200, session 21's
+# breakdown). Knob ``expand_batched``.
+EXPAND_BATCHED_SHRINK = 1
 # 1: under split-K every split takes its share of the B_flat rows (the partials are summed anyway); 0: split 0
 # takes them all, so its programs run longer than the others' (1/split of d_in plus all E * R rows). Knob
 # ``expand_spread``. H100, 8 layers (session 19): batch-64 decode 2.635 -> 2.572 ms per step (two repeats each),
@@ -875,6 +880,9 @@ def forward_if_batched(
         h = xla.shrink_batched(x_td, lora_a_edr) if batched else xla.shrink_all(x_td, lora_a_edr)
         args = (x_td, w_do, h, expert_ids_tk, expert_weights_tk, b_no, scaling_e)
         return expand_forward_given(*args, expert_major=batched, interpret=interpret)
-    h_ter = xla.shrink_all(x_td, lora_a_edr)
+    if EXPAND_BATCHED_SHRINK and x_td.shape[0] <= xla.BATCHED_SHRINK_MAX_TOKENS:
+        h_ter = jnp.swapaxes(xla.shrink_batched(x_td, lora_a_edr), 0, 1)  # A as stored: no relayout kernel
+    else:
+        h_ter = xla.shrink_all(x_td, lora_a_edr)
     hc_tn = xla.masked_coefficients(h_ter, expert_ids_tk, expert_weights_tk, scaling_e, lora_b_ero.dtype)
     return expand_forward_group(x_td, [w_do], [hc_tn], [b_no], interpret=interpret)[0]
