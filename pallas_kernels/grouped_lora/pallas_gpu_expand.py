@@ -85,7 +85,9 @@ EXPAND_GIVEN = 4096
 # Above ``EXPAND_GIVEN`` (XLA builds ``hc``): 1 = the shrink batched over experts up to
 # ``xla.BATCHED_SHRINK_MAX_TOKENS`` rows, reading A as stored, where the flat shrink makes XLA relayout A to
 # [d, E * r] on every call (a transpose kernel of 2.1 us at 4096->14336, T = 64, on the H200, session 21's
-# breakdown). Knob ``expand_batched``.
+# breakdown). Knob ``expand_batched``. H100, session 23 (``moe_lora_h100_batched_ab_s23.json``): 4096->14336,
+# T = 64 54.6 -> 50.2 us (1.109 -> 1.018x the base, bound 1.069): no transpose, and XLA folds the batched
+# shrink's split-K sum into the coefficient fusion; no other Llama-3-8B row at T = 16 / 64 takes this branch.
 EXPAND_BATCHED_SHRINK = 1
 # 1: under split-K every split takes its share of the B_flat rows (the partials are summed anyway); 0: split 0
 # takes them all, so its programs run longer than the others' (1/split of d_in plus all E * R rows). Knob
