@@ -249,7 +249,6 @@ def packed_forward(
     ((_, low),) = plans
     x_td = x_btd.reshape(num_tokens, d)
     interpret = kernel_api.expand_fused_plan(routed[0].implementation, num_tokens, e * r, x_td.dtype.itemsize)
-    fused = None
     fusable = interpret is not None and len({p.implementation for p in routed}) == 1
     # the kernel routes from ``wide`` itself unless ``aux`` wants XLA's ids
     in_kernel = (
@@ -259,23 +258,15 @@ def packed_forward(
         and kernel_gpu_expand.coef_work(num_tokens, [p.d_out for p in routed])
         <= kernel_gpu_expand.EXPAND_ROUTE_MAX_WORK
     )
-    if in_kernel and kernel_gpu_expand.EXPAND_PACK:  # the packed GEMM inside the same launch
-        ws, bs, scalings = _expand_operands(routed)
-        spec = _routed_spec(routed, pack_dn.shape[1], routing)
-        fused = iter(
-            kernel_gpu_expand.expand_forward_group_packed(
-                x_td, pack_dn, ws, bs, scalings, routed=spec, interpret=interpret
-            )
+    wide_tn, h_tper, logits_tpe = _packed_gemm(routed, pack_dn, x_td)
+    ids_tpk, weights_tpk = route_group(logits_tpe, routing)
+    fused = (
+        iter(
+            _expand_fused(routed, x_td, wide_tn, h_tper, ids_tpk, weights_tpk, routing, in_kernel, interpret)
         )
-    if fused is None:
-        wide_tn, h_tper, logits_tpe = _packed_gemm(routed, pack_dn, x_td)
-        ids_tpk, weights_tpk = route_group(logits_tpe, routing)
-        if fusable:
-            fused = iter(
-                _expand_fused(
-                    routed, x_td, wide_tn, h_tper, ids_tpk, weights_tpk, routing, in_kernel, interpret
-                )
-            )
+        if fusable
+        else None
+    )
     outs, i = [], 0
     for p in projections:
         if p.num_experts == 0:

@@ -165,18 +165,11 @@ def column_segments(d_outs: Sequence[int], block_n: int) -> tuple[tuple[tuple[in
     return tuple(segments), block, col
 
 
-def for_each_segment(
-    segments: tuple[tuple[int, int, int], ...],
-    body: Any,
-    block: Array | None = None,
-    split: Array | None = None,
-) -> None:
+def for_each_segment(segments: tuple[tuple[int, int, int], ...], body: Any) -> None:
     """In a group kernel: ``body(p, col_block, split, out_col0)`` for the one projection p whose segment holds
-    this program's column block (``pl.when``: the others' code is skipped). ``block`` / ``split``: the grid's
-    two program ids unless given (``pallas_gpu_expand``'s packed kernel numbers its programs itself)."""
-    if block is None:
-        # Program ids are read here, outside ``pl.when``: interpret mode cannot evaluate them inside a branch.
-        block, split = pl.program_id(0), pl.program_id(1)
+    this program's column block (``pl.when``: the others' code is skipped)."""
+    # Program ids are read here, outside ``pl.when``: interpret mode cannot evaluate them inside a branch.
+    block, split = pl.program_id(0), pl.program_id(1)
     for p, (start, end, col0) in enumerate(segments):
 
         @pl.when((block >= start) & (block < end))
@@ -242,15 +235,13 @@ def all_masks(*masks: Array | None) -> Array | None:
     return out
 
 
-def masked_load(ref: Ref, mask: Array | None, volatile: bool = False) -> Array:
-    """A load with zeros where ``mask`` is false; Triton refuses ``other`` without a mask. ``volatile``: not
-    from L1, which is not coherent, for data other programs of the same launch wrote (``pl.load``'s
-    ``cache_modifier=".cg"`` does not lower on jax 0.10: its table has "cg"). Shared
+def masked_load(ref: Ref, mask: Array | None) -> Array:
+    """A load with zeros where ``mask`` is false; Triton refuses ``other`` without a mask. Shared
     with ``pallas_gpu_expand``, as are ``all_masks``, ``given_routing``, ``kernel_routing``, ``split_k_for``,
     ``column_segments``, ``for_each_segment``, ``sum_partials`` and ``launch_group``."""
     if mask is None:
-        return plgpu.load(ref, volatile=volatile)
-    return plgpu.load(ref, mask=mask, other=0, volatile=volatile)
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=0)
 
 
 def _embed_rows(y_ln: Float[Array, "L N"], rows: int) -> Float[Array, "M N"]:
@@ -302,14 +293,13 @@ def kernel_routing(
     col0s: int | tuple[int, ...],
     num_experts: int,
     spec: RouteSpec,
-    volatile: bool = False,
 ) -> Routing:
     """Routing computed in the kernel from gate logits (columns ``col0 .. col0 + E`` of ``logits``, [T, cols];
     with several ``col0s`` the logits are the sum of those column ranges, in order: the bf16 hi / lo halves of
     a packed gate product): ``gating.route`` for the program's token rows, so no top-k / softmax kernels run
     before it. Every program repeats it (E floats per token, from L2). Ties go to the lower expert, as
     ``lax.top_k``'s; the weights are ``gating.route``'s formulas (top-2: ``softmax_sorted``'s), equal to an ulp
-    of ``exp``. Also used by ``pallas_gpu_expand``'s routed kernel (``volatile``: ``masked_load``'s)."""
+    of ``exp``. Also used by ``pallas_gpu_expand``'s routed kernel."""
     col0s = (col0s,) if isinstance(col0s, int) else tuple(col0s)
 
     # Built where this is called: inside the kernel body, as ``load`` and ``decide`` are.
@@ -320,7 +310,7 @@ def kernel_routing(
     def load(toks: Array, tmask: Array | None) -> list[Array]:
         mask = all_masks(None if tmask is None else tmask[:, None], None if emask is None else emask[None, :])
         # Rows past T read zeros (finite routing, never stored); padded experts are -inf (never picked).
-        return [masked_load(logits_ref.at[toks[:, None], c + ei[None, :]], mask, volatile) for c in col0s]
+        return [masked_load(logits_ref.at[toks[:, None], c + ei[None, :]], mask) for c in col0s]
 
     def decide(parts: list[Array]) -> tuple[list[Array], list[Array]]:
         l_te = functools.reduce(lambda a, b: a + b, [p.astype(jnp.float32) for p in parts]) / spec.temperature

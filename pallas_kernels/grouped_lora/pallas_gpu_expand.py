@@ -25,8 +25,9 @@ is given (ids and weights, the API's ``grouped_lora_fused``), from every expert'
 Status (session 13): checked in interpret mode, compiled for sm_90 on a CPU host (scripts/kernel_report.py: no
 spills, two blocks per SM) and measured on an H100, where it is on by default from 2 to 64 tokens with in-kernel
 routing (batch-64 decode 1.35x -> 1.19x the experts-off model; benchmarks/RESULTS.md, "Session 13").
-``expand_forward_group_packed`` (session 21) also computes the packed GEMM in the same launch; measured on an H100
-and an H200, it did not win, so it is off (``EXPAND_PACK``).
+Session 21 also computed the packed GEMM inside this launch (programs taking tickets, the expand programs polling
+a counter after their W loop); measured on an H100 and an H200 it lost or tied everywhere, and session 23
+removed it (NOTES.md, "Session 21"; the code is in git history before that removal).
 """
 
 from __future__ import annotations
@@ -37,10 +38,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
@@ -58,7 +57,6 @@ from pallas_kernels.grouped_lora.pallas_gpu_decode import (
     launch_group,
     masked_load,
     split_k_for,
-    sum_partials,
 )
 
 Ref = Any
@@ -96,8 +94,8 @@ EXPAND_BATCHED_SHRINK = 1
 EXPAND_SPREAD_LORA = 1
 # 1: each program issues its routing's loads (the gate logits of ``expand_forward_group_routed``, or the given ids
 # and weights) before its W loop and does the top-k after it, so their L2 round trip overlaps the loop instead of
-# stalling the program between the loop and the B_flat block (``pallas_gpu_decode.Routing.issue``). Not with the
-# packed kernel (``EXPAND_PACK``), whose logits other programs write during the loop. Knob ``expand_early``.
+# stalling the program between the loop and the B_flat block (``pallas_gpu_decode.Routing.issue``). Knob
+# ``expand_early``.
 # H100, session 22: within 1% everywhere, never slower: T = 64 single projections 15.6 -> 15.3 us (4096->1024),
 # 25.1 -> 24.8 (4096->4096), 57.5 -> 57.0 (14336->4096); 8 layers, batch 64 2.609 -> 2.598 ms per step, batch 8
 # 2.144 -> 2.116 (kernel time unchanged).
@@ -302,15 +300,14 @@ def _weighted_hc(route: Routing, load_h: Any, scaling_ref: Ref, num_experts: int
     return prepare
 
 
-def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int, volatile: bool = False) -> Any:
+def _routed_hc(wide_ref: Ref, scaling_ref: Ref, routed: Routed, p: int) -> Any:
     """``_weighted_hc`` for projection p of a packed group: its shrink and gate logits in the packed GEMM's
-    output, routed by the program's own top-k (``pallas_gpu_decode.kernel_routing``). ``volatile`` where
-    other programs of the same launch wrote ``wide`` (``expand_forward_group_packed``)."""
-    route = kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec, volatile)
+    output, routed by the program's own top-k (``pallas_gpu_decode.kernel_routing``)."""
+    route = kernel_routing(wide_ref, routed.logit_col0s[p], routed.num_experts, routed.spec)
     h_col0 = routed.h_col0s[p]
 
     def load_h(rows: Array, kk: Array, mask: Array | None) -> Array:
-        return masked_load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask, volatile)
+        return masked_load(wide_ref.at[rows[:, None], h_col0 + kk[None, :]], mask)
 
     return _weighted_hc(route, load_h, scaling_ref, routed.num_experts, routed.rank)
 
@@ -351,13 +348,11 @@ def _body(
     col_block: Array,
     split: Array,
     out_col0: int,
-    before_lora: Callable[[], None] | None = None,
 ) -> None:
     """One program's columns ``col_block`` over its K split of d_in, plus (split 0) the B_flat block, whose
     left operand ``lora_lhs`` gives (``_given_hc`` / ``_routed_hc``: ``prepare(rows, row_mask)()``; no B_flat
     block where ``b_ref`` is None: ``matmul``); written at output column ``out_col0`` on (float32 partial rows
-    ``split * T ..`` under split-K). ``before_lora`` runs between the W loop and the B_flat block (the packed
-    kernel waits there for its shrink)."""
+    ``split * T ..`` under split-K)."""
     n_tok, d_in = x_ref.shape
     d_out = w_ref.shape[1]
     bn, bk = tiles.block_n, tiles.block_k
@@ -367,9 +362,8 @@ def _body(
     cmask = None if d_out % bn == 0 else cols < d_out
     w_tail = d_in % bk != 0 or tiles.split_k * tiles.split_steps * bk > d_in
     x_lhs = _given_hc(x_ref)(rows, row_mask)()
-    # The routing's loads go out before the W loop (``EXPAND_EARLY_ROUTING``), unless another program of the
-    # launch is still writing what they read (``before_lora``: the packed kernel's wait).
-    early = b_ref is not None and before_lora is None and bool(EXPAND_EARLY_ROUTING)
+    # The routing's loads go out before the W loop (``EXPAND_EARLY_ROUTING``).
+    early = b_ref is not None and bool(EXPAND_EARLY_ROUTING)
     pending_lhs = lora_lhs(rows, row_mask) if early else None
 
     def dot_step(lhs_fn, rhs_ref, k0, extent, tail, gate, bk=bk):  # noqa: ANN001, ANN202
@@ -400,8 +394,6 @@ def _body(
         # and the other splits' loads are masked off (no traffic). Rows past E * R are masked either way.
         first = None if tiles.lora_spread else split == 0
         step0 = split * tiles.lora_steps if tiles.lora_spread else 0
-        if before_lora is not None:
-            before_lora()
         b_lhs = (pending_lhs or lora_lhs(rows, row_mask))()
 
         def b_step(kb, acc):  # noqa: ANN001, ANN202
@@ -448,7 +440,6 @@ def _projection_body(
     bs: Sequence[Ref | None],
     o_ref: Ref,
     tiles: _Tiles,
-    before_lora: Callable[[], None] | None = None,
 ) -> Callable[[int, Array, Array, int], None]:
     """A group kernel's ``for_each_segment`` body: projection p's column block through ``_body`` with its W,
     B_flat block operand ``lhs_fns[p]`` and ``bs[p]``."""
@@ -464,7 +455,6 @@ def _projection_body(
             col_block=col_block,
             split=split,
             out_col0=col0,
-            before_lora=before_lora,
         )
 
     return body
@@ -533,263 +523,6 @@ def expand_forward_group_routed(
         )
     scalings = tuple(s.astype(jnp.float32) for s in scalings_e)
     return _launch(x_td, ws_do, (wide_tn, *bs_no, *scalings), n_cols, routed, interpret, config)
-
-
-# ``expand_forward_group_packed``: the packed GEMM inside the routed expand's launch. Its programs with the
-# first tickets compute [rows, ``PACK_BLOCK_N``] tiles of ``x @ pack`` over ``PACK_STEPS`` K steps each; the rest
-# run the routed expand and wait for the whole pack only after their W loop. Knob ``expand_pack`` (1: the
-# model's packed path takes it where the routed expand serves), ``pack_in_bn``, ``pack_in_steps``. Off: it lost
-# or tied at batch 64 in every setting tried (session 21, benchmarks/RESULTS.md; H200, 8 layers: 2.214 ms per
-# step at best, with ``pack_in_tickets=0``, ``pack_in_volatile=0``, ``pack_in_steps=8``, against 2.199 for the
-# separate GEMMs): each program pays a counter round trip, and XLA copies the zeroed counters into every launch.
-EXPAND_PACK = 0
-PACK_BLOCK_N = 64
-PACK_STEPS = 4
-# 1: the loads of what other programs of the launch wrote (the pack's partials, ``wide``) are volatile (not from
-# L1). 0: plain loads, which are also safe here: no SM reads those addresses before their final values exist,
-# so L1 holds no stale copy (L1 starts empty at every launch). Knob ``pack_in_volatile``.
-PACK_VOLATILE = 1
-# 1: the pack's tiles are programs of their own, before the expand's; 0: every expand program computes pack
-# tiles first (the pack's bytes spread over all SMs). Interpret mode always runs them apart. Knob
-# ``pack_in_separate``.
-PACK_SEPARATE = 1
-# 1: programs take tickets (an atomic) as they start; 0: the program id serves, as CUDA starts blocks in id
-# order in practice (not a documented guarantee). Knob ``pack_in_tickets``.
-PACK_TICKETS = 1
-# The packed kernel's counters (zeros from XLA at every call): ticket dispenser, finished pack column tiles,
-# then one arrival counter per pack column tile.
-_TICKET, _DONE, _TILE0 = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class _PackTiles:
-    block_n: int
-    block_k: int
-    col_tiles: int  # column tiles of the pack
-    split: int  # K splits per column tile, each ``steps`` steps of ``block_k`` rows
-    steps: int
-
-    @property
-    def programs(self) -> int:
-        return self.col_tiles * self.split
-
-
-def _pack_tiles(d_in: int, n_cols: int, block_k: int) -> _PackTiles:
-    block_n = max(16, min(PACK_BLOCK_N, pow2(n_cols)))
-    total = cdiv(d_in, block_k)
-    steps = max(1, min(PACK_STEPS, total))
-    return _PackTiles(block_n, block_k, cdiv(n_cols, block_n), cdiv(total, steps), steps)
-
-
-def _sync(interpret: bool) -> None:
-    """All threads of the program here before any goes on (Triton's ``debug_barrier``); interpret mode runs a
-    program as one thread and has no lowering for it."""
-    if not interpret:
-        plgpu.debug_barrier()
-
-
-def _pack_tile(
-    x_ref: Ref,
-    pack_ref: Ref,
-    part_ref: Ref,
-    wide_ref: Ref,
-    ctr_ref: Ref,
-    *,
-    ticket: Array,
-    zero: Array,
-    tiles: _Tiles,
-    ptiles: _PackTiles,
-    interpret: bool,
-) -> None:
-    """Program ``ticket``'s tile of ``x @ pack`` (float32): a column tile over one K split, written as a
-    partial; the tile's last split to arrive (its counter) sums all its partials in split order, so the sum does
-    not depend on who came last, writes it to ``wide`` and counts the tile done."""
-    n_tok, d_in = x_ref.shape
-    n_cols = pack_ref.shape[1]
-    bn, bk = ptiles.block_n, ptiles.block_k
-    col_tile, split = ticket % ptiles.col_tiles, ticket // ptiles.col_tiles
-    rows = jnp.arange(tiles.rows, dtype=jnp.int32)
-    row_mask = None if tiles.rows == n_tok else rows < n_tok
-    cols = col_tile * bn + jnp.arange(bn, dtype=jnp.int32)
-    cmask = None if n_cols % bn == 0 else cols < n_cols
-    tail = ptiles.split * ptiles.steps * bk > d_in
-    out_mask = all_masks(
-        None if row_mask is None else row_mask[:, None], None if cmask is None else cmask[None, :]
-    )
-
-    def step(kb, acc):  # noqa: ANN001, ANN202
-        kk = (split * ptiles.steps + kb) * bk + jnp.arange(bk, dtype=jnp.int32)
-        kmask = kk < d_in if tail else None
-        lhs = masked_load(
-            x_ref.at[rows[:, None], kk[None, :]],
-            all_masks(
-                None if row_mask is None else row_mask[:, None], None if kmask is None else kmask[None, :]
-            ),
-        )
-        rhs = masked_load(
-            pack_ref.at[kk[:, None], cols[None, :]],
-            all_masks(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :]),
-        )
-        return acc + jnp.dot(lhs, rhs, preferred_element_type=jnp.float32, precision=dot_precision(rhs.dtype))
-
-    acc = lax.fori_loop(0, ptiles.steps, step, jnp.zeros((tiles.rows, bn), jnp.float32))
-    plgpu.store(part_ref.at[split * n_tok + rows[:, None], cols[None, :]], acc, mask=out_mask)
-    _sync(interpret)  # every thread's partial stored before the (release) count
-    arrived = plgpu.atomic_add(ctr_ref, (zero + _TILE0 + col_tile,), zero + 1)
-
-    @pl.when(arrived == ptiles.split - 1)
-    def _() -> None:
-        total = jnp.zeros((tiles.rows, bn), jnp.float32)
-        for s in range(ptiles.split):
-            total = total + masked_load(
-                part_ref.at[s * n_tok + rows[:, None], cols[None, :]], out_mask, volatile=bool(PACK_VOLATILE)
-            )
-        plgpu.store(wide_ref.at[rows[:, None], cols[None, :]], total, mask=out_mask)
-        _sync(interpret)
-        plgpu.atomic_add(ctr_ref, (zero + _DONE,), zero + 1)
-
-
-def _packed_kernel(
-    *refs: Ref,
-    tiles: _Tiles,
-    ptiles: _PackTiles,
-    segments: tuple[tuple[int, int, int], ...],
-    blocks: int,
-    routed: Routed,
-    separate: bool,
-    interpret: bool,
-) -> None:
-    """refs: x, pack, W_1..W_P, B_1..B_P, scaling_1..P, counters (in); out, pack partials, wide, counters."""
-    n = len(segments)
-    x_ref, pack_ref = refs[0], refs[1]
-    ws, bs, scalings = refs[2 : 2 + n], refs[2 + n : 2 + 2 * n], refs[2 + 2 * n : 2 + 3 * n]
-    o_ref, part_ref, wide_ref, ctr_ref = refs[-4:]
-    # Counter indices and increments as traced int32: the atomics take no Python ints, and interpret mode's
-    # while loop takes no constants made inside it.
-    zero = pl.program_id(0) * 0
-    # Tickets in the order programs start: the pack's tiles go to the first ones, so a program that waits for
-    # the pack waits only on programs already running, whatever the GPU's residency (and in interpret mode,
-    # which runs programs one by one in order, on programs already finished).
-    if PACK_TICKETS:
-        ticket = plgpu.atomic_add(ctr_ref, (zero + _TICKET,), zero + 1)
-    else:  # the program id: no atomic's round trip before the first load, safe where blocks start in id order
-        ticket = pl.program_id(0)
-    # ``separate``: the first ``ptiles.programs`` programs compute the pack and nothing else; else every expand
-    # program computes pack tile(s) ``ticket + i * n_expand`` first (which interpret mode cannot run: its
-    # program 0 would wait for tiles of programs not yet run).
-    n_expand = blocks * tiles.split_k
-    first = ptiles.programs if separate else 0
-    rounds = 1 if separate else cdiv(ptiles.programs, n_expand)
-    for i in range(rounds):
-        tile = ticket + i * n_expand
-
-        @pl.when(tile < ptiles.programs)
-        def _(tile: Array = tile) -> None:
-            _pack_tile(
-                x_ref,
-                pack_ref,
-                part_ref,
-                wide_ref,
-                ctr_ref,
-                ticket=tile,
-                zero=zero,
-                tiles=tiles,
-                ptiles=ptiles,
-                interpret=interpret,
-            )
-
-    @pl.when(ticket >= first)
-    def _() -> None:
-        e = ticket - first
-
-        def wait() -> None:
-            def poll(_):  # noqa: ANN001, ANN202
-                return plgpu.atomic_add(ctr_ref, (zero + _DONE,), zero)
-
-            lax.while_loop(lambda done: done < ptiles.col_tiles, poll, poll(None))
-            _sync(interpret)
-
-        lhs_fns = [
-            _routed_hc(wide_ref, scalings[p], routed, p, volatile=bool(PACK_VOLATILE)) for p in range(n)
-        ]
-        body = _projection_body(x_ref, ws, lhs_fns, bs, o_ref, tiles, before_lora=wait)
-        for_each_segment(segments, body, block=e % blocks, split=e // blocks)
-
-
-def expand_forward_group_packed(
-    x_td: Float[Array, "T D"],
-    pack_dn: Float[Array, "D C"],
-    ws_do: Sequence[Float[Array, "D O"]],
-    bs_no: Sequence[Float[Array, "N O"]],
-    scalings_e: Sequence[Float[Array, " E"]],
-    *,
-    routed: Routed,
-    interpret: bool = False,
-    config: ExpandConfig | None = None,
-    return_wide: bool = False,
-) -> list[Float[Array, "T O"]] | tuple[list[Float[Array, "T O"]], Float[Array, "T C"]]:
-    """``expand_forward_group_routed`` of ``wide = x @ pack`` (float32), with that GEMM in the same launch.
-
-    At batch-64 decode the packed GEMM was its own two kernels per group (XLA's split-K GEMM, ~4-6 us, and its
-    reduction, ~1.5-2.7 us; H100 trace, session 21) for 2-6 MB of pack: fixed costs more than bytes. Here the
-    first programs (by ticket) compute the pack's tiles, each K split a partial and the last split of a tile
-    their sum; the expand programs run their W loop (which needs no pack), then wait until every tile is done
-    and build ``hc`` from ``wide`` as the routed kernel does. Deterministic: partials are summed in split order.
-    ``return_wide`` also returns the packed GEMM's output (for tests)."""
-    n_cols = routed.num_experts * routed.rank
-    n = len(ws_do)
-    num_tokens, d_in = x_td.shape
-    if (
-        pack_dn.ndim != 2
-        or pack_dn.shape[0] != d_in
-        or pack_dn.dtype != x_td.dtype
-        or not (len(bs_no) == len(scalings_e) == len(routed.h_col0s) == len(routed.logit_col0s) == n)
-        or any(b.shape != (n_cols, w.shape[1]) for b, w in zip(bs_no, ws_do, strict=True))
-        or max(max(c) for c in routed.logit_col0s) + routed.num_experts > pack_dn.shape[1]
-    ):
-        raise ValueError(
-            f"expand_forward_group_packed: pack {pack_dn.shape} {pack_dn.dtype} for x {x_td.shape} {x_td.dtype}, "
-            f"B {[b.shape for b in bs_no]}, {len(routed.h_col0s)} column offsets do not match {n} projections "
-            f"of {routed.num_experts} rank-{routed.rank} experts"
-        )
-    d_outs = tuple(w.shape[1] for w in ws_do)
-    cfg = config or EXPAND_CONFIG_OVERRIDE or ExpandConfig.default()
-    tiles = _tiles(cfg, num_tokens, d_in, d_outs, n_cols, routed=True)
-    ptiles = _pack_tiles(d_in, pack_dn.shape[1], tiles.block_k)
-    segments, blocks, width = column_segments(d_outs, tiles.block_n)
-    split = tiles.split_k
-    y_shape = (num_tokens, width) if split == 1 else (split * num_tokens, width)
-    f32 = jnp.float32
-    separate = interpret or bool(PACK_SEPARATE)
-    kernel = functools.partial(
-        _packed_kernel,
-        tiles=tiles,
-        ptiles=ptiles,
-        segments=segments,
-        blocks=blocks,
-        routed=routed,
-        separate=separate,
-        interpret=interpret,
-    )
-    scalings = tuple(s_e.astype(f32) for s_e in scalings_e)
-    counters = jnp.zeros((_TILE0 + ptiles.col_tiles,), jnp.int32)
-    y, _, wide, _ = pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct(y_shape, x_td.dtype if split == 1 else f32),
-            jax.ShapeDtypeStruct((ptiles.split * num_tokens, pack_dn.shape[1]), f32),
-            jax.ShapeDtypeStruct((num_tokens, pack_dn.shape[1]), f32),
-            jax.ShapeDtypeStruct(counters.shape, jnp.int32),
-        ),
-        grid=((ptiles.programs if separate else 0) + blocks * split,),
-        input_output_aliases={2 + 3 * n: 3},
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="lora_expand_fused_packed",
-    )(x_td, pack_dn, *ws_do, *bs_no, *scalings, counters)
-    y = sum_partials(y, split, x_td.dtype)
-    ys = jnp.split(y, [c for _, _, c in segments[1:]], axis=1)
-    return (ys, wide) if return_wide else ys
 
 
 def expand_forward_given(
