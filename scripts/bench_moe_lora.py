@@ -54,6 +54,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -408,7 +409,9 @@ def merged_run(out_path: str) -> tuple[list[dict], list[str]]:
     return rows, doc.get("commands") or [doc["command"]] * ("command" in doc)
 
 
-def _write(rows: list[dict], out_path: str, kept: list[dict] = (), kept_commands: list[str] = ()) -> None:
+def _write(
+    rows: list[dict], out_path: str, kept: Sequence[dict] = (), kept_commands: Sequence[str] = ()
+) -> None:
     fresh = {_row_key(r) for r in rows}
     command = " ".join(["python3", *sys.argv])
     doc = {
@@ -444,9 +447,8 @@ def issue_target(row: dict) -> tuple[str, bool] | None:
 
 def _best(rows: list[dict]) -> dict | None:
     """The fastest row by ``x_vs_base``, rows timed validly first."""
-    timed = [
-        r for r in rows if r["x_vs_base"] is not None and r["x_vs_base"] > 0
-    ]  # < 0: a base below the timer's floor
+    # x_vs_base < 0: a base below the fori timer's floor (session 1's JSON has some)
+    timed = [r for r in rows if r["x_vs_base"] is not None and r["x_vs_base"] > 0]
     return min(timed, key=lambda r: (not r["timer_valid"], r["x_vs_base"]), default=None)
 
 
@@ -476,7 +478,11 @@ def table(doc: dict) -> str:
             continue
         target = issue_target(ours)
         valid = "" if ours["timer_valid"] else "?"
-        peer_txt = "" if peer is None else f"{peer['impl']} {peer['x_vs_base']:.2f} ({peer['peak_mb']})"
+        peer_txt = (
+            ""
+            if peer is None
+            else f"{peer['impl']} {peer['x_vs_base']:.2f} ({'?' if peer['peak_mb'] is None else peer['peak_mb']})"
+        )
         lines.append(
             f"| {key[0]}->{key[1]} | {key[2]} | {key[3]} | {key[4]} | {key[5]} | {key[6]} | {ours['impl']} "
             f"| {ours['us']}{valid} | {ours['base_us']} | {ours['x_vs_base']:.3f}{valid} | {ours['bound']:.3f} "
