@@ -394,12 +394,8 @@ def merged_run(out_path: str) -> tuple[list[dict], list[str]]:
     measured on another kind of device: one table must not mix an H100's ratios with an H200's."""
     if not os.path.exists(out_path):
         return [], []
-    try:
-        with open(out_path) as f:
-            doc = json.load(f)
-        rows, device = doc["rows"], doc["device"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--merge: {out_path} is not a bench_moe_lora JSON ({e}); pass another --out") from e
+    doc = read_doc(out_path, "--merge", "pass another --out")
+    rows, device = doc["rows"], doc["device"]
     here = str(jax.devices()[0].device_kind)
     if device != here:
         raise SystemExit(
@@ -407,6 +403,19 @@ def merged_run(out_path: str) -> tuple[list[dict], list[str]]:
             "leave out --merge to start a new file"
         )
     return rows, doc.get("commands") or [doc["command"]] * ("command" in doc)
+
+
+def read_doc(path: str, flag: str, fix: str) -> dict:
+    """A JSON this script wrote (its ``device`` and ``rows`` present), or exit naming ``flag``, the file and
+    ``fix``."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or "device" not in doc:
+            raise ValueError("no 'device' and 'rows'")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag}: {path} is not a bench_moe_lora JSON ({e}); {fix}") from e
+    return doc
 
 
 def _write(
@@ -439,7 +448,7 @@ def issue_target(row: dict) -> tuple[str, bool] | None:
     if row["T"] in (1, 64):
         return f"<= 1.03 x bound = {1.03 * row['bound']:.3f}", x <= 1.03 * row["bound"]
     if row["T"] == 4096:
-        return "<= 1.03, <= 64 MiB", x <= 1.03 and (row["peak_mb"] or 0.0) <= 64
+        return "<= 1.03, <= 64 MiB", x <= 1.03 and row["peak_mb"] is not None and row["peak_mb"] <= 64
     if row["T"] == 16384:
         return "<= 1.03", x <= 1.03
     return None
@@ -592,11 +601,7 @@ def main() -> None:
     )
     opts = parser.parse_args()
     if opts.table:
-        try:
-            with open(opts.table) as f:
-                print(table(json.load(f)))
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"--table: cannot read {opts.table} as a bench_moe_lora JSON: {e}") from e
+        print(table(read_doc(opts.table, "--table", "pass a file that --out wrote")))
         return
     if (
         opts.peers

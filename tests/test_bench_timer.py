@@ -228,8 +228,21 @@ def test_merge_keeps_the_rows_not_rerun_and_refuses_another_device(tmp_path):
     with pytest.raises(SystemExit, match=f"{out}.*H100.*another --out"):
         bench.bench(bench.TINY_CASES[:1], ["xla"], str(out), timers=("fori",), calls=2, reps=5, merge=True)
     out.write_text("{not json")
-    with pytest.raises(SystemExit, match="not a bench_moe_lora JSON"):
+    with pytest.raises(SystemExit, match="not a bench_moe_lora JSON.*another --out"):
         bench.bench(bench.TINY_CASES[:1], ["xla"], str(out), timers=("fori",), calls=2, reps=5, merge=True)
+    assert out.read_text() == "{not json"  # refused before anything was timed or written
+
+
+@pytest.mark.parametrize("text", [None, "{not json", '{"rows": []}', "[1, 2]"])
+def test_table_refuses_a_file_this_script_did_not_write(tmp_path, text):
+    """``--table`` on a missing file, broken JSON, or JSON without ``device`` and ``rows``: an exit naming the
+    flag and the file, not a traceback."""
+    bench = _bench_module()
+    path = tmp_path / "rows.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match=f"--table: {path} is not a bench_moe_lora JSON"):
+        bench.read_doc(str(path), "--table", "pass a file that --out wrote")
 
 
 def _table_row(impl, T, x, bound, peak=1.0, valid=True, d_out=4096):

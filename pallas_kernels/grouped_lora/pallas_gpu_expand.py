@@ -610,12 +610,12 @@ def forward_if_batched(
     if not xla.dense_fits(num_experts * rank):
         return None
     b_no = lora_b_ero.reshape(num_experts * rank, lora_b_ero.shape[2])
+    batched = x_td.shape[0] <= xla.BATCHED_SHRINK_MAX_TOKENS
     if coef_work(x_td.shape[0], (w_do.shape[1],)) <= EXPAND_GIVEN:
-        batched = x_td.shape[0] <= xla.BATCHED_SHRINK_MAX_TOKENS
         h = xla.shrink_batched(x_td, lora_a_edr) if batched else xla.shrink_all(x_td, lora_a_edr)
         args = (x_td, w_do, h, expert_ids_tk, expert_weights_tk, b_no, scaling_e)
         return expand_forward_given(*args, expert_major=batched, interpret=interpret)
-    if EXPAND_BATCHED_SHRINK and x_td.shape[0] <= xla.BATCHED_SHRINK_MAX_TOKENS:
+    if batched and EXPAND_BATCHED_SHRINK:
         h_ter = jnp.swapaxes(xla.shrink_batched(x_td, lora_a_edr), 0, 1)  # A as stored: no relayout kernel
     else:
         h_ter = xla.shrink_all(x_td, lora_a_edr)
