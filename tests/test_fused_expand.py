@@ -379,32 +379,24 @@ def test_model_packed_step_with_routed_expand_matches(monkeypatch, dtype):
     assert not calls
 
 
-def qkv_b64_specs() -> tuple:
-    """Llama-3-8B's q/k/v at batch 64 with 28 rank-8 experts and bf16 gate halves, as shape specs for lowering:
-    (``Routed`` of the pack's layout, x, Ws, B_flats, scalings, the pack's column count)."""
-    from pallas_kernels.grouped_lora.gating import RouteSpec
-
-    spec, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-    widths, e, r = (4096, 1024, 1024), 28, 8
-    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(2), e, r, len(widths), halves=True)
-    return (
-        routed,
-        spec((64, 4096), bf16),
-        [spec((4096, o), bf16) for o in widths],
-        [spec((e * r, o), bf16) for o in widths],
-        [spec((e,), jnp.float32) for _ in widths],
-        len(widths) * (e * r + 2 * e),
-    )
-
-
 @pytest.mark.parametrize("early", [0, 1])
 def test_routed_expand_kernel_lowers_for_cuda_as_one_kernel(monkeypatch, early):
     """The routed kernel at Llama-3-8B's q/k/v, batch 64 (the packed GEMM's output with bf16 gate halves):
     ONE Triton kernel for CUDA, and no XLA sort / top-k beside it. With ``EXPAND_EARLY_ROUTING`` each
     projection's branch loads its logits (the hi and lo halves) before its W loop, else nothing."""
+    from pallas_kernels.grouped_lora.gating import RouteSpec
+
     monkeypatch.setattr(pallas_gpu_expand, "EXPAND_EARLY_ROUTING", early)
-    routed, x, ws, bs, scalings, pack_cols = qkv_b64_specs()
-    args = (x, ws, jax.ShapeDtypeStruct((64, pack_cols), jnp.float32), bs, scalings)
+    spec, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+    widths, e, r = (4096, 1024, 1024), 28, 8
+    routed = pallas_gpu_expand.Routed.of_pack(RouteSpec(2), e, r, len(widths), halves=True)
+    ws = [spec((4096, o), bf16) for o in widths]
+    bs = [spec((e * r, o), bf16) for o in widths]
+    scalings = [spec((e,), jnp.float32) for _ in widths]
+    wide = spec(
+        (64, len(widths) * (e * r + 2 * e)), jnp.float32
+    )  # every shrink, then the gates' hi / lo halves
+    args = (spec((64, 4096), bf16), ws, wide, bs, scalings)
 
     def fn(*a):
         return pallas_gpu_expand.expand_forward_group_routed(*a, routed=routed)

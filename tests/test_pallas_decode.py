@@ -353,7 +353,6 @@ def _triton_kernels(lowered: jax.stages.Lowered) -> list[ir.Operation]:
         if op.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.attributes:
             config = ir.DictAttr(op.attributes["mhlo.backend_config"])
             ctx = ir.Context()
-            ctx.allow_unregistered_dialects = True  # a kernel with atomics would bring ``gpu`` ops
             triton.dialect.register_dialect(ctx)
             with ctx:
                 kernels.append(ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes).operation)
