@@ -5,12 +5,14 @@ Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.
        [--timer both|profile|fori] [--calls 20] [--reps 50] [--l2 cold|warm] [--tiny] [--decode-max-tokens N]
        [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]] [--breakdown]
        python scripts/bench_moe_lora.py --table benchmarks/results/moe_lora_h200.json
+       python scripts/bench_moe_lora.py --combine PIECE.json [PIECE.json ...] --out ALL.json
 
 With no arguments it runs every row issue 3 asks for (``shapes.bench_cases``) with every backend that is the
 best somewhere (``DEFAULT_IMPLS``), timed from the profiler, and writes ``moe_lora_h200.json``. That takes longer
 than one 10-minute device call; run it in pieces with ``--filter`` and ``--merge`` (each piece keeps the rows the
 file already holds for the cases and impls it does not rerun), then ``--table`` prints the issue's table from the
-JSON: per row the best of ours, its ratio to the bound and to the target, and MeteoRA's best peer.
+JSON: per row the best of ours, its ratio to the bound and to the target, and MeteoRA's best peer. Pieces
+written to separate files (one per device call) join with ``--combine``, which needs no GPU.
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
 (``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f]``
@@ -402,7 +404,12 @@ def merged_run(out_path: str) -> tuple[list[dict], list[str]]:
             f"--merge: {out_path} was measured on {device!r}, this run is on {here!r}; pass another --out or "
             "leave out --merge to start a new file"
         )
-    return rows, doc.get("commands") or [doc["command"]] * ("command" in doc)
+    return rows, _commands(doc)
+
+
+def _commands(doc: dict) -> list[str]:
+    """Every command whose rows ``doc`` holds (files older than ``commands`` name only their own)."""
+    return doc.get("commands") or [doc["command"]] * ("command" in doc)
 
 
 def read_doc(path: str, flag: str, fix: str) -> dict:
@@ -415,6 +422,29 @@ def read_doc(path: str, flag: str, fix: str) -> dict:
             raise ValueError("no 'device' and 'rows'")
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag}: {path} is not a bench_moe_lora JSON ({e}); {fix}") from e
+    return doc
+
+
+def combine(paths: Sequence[str], out_path: str) -> dict:
+    """Join JSONs this script wrote on one device kind into ``out_path``: a later file's (case, impl) rows replace
+    an earlier file's, as ``--merge`` does; files of different devices are refused before anything is written."""
+    docs = [read_doc(p, "--combine", "pass files that --out wrote") for p in paths]
+    devices = {d["device"] for d in docs}
+    if len(devices) != 1:
+        raise SystemExit(
+            f"--combine: {', '.join(paths)} were measured on {sorted(devices)}; one table must hold one device kind"
+        )
+    rows: dict[tuple, dict] = {}
+    for d in docs:
+        rows.update({_row_key(r): r for r in d["rows"]})
+    commands = [c for d in docs for c in _commands(d)]
+    doc = {
+        **docs[-1],
+        "date": max(d.get("date", "") for d in docs),
+        "commands": commands,
+        "rows": list(rows.values()),
+    }
+    write_text_atomic(out_path, json.dumps(doc, indent=1))
     return doc
 
 
@@ -552,6 +582,14 @@ def main() -> None:
         help="print issue 3's Markdown table (best of ours per row, bound, target, MeteoRA's best) from a JSON "
         "this script wrote, and exit; needs no GPU",
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="join JSONs this script wrote on one device kind (later files' rows replace earlier ones of the same "
+        "case and impl) into --out, and exit; needs no GPU",
+    )
     parser.add_argument("--filter", default="", help="regex searched in the case name")
     parser.add_argument(
         "--timer",
@@ -602,6 +640,12 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.table:
         print(table(read_doc(opts.table, "--table", "pass a file that --out wrote")))
+        return
+    if opts.combine:
+        if not opts.out:
+            parser.error("--combine needs --out")
+        doc = combine(opts.combine, opts.out)
+        print(f"{opts.out}: {len(doc['rows'])} rows from {len(opts.combine)} files")
         return
     if (
         opts.peers

@@ -233,6 +233,26 @@ def test_merge_keeps_the_rows_not_rerun_and_refuses_another_device(tmp_path):
     assert out.read_text() == "{not json"  # refused before anything was timed or written
 
 
+def test_combine_joins_pieces_of_one_device_and_refuses_two(tmp_path):
+    """``--combine``: files written by separate device calls join into one table, a later file's (case, impl)
+    rows replacing an earlier one's; pieces of two device kinds are refused before anything is written."""
+    bench = _bench_module()
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
+    bench.bench(bench.TINY_CASES, ["xla"], str(a), timers=("fori",), calls=2, reps=5)
+    bench.bench(bench.TINY_CASES[1:], ["xla"], str(b), timers=("fori",), calls=2, reps=5)
+    doc = bench.combine([str(a), str(b)], str(out))
+    rows_a, rows_b = json.loads(a.read_text())["rows"], json.loads(b.read_text())["rows"]
+    assert json.loads(out.read_text()) == doc
+    assert doc["rows"] == [rows_a[0], rows_b[0]]  # T=1 from a, T=16 from b (the later file)
+    assert len(doc["commands"]) == 2
+
+    b.write_text(json.dumps({**json.loads(b.read_text()), "device": "NVIDIA H200"}))
+    out.unlink()
+    with pytest.raises(SystemExit, match="--combine: .*one device kind"):
+        bench.combine([str(a), str(b)], str(out))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("text", [None, "{not json", '{"rows": []}', "[1, 2]"])
 def test_table_refuses_a_file_this_script_did_not_write(tmp_path, text):
     """``--table`` on a missing file, broken JSON, or JSON without ``device`` and ``rows``: an exit naming the
