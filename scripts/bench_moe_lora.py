@@ -1,6 +1,6 @@
 """Benchmark one MoE-LoRA projection (base GEMM + grouped LoRA) against the plain base GEMM.
 
-Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.json] [--merge]
+Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_<gpu>.json] [--merge]
        [--impls pallas_gpu_decode,xla,xla+prefill_cublas=1,pallas_gpu] [--filter REGEX]
        [--timer both|profile|fori] [--calls 20] [--reps 50] [--l2 cold|warm] [--tiny] [--decode-max-tokens N]
        [--peers meteora_bmm_torch_v1,meteora_triton_v4 [--peers-dir DIR]] [--breakdown]
@@ -8,11 +8,12 @@ Usage: python scripts/bench_moe_lora.py [--out benchmarks/results/moe_lora_h200.
        python scripts/bench_moe_lora.py --combine PIECE.json [PIECE.json ...] --out ALL.json
 
 With no arguments it runs every row issue 3 asks for (``shapes.bench_cases``) with every backend that is the
-best somewhere (``DEFAULT_IMPLS``), timed from the profiler, and writes ``moe_lora_h200.json``. That takes longer
-than one 10-minute device call; run it in pieces with ``--filter`` and ``--merge`` (each piece keeps the rows the
-file already holds for the cases and impls it does not rerun), then ``--table`` prints the issue's table from the
-JSON: per row the best of ours, its ratio to the bound and to the target, and MeteoRA's best peer. Pieces
-written to separate files (one per device call) join with ``--combine``, which needs no GPU.
+best somewhere (``DEFAULT_IMPLS``), timed from the profiler, and writes ``benchmarks/results/moe_lora_<gpu>.json``
+(``moe_lora_h200.json`` on an H200, ``moe_lora_h100.json`` on an H100). With MeteoRA's peers that took 300 s on an
+H100. A run longer than one device call goes in pieces with ``--filter``: each piece into its own ``--out``,
+joined afterwards with ``--combine`` (no GPU needed), or into one file with ``--merge`` (each piece keeps the rows
+the file already holds for the cases and impls it does not rerun). ``--table`` prints the issue's table from the
+JSON: per row the best of ours, its ratio to the bound and to the target, and MeteoRA's best peer.
 
 ``pallas_gpu`` runs the one-launch decode kernel (``pallas_gpu_decode.py``) for T <= ``DECODE_MAX_TOKENS``
 (``--decode-max-tokens`` moves that threshold for this run). An impl written ``pallas_gpu@BNxBKxWxS[xK][f]``
@@ -425,6 +426,14 @@ def read_doc(path: str, flag: str, fix: str) -> dict:
     return doc
 
 
+def default_out(device_kind: str) -> str:
+    """The JSON a full run writes when no ``--out`` is given, named for its card: a table measured on an H100 must
+    not land in ``moe_lora_h200.json``."""
+    model = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_kind)
+    slug = model.group(1) if model else re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_") or "device"
+    return f"benchmarks/results/moe_lora_{slug.lower()}.json"
+
+
 def combine(paths: Sequence[str], out_path: str) -> dict:
     """Join JSONs this script wrote on one device kind into ``out_path``: a later file's (case, impl) rows replace
     an earlier file's, as ``--merge`` does; files of different devices are refused before anything is written."""
@@ -560,7 +569,8 @@ def main() -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="JSON path, rewritten after every case (default: benchmarks/results/moe_lora_h200.json; none with --tiny)",
+        help="JSON path, rewritten after every case (default: benchmarks/results/moe_lora_<gpu>.json, <gpu> from the "
+        "device kind: h200 on an H200; none with --tiny)",
     )
     parser.add_argument(
         "--impls",
@@ -661,7 +671,7 @@ def main() -> None:
     else:
         cases, impls = shapes.bench_cases(), opts.impls.split(",")
     cases = [c for c in cases if re.search(opts.filter, c.name)]
-    out = opts.out if opts.out or opts.tiny else "benchmarks/results/moe_lora_h200.json"
+    out = opts.out if opts.out or opts.tiny else default_out(str(jax.devices()[0].device_kind))
     bench(
         cases,
         impls,

@@ -253,6 +253,21 @@ def test_combine_joins_pieces_of_one_device_and_refuses_two(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("device_kind", "name"),
+    [
+        ("NVIDIA H200", "moe_lora_h200.json"),
+        ("NVIDIA H100 80GB HBM3", "moe_lora_h100.json"),
+        ("NVIDIA A100-SXM4-80GB", "moe_lora_a100.json"),
+        ("TPU v5 lite", "moe_lora_tpu_v5_lite.json"),
+        ("cpu", "moe_lora_cpu.json"),
+    ],
+)
+def test_default_out_is_named_for_the_card(device_kind, name):
+    """With no ``--out`` a full run's JSON is named for its card, so an H100's table never lands in the H200's."""
+    assert _bench_module().default_out(device_kind) == f"benchmarks/results/{name}"
+
+
 @pytest.mark.parametrize("text", [None, "{not json", '{"rows": []}', "[1, 2]"])
 def test_table_refuses_a_file_this_script_did_not_write(tmp_path, text):
     """``--table`` on a missing file, broken JSON, or JSON without ``device`` and ``rows``: an exit naming the
