@@ -31,6 +31,7 @@ import gzip
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -238,3 +239,12 @@ def time_fori(fn: Callable, args: Sequence[jax.Array], reps: int) -> Timing:
     verdict = f"{'<' if valid else '>='} {MAX_LOOP_OVERHEAD:.0%}"
     note = f"empty loop {empty_us:.1f} us/iter = {overhead:.0%} of the loop ({verdict})"
     return Timing("fori", us, bool(valid), note)
+
+
+def card_slug(device_kind: str) -> str:
+    """A short lower-case name for a device kind, for result files named by the card that measured them:
+    ``"NVIDIA H200"`` -> ``"h200"``, ``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``, ``"TPU v5 lite"`` -> ``"tpu_v5_lite"``.
+    Figures from two cards must not share a file."""
+    model = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_kind)
+    slug = model.group(1) if model else re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_") or "device"
+    return slug.lower()

@@ -5,8 +5,8 @@ prefill latency at 512 and 4096 tokens, decode tokens/s at batch 1, 8, 64 (the s
 then HF transformers (torch, bf16, sdpa) base and with one PEFT LoRA on the same device; and the ceilings:
 read bandwidth (the fastest of three reductions over 4 GiB) and the bf16 matmul peak (8192^3). Weights are
 random and generated on the device by ``jax.random`` (no host copies). Results go to
-``$OUT/generate_h200.json`` (or ``--out``), rewritten after every section so that a run cut short still reports
-what it measured.
+``$OUT/generate_<gpu>.json`` (``generate_h200.json`` on an H200; or ``--out``), rewritten after every section so
+that a run cut short still reports what it measured.
 
     python scripts/bench_generate.py                      # the H200 run
     python scripts/bench_generate.py --tiny --skip-hf     # a CPU smoke test of the same code path
@@ -40,6 +40,7 @@ from meteora_jax.io import write_text_atomic  # noqa: E402
 from meteora_jax.knobs import KNOBS  # noqa: E402
 from meteora_jax.model.kv_cache import KVCache  # noqa: E402
 from meteora_jax.model.llama import MeteoraLlama  # noqa: E402
+from pallas_kernels import timing  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -295,7 +296,11 @@ def main() -> int:
     ap.add_argument("--attention", default=None, help="attention for prefill (default: cudnn on GPU)")
     ap.add_argument("--lora-impl", default=None, help="grouped_lora implementation (default: automatic)")
     ap.add_argument("--decode-batches", default="1,64,8", help="comma list of decode batch sizes")
-    ap.add_argument("--out", default=None, help="JSON path (default: $OUT/generate_h200.json)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: $OUT/generate_<gpu>.json, <gpu> from the device kind: h200 on an H200)",
+    )
     ap.add_argument(
         "--knob",
         action="append",
@@ -308,7 +313,8 @@ def main() -> int:
         knobs.set_knobs(knobs.parse(args.knob, where="--knob"))
     except MeteoraInputError as e:
         ap.error(str(e))
-    out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "generate_h200.json")
+    card = timing.card_slug(str(jax.devices()[0].device_kind))
+    out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), f"generate_{card}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     cfg = llama3_8b(args.tiny)
     gpu = jax.default_backend() == "gpu"

@@ -429,9 +429,7 @@ def read_doc(path: str, flag: str, fix: str) -> dict:
 def default_out(device_kind: str) -> str:
     """The JSON a full run writes when no ``--out`` is given, named for its card: a table measured on an H100 must
     not land in ``moe_lora_h200.json``."""
-    model = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_kind)
-    slug = model.group(1) if model else re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_") or "device"
-    return f"benchmarks/results/moe_lora_{slug.lower()}.json"
+    return f"benchmarks/results/moe_lora_{timing.card_slug(device_kind)}.json"
 
 
 def combine(paths: Sequence[str], out_path: str) -> dict:

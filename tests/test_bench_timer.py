@@ -264,7 +264,8 @@ def test_combine_joins_pieces_of_one_device_and_refuses_two(tmp_path):
     ],
 )
 def test_default_out_is_named_for_the_card(device_kind, name):
-    """With no ``--out`` a full run's JSON is named for its card, so an H100's table never lands in the H200's."""
+    """With no ``--out`` a full run's JSON is named for its card, so an H100's table never lands in the H200's
+    (``bench_generate.py`` names its JSON by the same ``timing.card_slug``)."""
     assert _bench_module().default_out(device_kind) == f"benchmarks/results/{name}"
 
 
