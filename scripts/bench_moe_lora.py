@@ -388,6 +388,13 @@ def bench(
     return rows
 
 
+def _replace_rows(kept: Sequence[dict], fresh: Sequence[dict]) -> list[dict]:
+    """``kept`` without the (case, impl) rows that ``fresh`` times again, then ``fresh``: the one rule by which
+    ``--merge`` and ``--combine`` join runs."""
+    keys = {_row_key(r) for r in fresh}
+    return [r for r in kept if _row_key(r) not in keys] + list(fresh)
+
+
 def _row_key(row: dict) -> tuple:
     return (*(row[k] for k in ROW_CASE_KEYS), row["impl"])
 
@@ -441,15 +448,15 @@ def combine(paths: Sequence[str], out_path: str) -> dict:
         raise SystemExit(
             f"--combine: {', '.join(paths)} were measured on {sorted(devices)}; one table must hold one device kind"
         )
-    rows: dict[tuple, dict] = {}
+    rows: list[dict] = []
     for d in docs:
-        rows.update({_row_key(r): r for r in d["rows"]})
+        rows = _replace_rows(rows, d["rows"])
     commands = [c for d in docs for c in _commands(d)]
     doc = {
         **docs[-1],
         "date": max(d.get("date", "") for d in docs),
         "commands": commands,
-        "rows": list(rows.values()),
+        "rows": rows,
     }
     write_text_atomic(out_path, json.dumps(doc, indent=1))
     return doc
@@ -458,7 +465,6 @@ def combine(paths: Sequence[str], out_path: str) -> dict:
 def _write(
     rows: list[dict], out_path: str, kept: Sequence[dict] = (), kept_commands: Sequence[str] = ()
 ) -> None:
-    fresh = {_row_key(r) for r in rows}
     command = " ".join(["python3", *sys.argv])
     doc = {
         "device": str(jax.devices()[0].device_kind),
@@ -471,7 +477,7 @@ def _write(
             "(p75-p25)/median <= 0.10; fori = in-jit fori_loop minus an empty loop, valid if the empty loop is < 10% "
             "of an iteration. timer_valid needs the row and its base valid under that timer."
         ),
-        "rows": [r for r in kept if _row_key(r) not in fresh] + rows,
+        "rows": _replace_rows(kept, rows),
     }
     write_text_atomic(out_path, json.dumps(doc, indent=1))
 
