@@ -251,6 +251,10 @@ def test_combine_joins_pieces_of_one_device_and_refuses_two(tmp_path):
     with pytest.raises(SystemExit, match="--combine: .*one device kind"):
         bench.combine([str(a), str(b)], str(out))
     assert not out.exists()
+    b.write_text("{not json")
+    with pytest.raises(SystemExit, match=f"--combine: {b} is not a bench_moe_lora JSON"):
+        bench.combine([str(a), str(b)], str(out))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
